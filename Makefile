@@ -1,0 +1,63 @@
+# kfp-finetune developer commands. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Components run as subprocesses that call `python3`: put the venv first on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
+export KFP_FINETUNE_WEIGHTS_MIRROR ?= $(if $(wildcard ../shared/data/weights),$(abspath ../shared/data/weights),)
+
+REGISTRY ?= ghcr.io/kfp-finetune
+IMAGE_NAME ?= $(REGISTRY)/kfp-finetune
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' components/__init__.py)
+GIT_SHA := $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+
+.DEFAULT_GOAL := help
+.PHONY: help setup demo test test-slow test-all lint format bench compile image push lock clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt --config-settings editable_mode=compat -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed ## create .venv and install the project with pinned dependencies
+
+demo: setup ## run the whole pipeline locally on the embedded sample (the README's main command)
+	$(BIN)/kfp-finetune run --output out/demo
+
+test: setup ## lint, then the default test suite (under ~10 minutes; no slow tests)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-slow: setup ## the tests marked slow (run in CI too)
+	$(BIN)/python -m pytest -m slow -q || [ $$? -eq 5 ]  # 5: none collected
+
+test-all: setup ## every test
+	$(BIN)/python -m pytest -q
+
+lint: setup ## ruff and hadolint
+	$(BIN)/ruff check .
+	$(BIN)/hadolint images/Dockerfile
+
+format: setup ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: setup ## run every benchmark (writes bench/results/*.json and *.md)
+	for b in bench/ingest.py bench/train.py bench/pipeline.py; do $(BIN)/python $$b || exit 1; done
+
+compile: setup ## compile the pipeline to pipeline.yaml (IMAGE=... to override the image)
+	$(BIN)/kfp-finetune compile --output pipeline.yaml $(if $(IMAGE),--image $(IMAGE),)
+
+lock: ## regenerate constraints.txt from a fresh venv
+	rm -rf /tmp/kfp-finetune-lock && $(PYTHON) -m venv /tmp/kfp-finetune-lock
+	/tmp/kfp-finetune-lock/bin/pip install --quiet '.[dev]'
+	(echo "# Pinned versions for CI, the dev venv and the container images. Regenerate with 'make lock'."; \
+	 /tmp/kfp-finetune-lock/bin/pip freeze --exclude-editable | grep -v '^kfp-finetune'; echo "tensorflow==2.21.0") > constraints.txt
+
+clean: ## remove build outputs (keeps .venv)
+	rm -rf build dist *.egg-info out .pytest_cache

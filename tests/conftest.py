@@ -1,0 +1,160 @@
+"""Fixtures shared by every test: a real GCS emulator, an image factory, and the shared offline data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import imagegen
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("KFP_FINETUNE_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
+
+
+# --- shared offline data -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (or $KFP_FINETUNE_SHARED_DATA): the flowers photos and the MobileNet weights."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent (set KFP_FINETUNE_SHARED_DATA to point at it)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def flowers_dir(shared_data: Path) -> Path:
+    path = shared_data / "flowers"
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def weights_mirror(shared_data: Path) -> Path:
+    """The folder holding mobilenet_2_5_224_tf_no_top.h5, usable as KFP_FINETUNE_WEIGHTS_MIRROR."""
+    path = shared_data / "weights"
+    if not (path / "mobilenet_2_5_224_tf_no_top.h5").is_file():
+        pytest.skip(f"{path}/mobilenet_2_5_224_tf_no_top.h5 is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mini_flowers(flowers_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 20-per-class copy of the flowers set (real photos, 100 files) for faster integration tests."""
+    root = tmp_path_factory.mktemp("mini_flowers")
+    for class_dir in sorted(p for p in flowers_dir.iterdir() if p.is_dir()):
+        (root / class_dir.name).mkdir()
+        for image in sorted(class_dir.iterdir())[:20]:
+            shutil.copy(image, root / class_dir.name / image.name)
+    shutil.copy(flowers_dir / "ATTRIBUTION.txt", root / "ATTRIBUTION.txt")
+    return root
+
+
+# --- generated images ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def image_factory(tmp_path: Path) -> imagegen.ImageFactory:
+    """Writes small images of every kind ingest must handle (see tests/imagegen.py)."""
+    return imagegen.ImageFactory(tmp_path / "images")
+
+
+@pytest.fixture(scope="session")
+def synthetic_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A class-per-folder dataset of 3 easily separable classes, 30 JPEGs each (64x64)."""
+    root = tmp_path_factory.mktemp("synthetic")
+    imagegen.write_class_folder(root, classes=("circle", "square", "stripes"), per_class=30, size=64)
+    return root
+
+
+# --- GCS emulator ----------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Emulator:
+    """A running gcp-storage-emulator; `host` is what STORAGE_EMULATOR_HOST is set to."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.host = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        exe = Path(sys.executable).with_name("gcp-storage-emulator")
+        cmd = [str(exe) if exe.exists() else "gcp-storage-emulator", "start", "--host", "127.0.0.1",
+               "--port", str(self.port), "--in-memory", "--quiet"]
+        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gcp-storage-emulator exited with {self.process.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("gcp-storage-emulator did not start within 30 s")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator() -> Iterator[Emulator]:
+    """A real GCS emulator on 127.0.0.1, with STORAGE_EMULATOR_HOST set for the whole session; stopped after."""
+    emulator = Emulator()
+    emulator.start()
+    old = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT")}
+    os.environ["STORAGE_EMULATOR_HOST"] = emulator.host
+    os.environ["GOOGLE_CLOUD_PROJECT"] = "test"
+    yield emulator
+    emulator.stop()
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator: Emulator, request: pytest.FixtureRequest):
+    """A fresh, empty bucket on the emulator (a google.cloud.storage.Bucket)."""
+    from components import gcs
+
+    name = "b-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    name = f"{name}-{_free_port()}"
+    return gcs.client().create_bucket(name)
+
+
+def upload_folder(bucket, local: Path, prefix: str) -> str:
+    """Copy a local folder into the bucket below `prefix`; returns its gs:// URI."""
+    from components import gcs
+
+    uri = f"gs://{bucket.name}/{prefix}".rstrip("/")
+    gcs.upload_directory(local, uri)
+    return uri
+
+
+@pytest.fixture
+def gcs_upload():
+    """upload_folder(bucket, local_path, prefix) -> 'gs://bucket/prefix'."""
+    return upload_folder
