@@ -362,8 +362,14 @@ def _executor(num_files: int) -> Executor | None:
     workers = min(_cpu_count(), math.ceil(num_files / (4 * BATCH)))
     if workers <= 1:
         return None
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    # Not fork: the caller may hold threads (TensorFlow, gRPC, tqdm) that a forked child would inherit mid-lock.
+    # The forkserver is started once per process and preloads Pillow, so each pool after the first starts fast.
+    # (As with any spawn/forkserver pool, a calling script needs an `if __name__ == "__main__":` guard.)
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["components.imagecheck", "PIL.Image", "PIL.JpegImagePlugin"])
+    else:  # pragma: no cover  (Windows)
+        context = multiprocessing.get_context("spawn")
     return ProcessPoolExecutor(max_workers=workers, mp_context=context)
 
 
