@@ -154,7 +154,13 @@ def _list_folder(root: Path, source: str) -> _Listing:
         raise UserError(f"--source {source} is not a directory (for a manifest, name it *.csv)")
     entries, skipped = [], []
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # a symlink loop: do not walk the same folder twice
+            dirnames.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames.sort()
         for name in sorted(filenames):
             path = Path(dirpath) / name
@@ -285,15 +291,15 @@ def _from_tfds(spec: str, staging: Path) -> _Listing:
         raise UserError(f"--source {spec}: {name} is not an image classification dataset (no image/label features)")
     names = features[label_key].names
     root = staging / "tfds"
+    root.mkdir(parents=True, exist_ok=True)
     entries = []
+    log.info("reading %s from TFDS (%s)", name, ", ".join(builder.info.splits))
     for split in builder.info.splits:
         ds = builder.as_dataset(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
         for i, example in enumerate(tfds.as_numpy(ds)):
-            label = names[int(example[label_key])]
-            path = root / label / f"{split}_{i:07d}"
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path = root / f"{len(entries):09d}"  # our own names: label strings never become paths
             path.write_bytes(example[image_key])
-            entries.append(_Entry(f"{spec}/{split}/{i}", label, str(path)))
+            entries.append(_Entry(f"{spec}/{split}/{i}", names[int(example[label_key])], str(path)))
     return _Listing(spec, entries, [], sorted(set(names)), {c: f"{spec} label {c!r}" for c in names})
 
 
@@ -321,19 +327,19 @@ def _collect(source: str, staging: Path) -> _Listing:
 
 
 def _download(entries: list[_Entry], dests: list[str]) -> None:
-    """Parallel download (transfer_manager); objects that fail to download are left with `local` unset."""
+    """Parallel download (transfer_manager); objects that still fail one retry keep `local` unset (-> missing)."""
     try:
         gcs.download_many([e.ref for e in entries], dests)
+    except UserError as exc:
+        log.warning("some downloads failed (%s); retrying those once", exc)
         for entry, dest in zip(entries, dests, strict=True):
-            entry.local = dest
-    except UserError:
-        # Retry one by one only to find out which objects failed; those are reported as missing.
-        for entry, dest in zip(entries, dests, strict=True):
-            try:
-                gcs.download_file(entry.ref, dest)
-                entry.local = dest
-            except UserError:
-                entry.local = None
+            if not Path(dest).is_file():
+                try:
+                    gcs.download_file(entry.ref, dest)
+                except UserError:
+                    continue
+    for entry, dest in zip(entries, dests, strict=True):
+        entry.local = dest if Path(dest).is_file() else None
 
 
 # --- the work -------------------------------------------------------------------------------------------------------
@@ -453,6 +459,7 @@ def _build(config: IngestConfig, listing: _Listing, out: Path, start: float) -> 
         groups: dict[str, list[_Entry]] = {}
         total_bytes = 0
         hashes = _ordered_map(executor, imagecheck.hash_batch, _batched([e.local for e in entries], BATCH * 4))
+        hashes = tqdm(hashes, total=len(entries), unit="file", desc="hash", mininterval=1.0, leave=False)
         for entry, fh in zip(entries, hashes, strict=True):
             if fh.sha256 is None:
                 reason = MISSING if "FileNotFound" in (fh.error or "") else imagecheck.UNREADABLE

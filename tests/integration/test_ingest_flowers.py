@@ -136,3 +136,22 @@ def test_tfds_source_offline_fails_fast_with_a_clear_message(tmp_path, monkeypat
         ingest(IngestConfig(source="tfds:tf_flowers", output=str(tmp_path / "ds")))
     assert time.monotonic() - start < 30
     assert not (tmp_path / "ds").exists()
+
+
+def test_tfds_source_reads_a_prepared_dataset(synthetic_folder, tmp_path):
+    """tfds:NAME from a TFDS data dir (no network): our own output, placed where TFDS looks, re-ingests the same."""
+    import subprocess
+
+    data_dir = tmp_path / "tfds_data"
+    first = data_dir / "images" / "1.0.0"
+    ingest(IngestConfig(source=str(synthetic_folder), output=str(first)))
+    (first / "ingest_report.json").unlink()  # not part of a TFDS dataset
+    out = tmp_path / "again"
+    env = dict(os.environ, TFDS_DATA_DIR=str(data_dir), PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.run([sys.executable, "-m", "components", "ingest", "--source", "tfds:images:1.0.0",
+                           "--output", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "ingest_report.json").read_text())
+    assert report["class_names"] == ["circle", "square", "stripes"] and report["skipped"] == []
+    # Same bytes, same labels, same splits: the split is a function of the content hash and the seed only.
+    assert records(out) == records(first)
