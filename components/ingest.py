@@ -588,12 +588,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--source", required=True, metavar="SRC", help="folder, gs://bucket/prefix, .csv, tfds:NAME")
     p.add_argument("--output", required=True, metavar="DIR", help="new (or empty) directory to create")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of images in validation (default 0.1)")
-    p.add_argument("--test-fraction", type=float, default=0.1, help="share of images in test (default 0.1)")
+    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="validation share (default 0.1)")
+    p.add_argument("--test-fraction", type=float, default=0.1, metavar="F", help="test share (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="changes which images land in which split (default 0)")
     p.add_argument("--max-side", type=int, default=None, metavar="N",
                    help="downscale images whose longer side exceeds N pixels (default: keep bytes unchanged)")
-    p.add_argument("--max-corrupt-fraction", type=float, default=0.01,
+    p.add_argument("--max-corrupt-fraction", type=float, default=0.01, metavar="F",
                    help="fail when more than this share of image files is unusable (default 0.01)")
     p.add_argument("--num-shards", type=_shards_arg, default=None, metavar="N|auto",
                    help="TFRecord shards per split (default auto: about 64 MiB each)")

@@ -68,6 +68,9 @@ def test_gcs_and_manifest_sources_give_the_same_dataset_as_the_folder(mini_flowe
     assert sum(len(v) for v in expected.values()) == 100
     for other in (from_gcs, from_manifest, from_gcs_manifest):
         assert records(other) == expected, other
+    with pytest.raises(UserError, match="no image files found"):
+        ingest(IngestConfig(source=f"gs://{gcs_bucket.name}/nothing/here", output=str(tmp_path / "empty")))
+    assert not (tmp_path / "empty").exists()
     gcs_report = json.loads((from_gcs / "ingest_report.json").read_text())
     assert gcs_report["skipped"] == [
         {"path": f"{uri}/ATTRIBUTION.txt", "reason": "outside_class_folder", "detail": ""}]
@@ -155,3 +158,30 @@ def test_tfds_source_reads_a_prepared_dataset(synthetic_folder, tmp_path):
     assert report["class_names"] == ["circle", "square", "stripes"] and report["skipped"] == []
     # Same bytes, same labels, same splits: the split is a function of the content hash and the seed only.
     assert records(out) == records(first)
+
+
+def test_killed_ingest_leaves_nothing_at_the_output(flowers_dir, tmp_path):
+    import signal
+    import subprocess
+
+    import psutil
+
+    out = tmp_path / "ds"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.Popen([sys.executable, "-m", "components", "ingest", "--source", str(flowers_dir),
+                             "--output", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".ds.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "ingest finished before it could be killed"
+    helpers = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(helpers, timeout=20)  # the pool's processes notice their parent is gone
+    for p in alive:
+        p.kill()
+    assert not alive, f"worker processes outlived the killed ingest: {alive}"
+    assert not out.exists()
+    # The next run ignores the leftover hidden temp folder and succeeds.
+    assert cli_main(["ingest", "--source", str(flowers_dir), "--output", str(out)]) == 0
+    assert (out / "dataset_info.json").is_file()
