@@ -60,9 +60,15 @@ def test_gcs_and_manifest_sources_give_the_same_dataset_as_the_folder(mini_flowe
 
     from components import gcs
 
-    gcs.write_text(f"gs://{gcs_bucket.name}/lists/all.csv", "path,label\n" + "".join(
-        f"{uri}/{p.parent.name}/{p.name},{p.parent.name}\n" for p in images))
-    ingest(IngestConfig(source=f"gs://{gcs_bucket.name}/lists/all.csv", output=str(from_gcs_manifest)))
+    # A manifest on gs:// mixing paths relative to its folder and absolute gs:// URIs (written after the folder
+    # ingest above, which would otherwise list it as a stray file).
+    gcs.write_text(f"{uri}/all.csv", "path,label\n" + "".join(
+        f"{uri}/{p.parent.name}/{p.name},{p.parent.name}\n" if i % 2 else f"{p.parent.name}/{p.name},{p.parent.name}\n"
+        for i, p in enumerate(images)))
+    ingest(IngestConfig(source=f"{uri}/all.csv", output=str(from_gcs_manifest)))
+    gcs.write_text(f"{uri}/bad.csv", "path,label\ndaisy/../../x.jpg,daisy\n")
+    with pytest.raises(UserError, match="escapes the manifest's folder"):
+        ingest(IngestConfig(source=f"{uri}/bad.csv", output=str(tmp_path / "bad")))
 
     expected = records(folder)
     assert sum(len(v) for v in expected.values()) == 100
