@@ -11,6 +11,8 @@ How it works, in two passes over the files, both on a process pool with one work
    what is not RGB/grey JPEG/PNG, and stream the bytes straight into the split's TFRecord shards: memory stays flat
    however large the dataset.
 The directory is built beside DIR and renamed into place (`atomic_directory`); any error leaves nothing at DIR.
+EXIF orientation is not applied, neither to kept nor to converted images: TF's decoders ignore it as well, so
+training, evaluation and serving all see the same pixels.
 """
 
 import argparse

@@ -360,3 +360,19 @@ def test_cli_success_with_shards_and_an_empty_output_dir(synthetic_folder, tmp_p
 def test_tfds_source_with_unknown_name_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="TFDS has no dataset 'surely_not_a_dataset'"):
         run("tfds:surely_not_a_dataset", tmp_path / "ds")
+
+
+def test_component_signature_matches_the_interface(tmp_path):
+    from kfp import compiler
+
+    from components import settings
+    from components.ingest import ingest_op
+
+    spec = ingest_op.component_spec
+    assert spec.implementation.container.image == settings.component_image()
+    defaults = {name: i.default for name, i in spec.inputs.items()}
+    assert defaults == {"source": None, "val_fraction": 0.1, "test_fraction": 0.1, "seed": 0, "max_side": 0,
+                        "max_corrupt_fraction": 0.01, "num_shards": 0}
+    assert {name: o.type for name, o in spec.outputs.items()} == {"dataset": "system.Dataset@0.0.1"}
+    compiler.Compiler().compile(ingest_op, str(tmp_path / "ingest.yaml"))
+    assert "from components.ingest import IngestConfig" in (tmp_path / "ingest.yaml").read_text()
