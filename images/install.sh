@@ -53,12 +53,14 @@ install_wheel() {
     # A broken dependency set must fail the build, not the first pipeline run.
     "$venv/bin/python" -m pip check
 
+    # Check the installed package, never a source tree that PYTHONPATH or the working directory would put first.
     local installed
-    installed=$("$venv/bin/python" -c 'import components, pipelines, kfp; print(components.__version__)')
+    installed=$(cd / && env -u PYTHONPATH "$venv/bin/python" -c \
+        'import components, pipelines, kfp; print(components.__version__)')
     if [[ -n $version && $version != "$installed" ]]; then
         die "image version $version != package version $installed (components/__init__.py): build with VERSION=$installed"
     fi
-    "$venv/bin/kfp-finetune" --help >/dev/null
+    (cd / && env -u PYTHONPATH "$venv/bin/kfp-finetune" --help >/dev/null)
     echo "install.sh: kfp-finetune $installed [$extra] installed in $venv"
 }
 
