@@ -11,6 +11,10 @@
 #                                                       install_kfp_package=False), then check that the package
 #                                                       imports, that the CLI answers and, when VERSION is given,
 #                                                       that it equals the package's version.
+#   install.sh resolve VENV_DIR DIST_DIR CONSTRAINTS EXTRA REPORT_JSON
+#                                                       the same install as a dry run: pip's JSON report of what
+#                                                       it would install (CI checks the gpu target this way
+#                                                       without downloading CUDA).
 #
 # pip's cache is left to the caller: the Dockerfile mounts a BuildKit cache (kept out of the image), a developer or
 # CI machine uses its own. The pip flags are here and only here.
@@ -40,16 +44,22 @@ make_venv() {
     "$venv/bin/python" -c 'import sys; assert sys.version_info[:2] >= (3, 10), sys.version'
 }
 
-install_wheel() {
-    local venv=$1 dist=$2 constraints=$3 extra=$4 version=${5:-}
+# The pip command line of the install, checked arguments first; extra pip options may follow.
+pip_install() {
+    local venv=$1 dist=$2 constraints=$3 extra=$4
+    shift 4
     [[ -x "$venv/bin/python" ]] || die "$venv is not a virtualenv (run: install.sh venv PYTHON $venv)"
     [[ -f "$constraints" ]] || die "constraints file $constraints not found"
     [[ $extra == cpu || $extra == gpu ]] || die "EXTRA must be cpu or gpu, not '$extra'"
     local wheels=("$dist"/kfp_finetune-*.whl)
     [[ -f "${wheels[0]}" ]] || die "no kfp_finetune wheel in $dist (run: install.sh wheel SRC $dist)"
     (( ${#wheels[@]} == 1 )) || die "several kfp_finetune wheels in $dist: ${wheels[*]}"
+    "$venv/bin/python" -m pip install "${PIP_FLAGS[@]}" "$@" --constraint "$constraints" "${wheels[0]}[$extra]"
+}
 
-    "$venv/bin/python" -m pip install "${PIP_FLAGS[@]}" --constraint "$constraints" "${wheels[0]}[$extra]"
+install_wheel() {
+    local venv=$1 dist=$2 constraints=$3 extra=$4 version=${5:-}
+    pip_install "$venv" "$dist" "$constraints" "$extra"
     # A broken dependency set must fail the build, not the first pipeline run.
     "$venv/bin/python" -m pip check
 
@@ -71,5 +81,9 @@ case "${1:-}" in
         (( $# == 5 || $# == 6 )) || die "usage: install.sh install VENV_DIR DIST_DIR CONSTRAINTS EXTRA [VERSION]"
         install_wheel "$2" "$3" "$4" "$5" "${6:-}"
         ;;
-    *) die "usage: install.sh {wheel|venv|install} ... (see the comment at the top of $0)" ;;
+    resolve)
+        (( $# == 6 )) || die "usage: install.sh resolve VENV_DIR DIST_DIR CONSTRAINTS EXTRA REPORT_JSON"
+        pip_install "$2" "$3" "$4" "$5" --dry-run --quiet --ignore-installed --report "$6"
+        ;;
+    *) die "usage: install.sh {wheel|venv|install|resolve} ... (see the comment at the top of $0)" ;;
 esac
