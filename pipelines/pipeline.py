@@ -240,11 +240,11 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
             early_stopping_patience: fine-tuning stops after this many epochs without validation improvement.
             batch_size: training batch size of both phases.
             augment: random flips/rotations/zoom during training (Keras preprocessing layers, training only).
-            class_weights: "auto" (balanced weights when classes are imbalanced), "none", or "balanced".
+            class_weights: "auto" (balanced weights from the training counts) or "none".
             batch_norm: BatchNormalization policy while fine-tuning: "frozen" (recommended: keeps the pretrained
                 statistics) or "trainable".
             checkpoint_dir: folder where fine_tune keeps checkpoints so that a retried attempt resumes (on Vertex
-                a /gcs/... path); empty uses AIP_CHECKPOINT_DIR in a Vertex custom job, else a private folder.
+                a /gcs/... path); empty uses AIP_CHECKPOINT_DIR when set (Vertex custom jobs), else no resume.
             seed: seed for splitting, shuffling, augmentation and initialisation.
             min_accuracy: the test accuracy a model needs to be blessed (and exported).
             baseline_model: a Model artifact (local path or gs:// URI) the new model must not fall behind;
@@ -316,3 +316,70 @@ def compile_pipeline(output: str | Path, options: CompileOptions | None = None) 
         Path(tmp).unlink(missing_ok=True)
         raise
     return output
+
+
+def pipeline_structure(ir: dict[str, Any], image: str | None = None) -> dict[str, Any]:
+    """The reviewable shape of a compiled pipeline: parameters, tasks with their edges and inputs, executor images.
+
+    Used by the golden test (tests/golden/pipeline_structure.json). `image`, when given, is written as "<image>" so
+    the golden file does not change with each release's version.
+    """
+
+    def img(value: str) -> str:
+        return "<image>" if image and value == image else value
+
+    def source(spec: dict[str, Any]) -> str:
+        if "componentInputParameter" in spec:
+            return f"param:{spec['componentInputParameter']}"
+        if "componentInputArtifact" in spec:
+            return f"param:{spec['componentInputArtifact']}"
+        if "taskOutputParameter" in spec:
+            out = spec["taskOutputParameter"]
+            return f"{out['producerTask']}.{out['outputParameterKey']}"
+        if "taskOutputArtifact" in spec:
+            out = spec["taskOutputArtifact"]
+            return f"{out['producerTask']}.{out['outputArtifactKey']}"
+        if "runtimeValue" in spec:
+            return f"const:{spec['runtimeValue'].get('constant')!r}"
+        return "?"
+
+    components = ir.get("components", {})
+    executors = ir.get("deploymentSpec", {}).get("executors", {})
+    tasks: dict[str, Any] = {}
+
+    def walk(dag: dict[str, Any], prefix: str) -> None:
+        for name, task in sorted(dag.get("tasks", {}).items()):
+            path = f"{prefix}{name}"
+            ref = task["componentRef"]["name"]
+            inputs = task.get("inputs", {})
+            entry: dict[str, Any] = {
+                "display_name": task.get("taskInfo", {}).get("name"),
+                "after": sorted(task.get("dependentTasks", [])),
+                "parameters": {k: source(v) for k, v in sorted(inputs.get("parameters", {}).items())},
+                "artifacts": {k: source(v) for k, v in sorted(inputs.get("artifacts", {}).items())},
+                "caching": bool(task.get("cachingOptions", {}).get("enableCache", False)),
+            }
+            if "retryPolicy" in task:
+                entry["retries"] = task["retryPolicy"].get("maxRetryCount", 0)
+            if "triggerPolicy" in task:
+                entry["condition"] = " ".join(task["triggerPolicy"].get("condition", "").split())
+            component = components.get(ref, {})
+            if "dag" in component:
+                walk(component["dag"], f"{path}/")
+            else:
+                executor = executors.get(component.get("executorLabel", ""), {})
+                container = executor.get("container", {})
+                entry["image"] = img(container.get("image", ""))
+                if container.get("resources"):
+                    entry["resources"] = container["resources"]
+            tasks[path] = entry
+
+    walk(ir.get("root", {}).get("dag", {}), "")
+    parameters = {
+        name: {"type": p.get("parameterType"), "default": p.get("defaultValue"),
+               "optional": bool(p.get("isOptional", False))}
+        for name, p in sorted(ir.get("root", {}).get("inputDefinitions", {}).get("parameters", {}).items())
+    }
+    images = sorted({img(e.get("container", {}).get("image", "")) for e in executors.values()})
+    return {"pipeline": ir.get("pipelineInfo", {}).get("name"), "parameters": parameters, "tasks": tasks,
+            "images": images}
