@@ -278,8 +278,9 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         evaluate.set_display_name("evaluate")
 
         with dsl.If(evaluate.outputs["blessed"] == True, name="blessed"):  # noqa: E712 (a KFP condition)
+            # No run_id: export then names the pushed version by UTC timestamp (digits), which TF Serving orders.
             export = export_c(model=tune.outputs["tuned_model"], evaluation=evaluate.outputs["evaluation"],
-                              push_to=push_to, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+                              push_to=push_to)
             # Pushing is a side effect: never satisfy it from the cache.
             export.set_display_name("export").set_caching_options(False)
 
