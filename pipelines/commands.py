@@ -318,7 +318,12 @@ def summarize(outputs: dict[str, Any], root: Path) -> RunSummary:
     summary.blessed = bool(outputs.get("blessed"))
     metrics = outputs.get("metrics")
     if metrics is not None:
-        summary.metrics = {k: v for k, v in dict(metrics.metadata).items() if k != "display_name"}
+        # kfp.local hands metadata numbers back as floats: show whole numbers (counts) as ints again.
+        summary.metrics = {
+            k: int(v) if isinstance(v, float) and v.is_integer() and k.startswith("num_") else v
+            for k, v in dict(metrics.metadata).items()
+            if k not in ("display_name", "blessed")
+        }
     model = outputs.get("model")
     if model is not None:
         summary.model = Path(model.path)
@@ -336,21 +341,17 @@ def summarize(outputs: dict[str, Any], root: Path) -> RunSummary:
         exported = run_dir / "export" / "exported_model"
         if exported.exists():
             summary.export = exported
-    report = outputs.get("report")
-    if report is not None:
-        summary.report = _report_file(Path(report.path))
     evaluation = outputs.get("evaluation")
     if evaluation is not None:
         summary.evaluation = Path(evaluation.path)
+    report = outputs.get("report")
+    # The HTML artifact is a file named `report` (no extension); evaluate's folder has the same page as report.html,
+    # which a browser opens by double-click.
+    if summary.evaluation and (summary.evaluation / "report.html").is_file():
+        summary.report = summary.evaluation / "report.html"
+    elif report is not None:
+        summary.report = Path(report.path)
     return summary
-
-
-def _report_file(path: Path) -> Path:
-    if path.is_dir():
-        for name in ("report.html", "index.html"):
-            if (path / name).is_file():
-                return path / name
-    return path
 
 
 def run_command(args: argparse.Namespace) -> int:
