@@ -52,3 +52,22 @@ def test_a_failing_step_is_named_and_the_exit_code_is_not_zero(tmp_path, weights
     assert code == 2
     err = capsys.readouterr().err
     assert "step ingest failed" in err
+
+
+@pytest.mark.slow
+def test_demo_without_weights_falls_back_loudly(tmp_path, monkeypatch, capsys):
+    """The no-argument demo (README's `make demo`) offline with no cache and no mirror: random init, said twice."""
+    monkeypatch.delenv("KFP_FINETUNE_WEIGHTS_MIRROR", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty_keras_home"))
+    code = main(["run", "--output", str(tmp_path / "demo"), "--param", "head_epochs=1",
+                 "--param", "fine_tune_epochs=1", "--param", "image_size=64"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert (tmp_path / "demo" / "sample_digits" / "7").is_dir()
+    summary = out[out.index("kfp-finetune run: summary"):]
+    assert "WARNING" in summary and "RANDOM" in summary.upper()
+    assert float(summary_value(summary, "accuracy")) >= 0.0
+    assert Path(summary_value(summary, "report")).is_file()
+    meta = json.loads((Path(summary_value(summary, "model")) / "model.json").read_text())
+    assert meta["backbone"]["weights"]["source"] == "random-fallback"
+

@@ -184,3 +184,12 @@ def test_golden_structure(tmp_path):
 def test_custom_job_settings_are_validated():
     with pytest.raises(UserError, match="machine type"):
         CustomJob(machine_type="")
+
+
+@pytest.mark.parametrize("demo", [False, True])
+def test_weights_fallback_is_compiled_in_only_for_the_demo(demo, tmp_path):
+    """Missing weights are an error everywhere but the no-argument demo (`run` without --source)."""
+    out = compile_pipeline(tmp_path / "p.yaml", CompileOptions(image=IMAGE, demo_fallback=demo))
+    params = pipeline_structure(yaml.safe_load(out.read_text()))["tasks"]["backbone"]["parameters"]
+    assert params["fallback_to_random"] == f"const:{demo}"
+    assert "fallback" not in " ".join(pipeline_structure(yaml.safe_load(out.read_text()))["parameters"])
