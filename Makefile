@@ -39,7 +39,7 @@ test-slow: setup ## the tests marked slow (run in CI too)
 test-all: setup ## every test
 	$(BIN)/python -m pytest -q
 
-lint: setup ## ruff and hadolint
+lint: setup ## ruff, and hadolint on the Dockerfile
 	$(BIN)/ruff check .
 	$(BIN)/hadolint images/Dockerfile
 
@@ -52,6 +52,29 @@ bench: setup ## run every benchmark (writes bench/results/*.json and *.md)
 
 compile: setup ## compile the pipeline to pipeline.yaml (IMAGE=... to override the image)
 	$(BIN)/kfp-finetune compile --output pipeline.yaml $(if $(IMAGE),--image $(IMAGE),)
+
+# Container images (images/Dockerfile; build context: the repository root). Tags are immutable: VERSION (from
+# components/__init__.py) and VERSION-GIT_SHA; the gpu target adds -gpu. `buildcache-*` tags only feed --cache-from.
+SOURCE ?= https://github.com/kfp-finetune/kfp-finetune
+PLATFORM ?= linux/amd64
+# $(call buildx,TARGET,TAG_SUFFIX): one target's build command, without its output flag and context.
+buildx = docker buildx build --file images/Dockerfile --target $(1) --platform $(PLATFORM) \
+	--build-arg VERSION=$(VERSION) --build-arg REVISION=$(GIT_SHA) --build-arg SOURCE=$(SOURCE) \
+	--cache-from type=registry,ref=$(IMAGE_NAME):buildcache-$(1) \
+	--tag $(IMAGE_NAME):$(VERSION)$(2) --tag $(IMAGE_NAME):$(VERSION)-$(GIT_SHA)$(2)
+
+image: ## build the cpu and gpu images locally (docker buildx; REGISTRY=... names them)
+	$(call buildx,cpu,) --load .
+	$(call buildx,gpu,-gpu) --load .
+
+push: ## build and push both images to REGISTRY (refuses a dirty tree or an already pushed VERSION)
+	@git diff --quiet HEAD -- || { echo "push: commit your changes first; tags name $(GIT_SHA)" >&2; exit 1; }
+	@for tag in $(VERSION) $(VERSION)-gpu; do \
+	  if docker buildx imagetools inspect $(IMAGE_NAME):$$tag >/dev/null 2>&1; then \
+	    echo "push: $(IMAGE_NAME):$$tag exists; tags are immutable, bump __version__ in components/__init__.py" >&2; \
+	    exit 1; fi; done
+	$(call buildx,cpu,) --tag $(IMAGE_NAME):buildcache-cpu --cache-to type=inline --push .
+	$(call buildx,gpu,-gpu) --tag $(IMAGE_NAME):buildcache-gpu --cache-to type=inline --push .
 
 lock: ## regenerate constraints.txt from a fresh venv
 	rm -rf /tmp/kfp-finetune-lock && $(PYTHON) -m venv /tmp/kfp-finetune-lock

@@ -1,0 +1,386 @@
+"""The `@dsl.pipeline` that chains the steps: ingest ∥ backbone → train_head → fine_tune → evaluate → (blessed) export.
+
+The pipeline is built by a factory because a few choices are fixed at compile time, not run time: the container
+image, an optional GPU for the training steps, optional Vertex AI custom-job wrapping of the training steps, and the
+demo-only weights fallback. `build_pipeline(CompileOptions())` gives the production pipeline; `compile_pipeline`
+writes it as IR YAML.
+
+Everything heavy (TensorFlow, Keras) stays inside the components, so building and compiling takes about a second.
+"""
+
+# No `from __future__ import annotations`: KFP reads the pipeline function's annotations as real types.
+import copy
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from components import settings
+from components.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PIPELINE_NAME = "kfp-finetune"
+TRAINING_TASKS = ("train-head", "fine-tune")
+
+# Tags that move: a compiled pipeline pointing at one of these runs whatever was pushed last, and KFP's cache key
+# (the image string) then serves stale results (kubeflow/pipelines#13862).
+MUTABLE_TAGS = frozenset({"latest", "main", "master", "dev", "develop", "nightly", "edge", "stable", "head"})
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """A GPU request for the training steps: an accelerator type as KFP/Vertex name it, and a count."""
+
+    type: str
+    count: int = 1
+
+    @classmethod
+    def parse(cls, spec: str) -> "Gpu":
+        """'NVIDIA_TESLA_T4:2' -> Gpu('NVIDIA_TESLA_T4', 2); the count defaults to 1."""
+        kind, _, count = spec.partition(":")
+        kind = kind.strip()
+        if not kind or not re.fullmatch(r"[A-Za-z0-9_.\-/]+", kind):
+            raise UserError(f"--gpu {spec!r}: expected TYPE[:COUNT], e.g. NVIDIA_TESLA_T4:1 or nvidia.com/gpu:2")
+        try:
+            n = int(count) if count else 1
+        except ValueError:
+            raise UserError(f"--gpu {spec!r}: COUNT must be a whole number, e.g. NVIDIA_TESLA_T4:2") from None
+        if n < 1:
+            raise UserError(f"--gpu {spec!r}: COUNT must be at least 1")
+        return cls(kind, n)
+
+
+@dataclass(frozen=True)
+class CustomJob:
+    """Vertex AI custom-job settings for the training steps (google-cloud-pipeline-components wraps them)."""
+
+    machine_type: str = "n1-standard-8"
+    accelerator_type: str = ""
+    accelerator_count: int = 1
+    replica_count: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.machine_type:
+            raise UserError("--machine-type is empty; give a Vertex machine type such as n1-standard-8")
+        if self.replica_count < 1:
+            raise UserError(f"--replica-count {self.replica_count}: must be at least 1")
+        if self.accelerator_type and self.accelerator_count < 1:
+            raise UserError(f"--accelerator-count {self.accelerator_count}: must be at least 1")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Compile-time choices. Validated once here; `build_pipeline` trusts them.
+
+    Args:
+        image: the container image of every component (default: this release's versioned image).
+        gpu: a GPU for the training steps on KFP (ignored with `custom_job`, which has its own accelerator).
+        custom_job: wrap both training steps as Vertex AI custom jobs (machine type, accelerator, replicas).
+        cpu: CPU request of each training step (Kubernetes quantity).
+        memory: memory request of each training step (Kubernetes quantity).
+        retries: how many times a failed training step is retried (fine_tune resumes from its checkpoint).
+        demo_fallback: only for the no-argument demo: the backbone falls back to random init when no ImageNet
+            weights can be had. Never set for a production pipeline.
+    """
+
+    image: str = field(default_factory=settings.component_image)
+    gpu: Gpu | None = None
+    custom_job: CustomJob | None = None
+    cpu: str = "4"
+    memory: str = "16G"
+    retries: int = 2
+    demo_fallback: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.image or any(c.isspace() for c in self.image):
+            raise UserError(f"--image {self.image!r} is not an image reference; e.g. registry.example.com/team/x:1.2.3")
+        if self.retries < 0:
+            raise UserError(f"--retries {self.retries}: must be 0 or more")
+        for name, value in (("--cpu", self.cpu), ("--memory", self.memory)):
+            if not re.fullmatch(r"\d+(\.\d+)?(m|[KMGT]i?)?", value):
+                raise UserError(f"{name} {value!r} is not a Kubernetes quantity such as 4 or 16G")
+
+
+def mutable_tag_warning(image: str) -> str | None:
+    """A one-line warning when `image` is not pinned to an immutable version or digest, else None."""
+    if "@sha256:" in image:
+        return None
+    last = image.rsplit("/", 1)[-1]
+    tag = last.split(":", 1)[1] if ":" in last else ""
+    if not tag:
+        return (f"image {image} has no tag, which means :latest; pin a version (e.g. :{_example_version()}) "
+                "or a digest, or cached steps will run stale code")
+    if tag.lower() in MUTABLE_TAGS:
+        return (f"image {image} uses the mutable tag :{tag}; pin a version or a digest, or KFP's cache (keyed on "
+                "the image string) will serve results from older code")
+    return None
+
+
+def _example_version() -> str:
+    from components import __version__
+
+    return __version__
+
+
+def _with_image(op: Any, image: str, name: str) -> Any:
+    """A copy of a Python component that runs `image` and is named `name` (the task name in the pipeline)."""
+    op = copy.deepcopy(op)
+    op.component_spec.implementation.container.image = image
+    op.component_spec.name = name
+    return op
+
+
+def build_pipeline(options: CompileOptions | None = None) -> Any:
+    """The pipeline (a KFP GraphComponent) for the given compile-time options."""
+    from kfp import dsl
+    from kfp.dsl import HTML, Artifact, Metrics, Model
+
+    from components.backbone import backbone_op
+    from components.evaluate import evaluate_op
+    from components.export import export_op
+    from components.ingest import ingest_op
+    from components.train import fine_tune_op, train_head_op
+
+    options = options or CompileOptions()
+    ingest_c, backbone_c, head_c, tune_c, evaluate_c, export_c = (
+        _with_image(op, options.image, name)
+        for op, name in ((ingest_op, "ingest"), (backbone_op, "backbone"), (train_head_op, "train-head"),
+                         (fine_tune_op, "fine-tune"), (evaluate_op, "evaluate"), (export_op, "export"))
+    )
+    if options.custom_job:
+        from google_cloud_pipeline_components.v1.custom_job import create_custom_training_job_from_component
+
+        job = options.custom_job
+
+        def wrap(op: Any, display_name: str) -> Any:
+            return create_custom_training_job_from_component(
+                op,
+                display_name=display_name,
+                machine_type=job.machine_type,
+                accelerator_type=job.accelerator_type,
+                accelerator_count=job.accelerator_count if job.accelerator_type else 0,
+                replica_count=job.replica_count,
+            )
+
+        head_c = wrap(head_c, "kfp-finetune-train-head")
+        tune_c = wrap(tune_c, "kfp-finetune-fine-tune")
+
+    def training_resources(task: Any, display_name: str) -> Any:
+        task.set_display_name(display_name)
+        task.set_retry(num_retries=options.retries, backoff_duration="60s", backoff_factor=2.0)
+        if options.custom_job:  # the custom job's machine spec decides resources
+            return task
+        task.set_cpu_request(options.cpu).set_memory_request(options.memory)
+        if options.gpu:
+            task.set_accelerator_type(options.gpu.type).set_accelerator_limit(options.gpu.count)
+        return task
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="Fine-tune a Keras image classifier by transfer learning.")
+    def finetune_pipeline(
+        source: str,
+        backbone: str = "mobilenet_v2",
+        backbone_alpha: float = 1.0,
+        image_size: int = 224,
+        weights: str = "imagenet",
+        weights_sha256: str = "",
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        max_side: int = 0,
+        head_epochs: int = 10,
+        head_learning_rate: float = 1e-3,
+        dropout: float = 0.2,
+        fine_tune_epochs: int = 10,
+        fine_tune_learning_rate: float = 1e-4,
+        unfreeze_top: int = 0,
+        unfreeze_from: str = "",
+        warmup_epochs: int = 1,
+        early_stopping_patience: int = 3,
+        batch_size: int = 32,
+        augment: bool = True,
+        class_weights: str = "auto",
+        batch_norm: str = "frozen",
+        checkpoint_dir: str = "",
+        seed: int = 0,
+        min_accuracy: float = 0.7,
+        baseline_model: str = "",
+        max_regression: float = 0.0,
+        push_to: str = "",
+    ) -> NamedTuple(  # noqa: UP014 (KFP needs the functional form)
+        "Outputs",
+        [("metrics", Metrics), ("report", HTML), ("evaluation", Artifact), ("model", Model), ("blessed", bool),
+         ("accuracy", float)],
+    ):
+        """Fine-tune a Keras image classifier: ingest ∥ backbone → train_head → fine_tune → evaluate → export.
+
+        Args:
+            source: the images: a class-per-folder directory (local or gs://), a CSV manifest, or a TFDS name.
+            backbone: the keras.applications backbone, e.g. mobilenet_v2, mobilenet, efficientnet_b0, resnet50.
+            backbone_alpha: width multiplier for MobileNet backbones (e.g. 0.25, 0.5, 1.0); 0 means the
+                backbone's default; ignored by backbones without one.
+            image_size: square input size in pixels the model is built for (e.g. 160, 224); 0 means the backbone's
+                default. Images are resized inside the model, so callers feed any size.
+            weights: "imagenet" (resolved from the Keras cache, then KFP_FINETUNE_WEIGHTS_MIRROR, then the public
+                URL), or a local path / gs:// URI of a weights file.
+            weights_sha256: expected SHA-256 of the weights file; empty uses the known digest when there is one.
+            val_fraction: fraction of the images held out for validation (stable, content-hashed split).
+            test_fraction: fraction of the images held out for the final test.
+            max_side: downscale images whose longer side exceeds this many pixels at ingest; 0 keeps them as is.
+            head_epochs: epochs of the first phase, training a new head on the frozen backbone.
+            head_learning_rate: Adam learning rate of the head phase.
+            dropout: dropout rate before the classification head.
+            fine_tune_epochs: maximum epochs of the second phase, training the unfrozen top of the backbone
+                (early stopping may end it sooner); 0 skips fine-tuning in effect.
+            fine_tune_learning_rate: learning rate of the fine-tuning phase (keep it ~10x below the head's).
+            unfreeze_top: how many layers at the top of the backbone to unfreeze; 0 with an empty unfreeze_from
+                means the fine-tune step's default.
+            unfreeze_from: alternatively, the name of the first backbone layer to unfreeze (and all above it).
+            warmup_epochs: epochs of linear learning-rate warm-up at the start of fine-tuning.
+            early_stopping_patience: fine-tuning stops after this many epochs without validation improvement.
+            batch_size: training batch size of both phases.
+            augment: random flips/rotations/zoom during training (Keras preprocessing layers, training only).
+            class_weights: "auto" (balanced weights from the training counts) or "none".
+            batch_norm: BatchNormalization policy while fine-tuning: "frozen" (recommended: keeps the pretrained
+                statistics) or "trainable".
+            checkpoint_dir: folder where fine_tune keeps checkpoints so that a retried attempt resumes (on Vertex
+                a /gcs/... path); empty uses AIP_CHECKPOINT_DIR when set (Vertex custom jobs), else no resume.
+            seed: seed for splitting, shuffling, augmentation and initialisation.
+            min_accuracy: the test accuracy a model needs to be blessed (and exported).
+            baseline_model: a Model artifact (local path or gs:// URI) the new model must not fall behind;
+                empty: no comparison.
+            max_regression: how much test accuracy below the baseline is still tolerated (e.g. 0.01).
+            push_to: where export pushes a versioned copy of the blessed SavedModel (local folder or gs:// prefix);
+                empty: the export stays in the pipeline's artifacts only.
+        """
+        ingest = ingest_c(source=source, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                          max_side=max_side)
+        ingest.set_display_name("ingest").set_caching_options(True)
+
+        backbone_task = backbone_c(name=backbone, alpha=backbone_alpha, image_size=image_size, weights=weights,
+                                   weights_sha256=weights_sha256, fallback_to_random=options.demo_fallback)
+        backbone_task.set_display_name("backbone").set_caching_options(True)
+
+        head = head_c(dataset=ingest.outputs["dataset"], backbone=backbone_task.outputs["model"], epochs=head_epochs,
+                      learning_rate=head_learning_rate, batch_size=batch_size, dropout=dropout, augment=augment,
+                      class_weights=class_weights, seed=seed)
+        training_resources(head, "train head")
+
+        tune = tune_c(dataset=ingest.outputs["dataset"], model=head.outputs["model"], unfreeze_top=unfreeze_top,
+                      unfreeze_from=unfreeze_from, epochs=fine_tune_epochs, learning_rate=fine_tune_learning_rate,
+                      warmup_epochs=warmup_epochs, batch_size=batch_size, batch_norm=batch_norm,
+                      early_stopping_patience=early_stopping_patience, checkpoint_dir=checkpoint_dir, seed=seed)
+        training_resources(tune, "fine-tune")
+
+        evaluate = evaluate_c(dataset=ingest.outputs["dataset"], model=tune.outputs["tuned_model"], split="test",
+                              min_accuracy=min_accuracy, baseline_model=baseline_model,
+                              max_regression=max_regression)
+        evaluate.set_display_name("evaluate")
+
+        with dsl.If(evaluate.outputs["blessed"] == True, name="blessed"):  # noqa: E712 (a KFP condition)
+            # No run_id: export then names the pushed version by UTC timestamp (digits), which TF Serving orders.
+            export = export_c(model=tune.outputs["tuned_model"], evaluation=evaluate.outputs["evaluation"],
+                              push_to=push_to)
+            # Pushing is a side effect: never satisfy it from the cache.
+            export.set_display_name("export").set_caching_options(False)
+
+        outputs = NamedTuple(  # noqa: UP014
+            "Outputs",
+            [("metrics", Metrics), ("report", HTML), ("evaluation", Artifact), ("model", Model), ("blessed", bool),
+             ("accuracy", float)],
+        )
+        return outputs(metrics=evaluate.outputs["metrics"], report=evaluate.outputs["report"],
+                       evaluation=evaluate.outputs["evaluation"], model=tune.outputs["tuned_model"],
+                       blessed=evaluate.outputs["blessed"], accuracy=evaluate.outputs["accuracy"])
+
+    return finetune_pipeline
+
+
+def compile_pipeline(output: str | Path, options: CompileOptions | None = None) -> Path:
+    """Compile the pipeline to IR YAML at `output` (written atomically); returns the path."""
+    import os
+    import tempfile
+
+    from kfp import compiler
+
+    options = options or CompileOptions()
+    output = Path(output)
+    if output.is_dir():
+        raise UserError(f"--output {output} is a directory; give a file name such as pipeline.yaml")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".yaml", dir=output.parent)
+    os.close(fd)
+    try:
+        compiler.Compiler().compile(build_pipeline(options), package_path=tmp)
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return output
+
+
+def pipeline_structure(ir: dict[str, Any], image: str | None = None) -> dict[str, Any]:
+    """The reviewable shape of a compiled pipeline: parameters, tasks with their edges and inputs, executor images.
+
+    Used by the golden test (tests/golden/pipeline_structure.json). `image`, when given, is written as "<image>" so
+    the golden file does not change with each release's version.
+    """
+
+    def img(value: str) -> str:
+        return "<image>" if image and value == image else value
+
+    def source(spec: dict[str, Any]) -> str:
+        if "componentInputParameter" in spec:
+            return f"param:{spec['componentInputParameter']}"
+        if "componentInputArtifact" in spec:
+            return f"param:{spec['componentInputArtifact']}"
+        if "taskOutputParameter" in spec:
+            out = spec["taskOutputParameter"]
+            return f"{out['producerTask']}.{out['outputParameterKey']}"
+        if "taskOutputArtifact" in spec:
+            out = spec["taskOutputArtifact"]
+            return f"{out['producerTask']}.{out['outputArtifactKey']}"
+        if "runtimeValue" in spec:
+            return f"const:{spec['runtimeValue'].get('constant')!r}"
+        return "?"
+
+    components = ir.get("components", {})
+    executors = ir.get("deploymentSpec", {}).get("executors", {})
+    tasks: dict[str, Any] = {}
+
+    def walk(dag: dict[str, Any], prefix: str) -> None:
+        for name, task in sorted(dag.get("tasks", {}).items()):
+            path = f"{prefix}{name}"
+            ref = task["componentRef"]["name"]
+            inputs = task.get("inputs", {})
+            entry: dict[str, Any] = {
+                "display_name": task.get("taskInfo", {}).get("name"),
+                "after": sorted(task.get("dependentTasks", [])),
+                "parameters": {k: source(v) for k, v in sorted(inputs.get("parameters", {}).items())},
+                "artifacts": {k: source(v) for k, v in sorted(inputs.get("artifacts", {}).items())},
+                "caching": bool(task.get("cachingOptions", {}).get("enableCache", False)),
+            }
+            if "retryPolicy" in task:
+                entry["retries"] = task["retryPolicy"].get("maxRetryCount", 0)
+            if "triggerPolicy" in task:
+                entry["condition"] = " ".join(task["triggerPolicy"].get("condition", "").split())
+            component = components.get(ref, {})
+            if "dag" in component:
+                walk(component["dag"], f"{path}/")
+            else:
+                executor = executors.get(component.get("executorLabel", ""), {})
+                container = executor.get("container", {})
+                entry["image"] = img(container.get("image", ""))
+                if container.get("resources"):
+                    entry["resources"] = container["resources"]
+            tasks[path] = entry
+
+    walk(ir.get("root", {}).get("dag", {}), "")
+    parameters = {
+        name: {"type": p.get("parameterType"), "default": p.get("defaultValue"),
+               "optional": bool(p.get("isOptional", False))}
+        for name, p in sorted(ir.get("root", {}).get("inputDefinitions", {}).get("parameters", {}).items())
+    }
+    images = sorted({img(e.get("container", {}).get("image", "")) for e in executors.values()})
+    return {"pipeline": ir.get("pipelineInfo", {}).get("name"), "parameters": parameters, "tasks": tasks,
+            "images": images}
