@@ -655,7 +655,18 @@ def _run_cli(args: argparse.Namespace) -> int:
 # --- KFP component -------------------------------------------------------------------------------------------------
 
 
-@dsl.component(base_image=settings.component_image(), install_kfp_package=False)
+def _component(func: Callable[..., Any]) -> Callable[..., Any]:
+    """`@dsl.component(base_image=..., install_kfp_package=False)`, except inside a running component.
+
+    There KFP sets _KFP_RUNTIME=true and `kfp.dsl` has no `component`, yet the component body imports this module
+    (for `build_backbone`): without this guard the import fails with AttributeError.
+    """
+    if not hasattr(dsl, "component"):
+        return func
+    return dsl.component(base_image=settings.component_image(), install_kfp_package=False)(func)
+
+
+@_component
 def backbone_op(
     name: str,
     model: Output[Model],

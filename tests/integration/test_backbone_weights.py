@@ -157,3 +157,34 @@ def test_offline_without_mirror_fails_fast_and_says_what_to_do(tmp_path, capsys)
     assert FILE in err and str(tmp_path / "keras-home" / "models") in err
     assert "KFP_FINETUNE_WEIGHTS_MIRROR" in err and "https://storage.googleapis.com/" in err
     assert elapsed < 30  # the bound; measured ~1-3 s here (the model build dominates)
+
+
+def test_component_signature_and_compile(tmp_path):
+    import inspect
+
+    from kfp import compiler
+
+    from components.backbone import backbone_op
+
+    params = inspect.signature(backbone_op.python_func).parameters
+    assert {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty} == {
+        "alpha": 0.0, "image_size": 0, "weights": "imagenet", "weights_sha256": "", "fallback_to_random": False}
+    compiler.Compiler().compile(backbone_op, str(tmp_path / "backbone.yaml"))
+    assert "build_backbone" in (tmp_path / "backbone.yaml").read_text()
+
+
+@pytest.mark.slow  # a component subprocess importing TensorFlow
+def test_component_runs_under_kfp_local(weights_mirror, tmp_path, monkeypatch):
+    from kfp import local
+
+    from components.backbone import backbone_op
+
+    monkeypatch.setenv("KFP_FINETUNE_WEIGHTS_MIRROR", str(weights_mirror))
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.chdir(tmp_path)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+    task = backbone_op(name="mobilenet", alpha=0.25, image_size=128)
+    artifact = task.outputs["model"]
+    assert artifact.metadata["weights_source"] == "mirror" and artifact.metadata["backbone"] == "MobileNet"
+    _, meta = modelio.load_model(artifact.path)
+    assert meta["backbone"]["weights"]["file"] == FILE and meta["input_size"] == 128
