@@ -159,6 +159,7 @@ class TrainResult:
     strategy: str = "default"
     replicas: int = 1
     seconds: float = 0.0
+    epoch_seconds: list[float] = field(default_factory=list)
 
 
 # --- environment: strategy, chief, mixed precision -------------------------------------------------------------
@@ -352,7 +353,10 @@ def _fmt(logs: dict[str, Any]) -> str:
     return " ".join(f"{k}={float(v):.4g}" for k, v in sorted(logs.items()))
 
 
-def _epoch_logger(phase: str, epochs: int, history_file: Path | None, history: dict[str, list[float]]) -> Any:
+def _epoch_logger(
+    phase: str, epochs: int, history_file: Path | None, history: dict[str, list[float]],
+    seconds: list[float] | None = None,
+) -> Any:
     """A callback logging one line per epoch and keeping the history (persisted to `history_file` for resume)."""
     import keras
 
@@ -362,6 +366,9 @@ def _epoch_logger(phase: str, epochs: int, history_file: Path | None, history: d
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             logs = dict(logs or {})
+            elapsed = time.perf_counter() - self._start
+            if seconds is not None:
+                seconds.append(elapsed)
             optimizer = self.model.optimizer
             if optimizer is not None:
                 logs.setdefault("learning_rate", float(keras.ops.convert_to_numpy(optimizer.learning_rate)))
@@ -373,8 +380,7 @@ def _epoch_logger(phase: str, epochs: int, history_file: Path | None, history: d
                 tmp = history_file.with_suffix(".tmp")
                 tmp.write_text(json.dumps(history))
                 os.replace(tmp, history_file)
-            log.info("%s epoch %d/%d (%.1fs): %s", phase, epoch + 1, epochs, time.perf_counter() - self._start,
-                     _fmt(logs))
+            log.info("%s epoch %d/%d (%.1fs): %s", phase, epoch + 1, epochs, elapsed, _fmt(logs))
 
     return EpochLogger()
 
@@ -568,7 +574,8 @@ def train_head(config: HeadConfig) -> TrainResult:
     history: dict[str, list[float]] = {}
 
     with _output_scope(config.output, cluster) as tmp:
-        callbacks = [_epoch_logger("train_head", config.epochs, None, history),
+        epoch_seconds: list[float] = []
+        callbacks = [_epoch_logger("train_head", config.epochs, None, history, epoch_seconds),
                      *_tensorboard("train_head", tmp, cluster.is_chief)]
         log.info("train_head: %d classes, %d train / %d validation images at %d px, %d epochs, feature cache %s",
                  info.num_classes, info.num_examples["train"], info.num_examples["validation"], size, config.epochs,
@@ -601,7 +608,7 @@ def train_head(config: HeadConfig) -> TrainResult:
             phase="train_head", output=config.output if cluster.is_chief else "", class_names=list(info.class_names),
             history=history, epochs_run=len(history.get("loss", [])), metrics=_final_metrics(history),
             trainable_layers=trainable_layer_names(model), feature_cache=use_cache, strategy=cluster.name,
-            replicas=cluster.strategy.num_replicas_in_sync,
+            replicas=cluster.strategy.num_replicas_in_sync, epoch_seconds=epoch_seconds,
         )
         meta = {k: v for k, v in backbone_meta.items() if k not in ("history", "training", "trainable_layers")}
         meta.update(
@@ -756,9 +763,10 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
         else:
             log.info("fine_tune checkpoints every epoch to %s", ckpt)
 
+    epoch_seconds: list[float] = []
     with _output_scope(config.output, cluster) as tmp:
         callbacks: list[Any] = [
-            _epoch_logger("fine_tune", config.epochs, _history_writer(ckpt) if ckpt else None, history),
+            _epoch_logger("fine_tune", config.epochs, _history_writer(ckpt) if ckpt else None, history, epoch_seconds),
             *_tensorboard("fine_tune", tmp, cluster.is_chief),
         ]
         if config.early_stopping_patience:
@@ -778,7 +786,7 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
             phase="fine_tune", output=config.output if cluster.is_chief else "", class_names=list(info.class_names),
             history=history, epochs_run=len(history.get("loss", [])) - initial_epoch, initial_epoch=initial_epoch,
             metrics=_final_metrics(history), trainable_layers=trainable_layer_names(model), strategy=cluster.name,
-            replicas=cluster.strategy.num_replicas_in_sync,
+            replicas=cluster.strategy.num_replicas_in_sync, epoch_seconds=epoch_seconds,
         )
         out_meta = dict(meta)
         out_meta.update(
