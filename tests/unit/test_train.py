@@ -287,3 +287,33 @@ def test_fine_tune_with_two_local_workers(artifacts: dict, tmp_path: Path) -> No
               for e in errs]
     assert losses[0] == losses[1] and len(losses[0]) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["tuned"]
+
+
+def test_with_policy_computes_in_mixed_precision_and_keeps_softmax_float32(artifacts: dict) -> None:
+    """What `auto` mixed precision does on a GPU with compute capability ≥ 7, checked here on the CPU."""
+    from components.train import with_policy
+
+    model, _ = _load(artifacts["head"])
+    mixed = with_policy(model, "mixed_float16")
+    backbone = mixed.get_layer("feature_extractor").get_layer("backbone")
+    assert backbone.get_layer("conv1").dtype_policy.name == "mixed_float16"
+    assert mixed.get_layer("head").dtype_policy.name == "float32"
+    x, _ = _pixels(artifacts["dataset"], "validation")
+    x = x[:4]
+    out = mixed(x, training=False)
+    assert out.dtype.name == "float32"
+    np.testing.assert_allclose(np.asarray(out), np.asarray(model(x, training=False)), atol=2e-2)
+    back = with_policy(mixed, "float32")
+    np.testing.assert_allclose(np.asarray(back(x, training=False)), np.asarray(model(x, training=False)), atol=1e-5)
+
+
+def test_components_match_the_interface() -> None:
+    from components.train import fine_tune_op, train_head_op
+
+    head_inputs = train_head_op.component_spec.inputs
+    assert set(head_inputs) == {"dataset", "backbone", "epochs", "learning_rate", "batch_size", "dropout", "augment",
+                                "class_weights", "cache_features", "seed"}
+    assert set(train_head_op.component_spec.outputs) == {"model"}
+    assert set(fine_tune_op.component_spec.outputs) == {"tuned_model"}
+    assert fine_tune_op.component_spec.inputs["unfreeze_top"].default == 0
+    assert fine_tune_op.component_spec.inputs["checkpoint_dir"].default == ""
