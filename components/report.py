@@ -99,7 +99,9 @@ def curve_svg(history: dict[str, dict[str, list[float]]], metric: str, width: in
         if start:
             parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_h}" stroke="#999" '
                          'stroke-dasharray="4,4"/>')
-        parts.append(f'<text x="{x + 4:.1f}" y="{top - 6}" font-size="11" fill="#555">{escape(phase)}</text>')
+        anchor, dx = ("end", -4) if x > left + 0.7 * plot_w else ("start", 4)  # keep labels inside the chart
+        parts.append(f'<text x="{x + dx:.1f}" y="{top - 6}" text-anchor="{anchor}" font-size="11" fill="#555">'
+                     f'{escape(phase)}</text>')
     for series, colour, dashed in ((train, CURVE_COLOURS["train"], False), (val, CURVE_COLOURS["val"], True)):
         run: list[tuple[float, float]] = []
         for i, value in enumerate(series):
