@@ -269,6 +269,7 @@ class BackboneResult:
     param_count: int
     layer_count: int
     meta: dict[str, Any] = field(repr=False)
+    model: Any = field(default=None, repr=False, compare=False)  # the in-memory keras.Model that was saved
 
 
 # --- weights resolution ------------------------------------------------------------------------------------------
@@ -323,6 +324,36 @@ class _KerasHashMismatch(UserError):
     pass
 
 
+def _resolve_host(url: str, timeout: float) -> None:
+    """Fail within `timeout` when the URL's host name cannot be resolved (urlopen's timeout does not cover DNS).
+
+    Skipped behind a proxy, where the proxy resolves names.
+    """
+    import socket
+    import threading
+    import urllib.parse
+
+    parsed = urllib.parse.urlsplit(url)
+    if not parsed.hostname or urllib.request.getproxies().get(parsed.scheme):
+        return
+    outcome: list[BaseException | None] = []
+
+    def lookup() -> None:
+        try:
+            socket.getaddrinfo(parsed.hostname, parsed.port or 443)
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=lookup, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        raise urllib.error.URLError(f"DNS lookup of {parsed.hostname} took over {timeout:g} s")
+    if outcome[0] is not None:
+        raise urllib.error.URLError(outcome[0])
+
+
 def _download_url(url: str, dest: Path, timeout: float = URL_TIMEOUT_S) -> None:
     """Download `url` to `dest` (via a temp file beside it) with a progress bar; UserError when unreachable."""
     from tqdm import tqdm
@@ -330,6 +361,7 @@ def _download_url(url: str, dest: Path, timeout: float = URL_TIMEOUT_S) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.part")
     try:
+        _resolve_host(url, timeout)
         with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:  # noqa: S310
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
@@ -375,7 +407,6 @@ def resolve_imagenet(
     cache = settings.keras_cache_dir()
     mirror = settings.weights_mirror()
     names = _candidates(fname, family)
-    looked: list[str] = []
 
     def found(path: Path, source: str, name: str, uri: str) -> WeightsFile | None:
         # Keras's hash belongs to the requested file only; a size variant is checked by sha256 alone (if given).
@@ -385,7 +416,6 @@ def resolve_imagenet(
         except _KerasHashMismatch as exc:
             if source == "cache":
                 log.warning("ignoring the cached %s: %s", name, exc)
-                looked.append(f"{uri} (hash mismatch)")
                 return None
             raise
         note = None
@@ -400,13 +430,11 @@ def resolve_imagenet(
 
     for name in names:
         path = cache / name
-        looked.append(str(path))
         if path.is_file() and (hit := found(path, "cache", name, str(path))):
             return hit
         if mirror:
             if gcs.is_gcs(mirror):
                 uri = f"{mirror.rstrip('/')}/{name}"
-                looked.append(uri)
                 if _fetch_gcs(uri, cache / f".mirror-{name}"):
                     hit = found(cache / f".mirror-{name}", "mirror", name, uri)
                     if hit:
@@ -415,7 +443,6 @@ def resolve_imagenet(
                         return hit
             else:
                 local = Path(mirror).expanduser() / name
-                looked.append(str(local))
                 if local.is_file() and (hit := found(local, "mirror", name, str(local))):
                     return hit
     start = time.monotonic()
@@ -423,11 +450,13 @@ def resolve_imagenet(
         log.info("downloading %s from %s", fname, origin)
         _download_url(origin, cache / fname)
     except UserError as exc:
+        others = f" (or the same alpha's file for another input size: {', '.join(names[1:])})" if names[1:] else ""
+        places = [f"the Keras cache {cache}"]
+        places.append(f"the mirror {mirror}" if mirror else "no mirror (KFP_FINETUNE_WEIGHTS_MIRROR is not set)")
         raise UserError(
-            f"no ImageNet weights file {fname}: looked in {', '.join(looked)}"
-            f"{'' if mirror else ' (KFP_FINETUNE_WEIGHTS_MIRROR is not set)'} and at {origin} "
+            f"no ImageNet weights file {fname}{others}: looked in {', '.join(places)}, then the public URL "
             f"({exc}; gave up after {time.monotonic() - start:.1f} s). Set KFP_FINETUNE_WEIGHTS_MIRROR to a "
-            f"folder or gs:// prefix holding {fname}, or use --weights none or a weights file URI"
+            f"local folder or gs:// prefix holding {fname}, or use --weights none or a weights file URI"
         ) from exc
     hit = found(cache / fname, "url", fname, origin)
     assert hit is not None  # a mismatch from "url" raises
@@ -584,6 +613,7 @@ def build_backbone(config: BackboneConfig) -> BackboneResult:
         output=Path(config.output), keras_name=spec.keras_name, input_size=size, preprocessing=preprocessing,
         weights_source=weights_meta["source"], weights_sha256=weights_meta["sha256"],
         param_count=meta["backbone"]["param_count"], layer_count=meta["backbone"]["layer_count"], meta=meta,
+        model=model,
     )
 
 
@@ -625,7 +655,18 @@ def _run_cli(args: argparse.Namespace) -> int:
 # --- KFP component -------------------------------------------------------------------------------------------------
 
 
-@dsl.component(base_image=settings.component_image(), install_kfp_package=False)
+def _component(func: Callable[..., Any]) -> Callable[..., Any]:
+    """`@dsl.component(base_image=..., install_kfp_package=False)`, except inside a running component.
+
+    There KFP sets _KFP_RUNTIME=true and `kfp.dsl` has no `component`, yet the component body imports this module
+    (for `build_backbone`): without this guard the import fails with AttributeError.
+    """
+    if not hasattr(dsl, "component"):
+        return func
+    return dsl.component(base_image=settings.component_image(), install_kfp_package=False)(func)
+
+
+@_component
 def backbone_op(
     name: str,
     model: Output[Model],

@@ -49,6 +49,8 @@ RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Vertex AI's prebuilt TensorFlow prediction image (the newest TF 2 CPU line it offers).
 DEFAULT_SERVING_IMAGE = "us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-15:latest"
 VERTEX_REGION_PATTERN = re.compile(r"^[a-z]+-[a-z]+\d+$")
+# How long one file upload of a push keeps retrying transient errors (the library's default is 120 s).
+PUSH_RETRY_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -205,16 +207,25 @@ def read_latest(push_to: str) -> str | None:
     return file.read_text().strip() or None if file.is_file() else None
 
 
-def push(local_dir: str | os.PathLike, push_to: str, version: str) -> str:
-    """Copy `local_dir` to `<push_to>/<version>/`, then point `<push_to>/LATEST` at it. Returns the version URI."""
+def push(local_dir: str | os.PathLike, push_to: str, version: str, retry_seconds: float = PUSH_RETRY_SECONDS) -> str:
+    """Copy `local_dir` to `<push_to>/<version>/`, then point `<push_to>/LATEST` at it. Returns the version URI.
+
+    gs://: each file upload retries transient errors for at most `retry_seconds`; a failure raises UserError
+    before LATEST is touched (the half-uploaded version folder stays, named in no pointer).
+    """
     from components import gcs
 
     if gcs.is_gcs(push_to):
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
         base = push_to.rstrip("/")
         target = f"{base}/{version}"
         if gcs.list_blobs(target):
             raise UserError(f"--push-to: {target} already exists; give another --run-id")
-        uris = gcs.upload_directory(local_dir, target)
+        try:
+            uris = gcs.upload_directory(local_dir, target, retry=DEFAULT_RETRY.with_timeout(retry_seconds))
+        except UserError as exc:
+            raise UserError(f"push to {target} failed, LATEST not changed: {exc}") from exc
         log.info("pushed %d files to %s", len(uris), target)
         gcs.write_text(f"{base}/{LATEST_FILE}", version + "\n")
     else:

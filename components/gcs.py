@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from components import settings
 from components.errors import UserError
@@ -88,9 +88,12 @@ def download_file(uri: str, dest: str | os.PathLike) -> Path:
 
 
 def upload_many(
-    files: Iterable[str | os.PathLike], uris: Iterable[str], workers: int = DEFAULT_WORKERS
+    files: Iterable[str | os.PathLike], uris: Iterable[str], workers: int = DEFAULT_WORKERS, retry: Any = None
 ) -> None:
-    """Upload local files to gs:// URIs in parallel. Raises UserError naming the first failure."""
+    """Upload local files to gs:// URIs in parallel. Raises UserError naming the first failure.
+
+    `retry`: a google.api_core Retry for each upload (default: the library's, which retries for up to 120 s).
+    """
     from google.cloud.storage import transfer_manager
 
     gcs = client()
@@ -101,6 +104,7 @@ def upload_many(
     for bucket, pairs in by_bucket.items():
         results = transfer_manager.upload_many(
             [(str(src), blob) for src, blob in pairs],
+            upload_kwargs={"retry": retry} if retry is not None else None,
             max_workers=workers,
             worker_type=transfer_manager.THREAD,
             raise_exception=False,
@@ -110,13 +114,15 @@ def upload_many(
                 raise UserError(f"cannot upload to gs://{bucket}/{blob.name}: {result}")
 
 
-def upload_directory(local_dir: str | os.PathLike, uri: str, workers: int = DEFAULT_WORKERS) -> list[str]:
+def upload_directory(
+    local_dir: str | os.PathLike, uri: str, workers: int = DEFAULT_WORKERS, retry: Any = None
+) -> list[str]:
     """Upload every file under `local_dir` below the gs:// prefix `uri`; returns the object URIs written."""
     root = Path(local_dir)
     files = sorted(p for p in root.rglob("*") if p.is_file())
     base = uri.rstrip("/")
     uris = [f"{base}/{p.relative_to(root).as_posix()}" for p in files]
-    upload_many(files, uris, workers)
+    upload_many(files, uris, workers, retry=retry)
     return uris
 
 

@@ -11,6 +11,8 @@ How it works, in two passes over the files, both on a process pool with one work
    what is not RGB/grey JPEG/PNG, and stream the bytes straight into the split's TFRecord shards: memory stays flat
    however large the dataset.
 The directory is built beside DIR and renamed into place (`atomic_directory`); any error leaves nothing at DIR.
+EXIF orientation is not applied, neither to kept nor to converted images: TF's decoders ignore it as well, so
+training, evaluation and serving all see the same pixels.
 """
 
 import argparse
@@ -154,7 +156,13 @@ def _list_folder(root: Path, source: str) -> _Listing:
         raise UserError(f"--source {source} is not a directory (for a manifest, name it *.csv)")
     entries, skipped = [], []
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # a symlink loop: do not walk the same folder twice
+            dirnames.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames.sort()
         for name in sorted(filenames):
             path = Path(dirpath) / name
@@ -285,15 +293,15 @@ def _from_tfds(spec: str, staging: Path) -> _Listing:
         raise UserError(f"--source {spec}: {name} is not an image classification dataset (no image/label features)")
     names = features[label_key].names
     root = staging / "tfds"
+    root.mkdir(parents=True, exist_ok=True)
     entries = []
+    log.info("reading %s from TFDS (%s)", name, ", ".join(builder.info.splits))
     for split in builder.info.splits:
         ds = builder.as_dataset(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
         for i, example in enumerate(tfds.as_numpy(ds)):
-            label = names[int(example[label_key])]
-            path = root / label / f"{split}_{i:07d}"
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path = root / f"{len(entries):09d}"  # our own names: label strings never become paths
             path.write_bytes(example[image_key])
-            entries.append(_Entry(f"{spec}/{split}/{i}", label, str(path)))
+            entries.append(_Entry(f"{spec}/{split}/{i}", names[int(example[label_key])], str(path)))
     return _Listing(spec, entries, [], sorted(set(names)), {c: f"{spec} label {c!r}" for c in names})
 
 
@@ -321,19 +329,19 @@ def _collect(source: str, staging: Path) -> _Listing:
 
 
 def _download(entries: list[_Entry], dests: list[str]) -> None:
-    """Parallel download (transfer_manager); objects that fail to download are left with `local` unset."""
+    """Parallel download (transfer_manager); objects that still fail one retry keep `local` unset (-> missing)."""
     try:
         gcs.download_many([e.ref for e in entries], dests)
+    except UserError as exc:
+        log.warning("some downloads failed (%s); retrying those once", exc)
         for entry, dest in zip(entries, dests, strict=True):
-            entry.local = dest
-    except UserError:
-        # Retry one by one only to find out which objects failed; those are reported as missing.
-        for entry, dest in zip(entries, dests, strict=True):
-            try:
-                gcs.download_file(entry.ref, dest)
-                entry.local = dest
-            except UserError:
-                entry.local = None
+            if not Path(dest).is_file():
+                try:
+                    gcs.download_file(entry.ref, dest)
+                except UserError:
+                    continue
+    for entry, dest in zip(entries, dests, strict=True):
+        entry.local = dest if Path(dest).is_file() else None
 
 
 # --- the work -------------------------------------------------------------------------------------------------------
@@ -357,20 +365,37 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def _start_method() -> str:
+    """'fork' where it is safe (Linux, no other thread, TensorFlow not loaded): workers start in milliseconds and
+    inherit the loaded modules. Otherwise 'forkserver' (a forked child of a threaded process can inherit a held lock),
+    whose workers re-import the calling script: measured here at 1-2 s per pool when that script imports kfp."""
+    import sys
+    import threading
+
+    methods = multiprocessing.get_all_start_methods()
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and type(t).__name__ != "TMonitor"]
+    if sys.platform.startswith("linux") and "fork" in methods and not others and "tensorflow" not in sys.modules:
+        return "fork"  # tqdm's monitor thread (TMonitor) only sleeps on an Event: harmless to fork past
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
 def _executor(num_files: int) -> Executor | None:
-    """A process pool with one worker per core, or None (work in this process) for a handful of files."""
+    """A process pool with one worker per core, or None (work in this process) for a handful of files.
+
+    Its workers are started here, before any progress bar or other thread exists.
+    (With forkserver/spawn, a calling script needs the usual `if __name__ == "__main__":` guard.)
+    """
     workers = min(_cpu_count(), math.ceil(num_files / (4 * BATCH)))
     if workers <= 1:
         return None
-    # Not fork: the caller may hold threads (TensorFlow, gRPC, tqdm) that a forked child would inherit mid-lock.
-    # The forkserver is started once per process and preloads Pillow, so each pool after the first starts fast.
-    # (As with any spawn/forkserver pool, a calling script needs an `if __name__ == "__main__":` guard.)
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["components.imagecheck", "PIL.Image", "PIL.JpegImagePlugin"])
-    else:  # pragma: no cover  (Windows)
-        context = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    method = _start_method()
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(["__main__", "components.imagecheck", "PIL.Image", "PIL.JpegImagePlugin"])
+    log.debug("decoding on %d worker processes (%s)", workers, method)
+    executor = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    executor.submit(int).result()  # launch the workers now
+    return executor
 
 
 def _batched(items: list, size: int) -> Iterator[list]:
@@ -453,6 +478,7 @@ def _build(config: IngestConfig, listing: _Listing, out: Path, start: float) -> 
         groups: dict[str, list[_Entry]] = {}
         total_bytes = 0
         hashes = _ordered_map(executor, imagecheck.hash_batch, _batched([e.local for e in entries], BATCH * 4))
+        hashes = tqdm(hashes, total=len(entries), unit="file", desc="hash", mininterval=1.0, leave=False)
         for entry, fh in zip(entries, hashes, strict=True):
             if fh.sha256 is None:
                 reason = MISSING if "FileNotFound" in (fh.error or "") else imagecheck.UNREADABLE
@@ -581,12 +607,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--source", required=True, metavar="SRC", help="folder, gs://bucket/prefix, .csv, tfds:NAME")
     p.add_argument("--output", required=True, metavar="DIR", help="new (or empty) directory to create")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of images in validation (default 0.1)")
-    p.add_argument("--test-fraction", type=float, default=0.1, help="share of images in test (default 0.1)")
+    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="validation share (default 0.1)")
+    p.add_argument("--test-fraction", type=float, default=0.1, metavar="F", help="test share (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="changes which images land in which split (default 0)")
     p.add_argument("--max-side", type=int, default=None, metavar="N",
                    help="downscale images whose longer side exceeds N pixels (default: keep bytes unchanged)")
-    p.add_argument("--max-corrupt-fraction", type=float, default=0.01,
+    p.add_argument("--max-corrupt-fraction", type=float, default=0.01, metavar="F",
                    help="fail when more than this share of image files is unusable (default 0.01)")
     p.add_argument("--num-shards", type=_shards_arg, default=None, metavar="N|auto",
                    help="TFRecord shards per split (default auto: about 64 MiB each)")
@@ -606,7 +632,18 @@ def _cli(args: argparse.Namespace) -> int:
 # --- KFP component -------------------------------------------------------------------------------------------------
 
 
-@dsl.component(base_image=settings.component_image(), install_kfp_package=False)
+def _component(func: Callable) -> Callable:
+    """`@dsl.component(base_image=..., install_kfp_package=False)`, except inside a running component.
+
+    There KFP sets _KFP_RUNTIME=true and `kfp.dsl` has no `component`, yet the component body imports this module
+    (for `ingest`): without this guard the import fails with AttributeError.
+    """
+    if not hasattr(dsl, "component"):
+        return func
+    return dsl.component(base_image=settings.component_image(), install_kfp_package=False)(func)
+
+
+@_component
 def ingest_op(
     source: str,
     dataset: dsl.Output[dsl.Dataset],

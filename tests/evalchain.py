@@ -1,0 +1,107 @@
+"""The real steps (ingest -> backbone -> train_head) feeding the evaluate/export tests, each built once per session.
+
+The backbone is the authentic MobileNet v1 alpha 0.25 with ImageNet weights from the shared mirror at 96 px, so a
+few head epochs on cached features give a strong model in seconds. A deliberately weak model (one epoch at a
+learning rate too small to move the head) and a model trained on other classes come from the very same steps.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tests import imagegen
+
+IMAGE_SIZE = 96
+
+
+class Chain:
+    """Lazily built artifacts under `root`; every property runs its step the first time it is asked for."""
+
+    def __init__(self, root: Path, synthetic_folder: Path, weights_mirror: Path) -> None:
+        self.root, self.synthetic_folder, self.weights_mirror = root, synthetic_folder, weights_mirror
+        self._built: dict[str, Path] = {}
+
+    def _once(self, name: str, make) -> Path:  # noqa: ANN001
+        if name not in self._built:
+            make(self.root / name)
+            self._built[name] = self.root / name
+        return self._built[name]
+
+    @property
+    def dataset(self) -> Path:
+        """circle / square / stripes: 90 images, 30% test."""
+        from components.ingest import IngestConfig, ingest
+
+        return self._once("dataset", lambda out: ingest(IngestConfig(
+            source=str(self.synthetic_folder), output=str(out), val_fraction=0.2, test_fraction=0.3, seed=0)))
+
+    @property
+    def no_test_dataset(self) -> Path:
+        """The same images with an empty test split."""
+        from components.ingest import IngestConfig, ingest
+
+        return self._once("no_test_dataset", lambda out: ingest(IngestConfig(
+            source=str(self.synthetic_folder), output=str(out), val_fraction=0.2, test_fraction=0.0, seed=0)))
+
+    @property
+    def other_dataset(self) -> Path:
+        """circle / square / checker: other class names."""
+        from components.ingest import IngestConfig, ingest
+
+        def make(out: Path) -> None:
+            src = self.root / "other_images"
+            imagegen.write_class_folder(src, classes=("circle", "square", "checker"), per_class=12, size=64, seed=1)
+            ingest(IngestConfig(source=str(src), output=str(out), val_fraction=0.25, test_fraction=0.25))
+
+        return self._once("other_dataset", make)
+
+    @property
+    def backbone(self) -> Path:
+        from components.backbone import BackboneConfig, build_backbone
+
+        def make(out: Path) -> None:
+            old = os.environ.get("KFP_FINETUNE_WEIGHTS_MIRROR")
+            os.environ["KFP_FINETUNE_WEIGHTS_MIRROR"] = str(self.weights_mirror)
+            try:
+                build_backbone(BackboneConfig(name="mobilenet", alpha=0.25, image_size=IMAGE_SIZE, output=str(out)))
+            finally:
+                if old is None:
+                    os.environ.pop("KFP_FINETUNE_WEIGHTS_MIRROR", None)
+                else:
+                    os.environ["KFP_FINETUNE_WEIGHTS_MIRROR"] = old
+
+        return self._once("backbone", make)
+
+    def _head(self, name: str, dataset: Path, epochs: int, learning_rate: float) -> Path:
+        from components.train import HeadConfig, train_head
+
+        backbone = self.backbone
+        return self._once(name, lambda out: train_head(HeadConfig(
+            dataset=str(dataset), backbone=str(backbone), output=str(out), epochs=epochs,
+            learning_rate=learning_rate, augment=False, batch_size=16, seed=0)))
+
+    @property
+    def strong(self) -> Path:
+        """6 head epochs at lr 1e-2: (near) perfect on the test split."""
+        return self._head("strong", self.dataset, 6, 1e-2)
+
+    @property
+    def weak(self) -> Path:
+        """1 head epoch at lr 1e-7: the random head barely moves, near or below chance."""
+        return self._head("weak", self.dataset, 1, 1e-7)
+
+    @property
+    def other_model(self) -> Path:
+        """Trained on other_dataset (other class names)."""
+        return self._head("other_model", self.other_dataset, 1, 1e-3)
+
+
+_CHAINS: dict[str, Chain] = {}
+
+
+def get(tmp_path_factory, synthetic_folder: Path, weights_mirror: Path) -> Chain:  # noqa: ANN001
+    """One Chain per test session, shared by every module that asks."""
+    if "chain" not in _CHAINS:
+        _CHAINS["chain"] = Chain(tmp_path_factory.mktemp("evalchain"), synthetic_folder, weights_mirror)
+    return _CHAINS["chain"]

@@ -1,0 +1,290 @@
+"""export: the serving signature on real flower JPEGs, saved_model_cli, versioned pushes (local, emulator, cut-off)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from components.errors import UserError
+from components.export import (
+    LATEST_FILE,
+    ExportConfig,
+    VertexConfig,
+    export,
+    push,
+    read_latest,
+    vertex_upload,
+    vertex_upload_args,
+)
+from tests import evalchain
+from tests.conftest import Emulator
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, synthetic_folder, weights_mirror) -> evalchain.Chain:
+    return evalchain.get(tmp_path_factory, synthetic_folder, weights_mirror)
+
+
+@pytest.fixture(scope="module")
+def blessed_eval(chain, tmp_path_factory) -> Path:
+    from components.evaluate import EvaluateConfig, evaluate
+
+    out = tmp_path_factory.mktemp("export_eval") / "evaluation"
+    assert evaluate(EvaluateConfig(dataset=str(chain.dataset), model=str(chain.strong), output=str(out),
+                                   min_accuracy=0.8)).blessed
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(chain, blessed_eval, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exported") / "saved_model"
+    result = export(ExportConfig(model=str(chain.strong), output=str(out), evaluation=str(blessed_eval)))
+    assert result.saved_model_dir == str(out) and result.pushed_uri == ""
+    return out
+
+
+def _flower_images(flowers_dir: Path) -> list[bytes]:
+    """Real photos of different sizes, plus one re-encoded as PNG."""
+    from PIL import Image
+
+    files = [sorted((flowers_dir / c).iterdir())[i] for i, c in
+             enumerate(sorted(p.name for p in flowers_dir.iterdir() if p.is_dir()))]
+    images = [f.read_bytes() for f in files]
+    sizes = {Image.open(io.BytesIO(b)).size for b in images}
+    assert len(sizes) >= 3, f"want photos of several sizes, got {sizes}"
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(images[0])).convert("RGB").resize((333, 211)).save(buf, "PNG")
+    return [*images, buf.getvalue()]
+
+
+def test_serving_signature_matches_keras_on_flower_photos(chain, exported, flowers_dir):
+    import tensorflow as tf
+
+    from components import modelio
+    from components.dataset import decode_image
+
+    images = _flower_images(flowers_dir)
+    serving = tf.saved_model.load(str(exported)).signatures["serving_default"]
+    out = serving(image_bytes=tf.constant(images))
+    assert set(out) == {"probabilities", "class_id", "class_name"}
+
+    model, meta = modelio.load_model(chain.strong)
+    pixels = tf.stack([decode_image(b, evalchain.IMAGE_SIZE) for b in images])
+    expected = model(pixels, training=False).numpy()
+    probs = out["probabilities"].numpy()
+    assert probs.shape == (len(images), 3)
+    np.testing.assert_allclose(probs, expected, atol=1e-4)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    ids = out["class_id"].numpy()
+    assert ids.tolist() == expected.argmax(axis=1).tolist()
+    assert [n.decode() for n in out["class_name"].numpy()] == [meta["class_names"][i] for i in ids]
+    # A batch of one and an empty batch work too (TF Serving sends whatever the client batched).
+    assert serving(image_bytes=tf.constant(images[:1]))["probabilities"].shape == (1, 3)
+    assert serving(image_bytes=tf.constant([], dtype=tf.string))["probabilities"].shape == (0, 3)
+    # model.json and evaluation.json travel with the SavedModel.
+    assert json.loads((exported / "model.json").read_text())["class_names"] == meta["class_names"]
+    assert json.loads((exported / "evaluation.json").read_text())["blessed"] is True
+
+
+@pytest.mark.slow  # a TensorFlow start-up in a subprocess: ~12 s
+def test_saved_model_cli_lists_the_signature(exported):
+    cli = Path(sys.executable).with_name("saved_model_cli")
+    proc = subprocess.run([str(cli), "show", "--dir", str(exported), "--all"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout
+    section = text[text.index("signature_def['serving_default']"):]
+    assert "inputs['image_bytes'] tensor_info:\n        dtype: DT_STRING\n        shape: (-1)" in section
+    for name, dtype in (("probabilities", "DT_FLOAT"), ("class_id", "DT_INT32"), ("class_name", "DT_STRING")):
+        assert f"outputs['{name}'] tensor_info:\n        dtype: {dtype}" in section
+
+
+def test_push_to_local_folder_versions_and_latest(exported, tmp_path):
+    dest = tmp_path / "registry"
+    assert read_latest(str(dest)) is None
+    first = push(exported, str(dest), "run-1")
+    assert read_latest(str(dest)) == "run-1" and Path(first) == dest / "run-1"
+    second = push(exported, str(dest), "run-2")
+    assert read_latest(str(dest)) == "run-2"
+    for version in (first, second):
+        assert {"saved_model.pb", "variables", "model.json", "evaluation.json"} <= {p.name for p in
+                                                                                   Path(version).iterdir()}
+    with pytest.raises(UserError, match="already exists"):
+        push(exported, str(dest), "run-1")
+    assert read_latest(str(dest)) == "run-2"
+    assert sorted(p.name for p in dest.iterdir()) == [LATEST_FILE, "run-1", "run-2"]  # no temp leftovers
+
+
+def test_export_push_to_emulator_is_servable(chain, blessed_eval, gcs_bucket, tmp_path, flowers_dir):
+    import tensorflow as tf
+
+    from components import gcs
+
+    dest = f"gs://{gcs_bucket.name}/models/flowers"
+    result = export(ExportConfig(model=str(chain.strong), output=str(tmp_path / "export"),
+                                 evaluation=str(blessed_eval), push_to=dest, run_id="run-7"))
+    assert result.pushed_uri == f"{dest}/run-7" and result.version == "run-7"
+    assert read_latest(dest) == "run-7"
+    # What a server would do: fetch the version LATEST names and serve it.
+    blobs = gcs.list_blobs(result.pushed_uri)
+    names = [b.name for b in blobs]
+    local = tmp_path / "fetched"
+    prefix = "models/flowers/run-7/"
+    gcs.download_many([f"gs://{gcs_bucket.name}/{n}" for n in names], [local / n[len(prefix):] for n in names])
+    assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()) == sorted(
+        p.relative_to(tmp_path / "export").as_posix() for p in (tmp_path / "export").rglob("*") if p.is_file())
+    serving = tf.saved_model.load(str(local)).signatures["serving_default"]
+    out = serving(image_bytes=tf.constant(_flower_images(flowers_dir)[:2]))
+    assert out["probabilities"].shape == (2, 3)
+
+
+def test_export_refuses_unblessed_or_foreign_evaluation(chain, blessed_eval, tmp_path):
+    from components.evaluate import EvaluateConfig, evaluate
+
+    failed = tmp_path / "failed_eval"
+    assert not evaluate(EvaluateConfig(dataset=str(chain.dataset), model=str(chain.weak), output=str(failed),
+                                       min_accuracy=0.9)).blessed
+    with pytest.raises(UserError, match="did not bless"):
+        export(ExportConfig(model=str(chain.weak), output=str(tmp_path / "a"), evaluation=str(failed),
+                            push_to=str(tmp_path / "registry")))
+    with pytest.raises(UserError, match="measured another model"):  # the strong model's evaluation, weak model
+        export(ExportConfig(model=str(chain.weak), output=str(tmp_path / "b"), evaluation=str(blessed_eval)))
+    with pytest.raises(UserError, match="--run-id"):
+        ExportConfig(model="m", output="o", run_id="../escape")
+    with pytest.raises(UserError, match="--vertex-upload needs --push-to gs://"):
+        ExportConfig(model="m", output="o", push_to=str(tmp_path / "r"),
+                     vertex=VertexConfig(project="p", region="us-central1", display_name="d"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["failed_eval"]
+
+
+class DiskEmulator(Emulator):
+    """A private emulator that keeps its objects on disk, so it can be stopped mid-push and started again."""
+
+    def __init__(self, storage: Path) -> None:
+        super().__init__()
+        self.storage = storage
+
+    def start(self) -> None:
+        import socket
+
+        exe = Path(sys.executable).with_name("gcp-storage-emulator")
+        self.process = subprocess.Popen(
+            [str(exe), "start", "--host", "127.0.0.1", "--port", str(self.port), "--quiet"],
+            env={**os.environ, "STORAGE_BASE": str(self.storage)},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("private gcp-storage-emulator did not start")
+
+
+def test_emulator_stopped_mid_push_leaves_latest_on_old_version(exported, tmp_path, monkeypatch):
+    from components import gcs
+
+    emulator = DiskEmulator(tmp_path / "gcs")
+    emulator.start()
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.host)
+        monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "test")
+        gcs.client().create_bucket("registry")
+        dest = "gs://registry/models"
+        push(exported, dest, "v1")
+        assert read_latest(dest) == "v1"
+
+        # A bigger version: the export's small files finish first while 8 large assets are still uploading.
+        big = tmp_path / "big"
+        shutil.copytree(exported, big)
+        (big / "assets").mkdir(exist_ok=True)
+        for i in range(8):
+            (big / "assets" / f"extra-{i}.bin").write_bytes(os.urandom(8 << 20))
+        total = sum(1 for p in big.rglob("*") if p.is_file())
+
+        seen: list[int] = []
+
+        def stop_when_some_uploaded() -> None:
+            watcher = gcs.client()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                n = sum(1 for _ in watcher.list_blobs("registry", prefix="models/v2/"))
+                if n:
+                    seen.append(n)
+                    emulator.stop()
+                    return
+                time.sleep(0.02)
+
+        thread = threading.Thread(target=stop_when_some_uploaded)
+        thread.start()
+        with pytest.raises(UserError, match="LATEST not changed"):
+            push(big, dest, "v2", retry_seconds=3)
+        thread.join()
+        assert seen and seen[0] < total, "the emulator must stop part-way through the upload"
+
+        emulator.start()  # same port, same disk storage
+        assert read_latest(dest) == "v1"
+        uploaded = len(gcs.list_blobs(f"{dest}/v2"))
+        assert 0 < uploaded < total  # half a version exists, and no reader is pointed at it
+    finally:
+        emulator.stop()
+
+
+def test_vertex_upload_built_offline_and_stops_at_the_network(tmp_path):
+    from google.auth.credentials import AnonymousCredentials
+
+    vertex = VertexConfig(project="my-project", region="europe-west4", display_name="flowers",
+                          parent_model="projects/my-project/locations/europe-west4/models/123")
+    evaluation = {"metrics": {"accuracy": 0.91}}
+    args = vertex_upload_args(vertex, "gs://b/models/20260101120000000", "20260101120000000",
+                              ["daisy", "rose"], evaluation)
+    assert args["artifact_uri"] == "gs://b/models/20260101120000000"
+    assert args["parent_model"] == vertex.parent_model and args["is_default_version"] is True
+    assert args["serving_container_image_uri"].startswith("us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.")
+    assert "0.9100" in args["description"] and args["labels"]["kfp-finetune-version"] == "20260101120000000"
+
+    # The real SDK validates the arguments and builds the request; the call then fails at the (closed) endpoint.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(UserError, match="Model.upload .* failed"):
+        vertex_upload(vertex, args, credentials=AnonymousCredentials(), api_endpoint=f"127.0.0.1:{port}")
+    with pytest.raises(UserError, match="--vertex-region"):
+        VertexConfig(project="p", region="Europe West", display_name="d")
+    with pytest.raises(UserError, match="gs://"):
+        vertex_upload_args(vertex, str(tmp_path), "v1", ["a"], None)
+
+
+@pytest.mark.slow  # two more exports: ~17 s
+def test_cli_and_component(chain, blessed_eval, tmp_path):
+    from kfp import dsl
+
+    from components.cli import main
+    from components.export import export_op
+
+    assert main(["export", "--model", str(chain.strong), "--output", str(tmp_path / "cli"), "--evaluation",
+                 str(blessed_eval), "--push-to", str(tmp_path / "reg"), "--run-id", "cli-1"]) == 0
+    assert read_latest(str(tmp_path / "reg")) == "cli-1"
+    assert (tmp_path / "reg" / "cli-1" / "saved_model.pb").is_file()
+
+    exported_model = dsl.Model(name="exported_model", uri=str(tmp_path / "component"))
+    outputs = export_op.python_func(model=dsl.Model(uri=str(chain.strong)),
+                                    evaluation=dsl.Artifact(uri=str(blessed_eval)), exported_model=exported_model,
+                                    push_to=str(tmp_path / "reg"), run_id="")
+    assert outputs.pushed_uri == str(tmp_path / "reg" / exported_model.metadata["version"])
+    assert read_latest(str(tmp_path / "reg")) == exported_model.metadata["version"]
+    assert exported_model.metadata["version"].isdigit() and len(exported_model.metadata["version"]) == 17
+    assert (tmp_path / "component" / "saved_model.pb").is_file()

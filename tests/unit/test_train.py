@@ -1,0 +1,319 @@
+"""train_head and fine_tune on generated images, through the real ingest and backbone steps.
+
+One small MobileNet α=0.25 at 96 px (ImageNet weights from the shared mirror) and a 90-image dataset are built
+once per module; each test trains for an epoch or a few, so the module stays within ~1.5 minutes.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from components.errors import UserError
+from components.train import FineTuneConfig, HeadConfig, fine_tune, train_head, unfreeze
+
+REPO = Path(__file__).resolve().parents[2]
+SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def artifacts(synthetic_folder: Path, weights_mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """{'dataset', 'backbone', 'head'}: ingest -> backbone -> train_head (cached features, 4 epochs)."""
+    from components.backbone import BackboneConfig, build_backbone
+    from components.ingest import IngestConfig, ingest
+
+    root = tmp_path_factory.mktemp("train")
+    old = os.environ.get("KFP_FINETUNE_WEIGHTS_MIRROR")
+    os.environ["KFP_FINETUNE_WEIGHTS_MIRROR"] = str(weights_mirror)
+    try:
+        ingest(IngestConfig(source=str(synthetic_folder), output=str(root / "dataset"), val_fraction=0.2,
+                            test_fraction=0.2))
+        build_backbone(BackboneConfig(name="mobilenet", alpha=0.25, image_size=SIZE, output=str(root / "backbone")))
+    finally:
+        if old is None:
+            os.environ.pop("KFP_FINETUNE_WEIGHTS_MIRROR", None)
+        else:
+            os.environ["KFP_FINETUNE_WEIGHTS_MIRROR"] = old
+    result = train_head(HeadConfig(dataset=str(root / "dataset"), backbone=str(root / "backbone"),
+                                   output=str(root / "head"), epochs=4, augment=False, learning_rate=1e-2))
+    return {"root": root, "dataset": root / "dataset", "backbone": root / "backbone", "head": root / "head",
+            "head_result": result}
+
+
+def _load(path: Path):
+    from components import modelio
+
+    return modelio.load_model(path)
+
+
+def _bn_stats(model) -> dict[str, np.ndarray]:
+    import keras
+
+    backbone = model.get_layer("feature_extractor").get_layer("backbone")
+    return {f"{layer.name}/{which}": np.array(getattr(layer, which)) for layer in backbone.layers
+            if isinstance(layer, keras.layers.BatchNormalization)
+            for which in ("moving_mean", "moving_variance")}
+
+
+def _pixels(dataset: Path, split: str):
+    from components import dataset as ds_mod
+
+    images, labels = [], []
+    for image, label in ds_mod.read_split(dataset, split):
+        images.append(ds_mod.decode_image(image, SIZE).numpy())
+        labels.append(int(label))
+    return np.stack(images), np.array(labels)
+
+
+def test_train_head_saves_the_full_classifier_trained_on_cached_features(artifacts: dict) -> None:
+    result = artifacts["head_result"]
+    assert result.feature_cache and result.epochs_run == 4
+    model, meta = _load(artifacts["head"])
+    assert model.name == "classifier"
+    assert [layer.name for layer in model.layers] == ["pixels", "feature_extractor", "dropout", "head"]
+    assert meta["phase"] == "train_head"
+    assert meta["class_names"] == ["circle", "square", "stripes"]
+    assert meta["trainable_layers"] == ["head"]
+    assert len(meta["history"]["train_head"]["val_loss"]) == 4
+    assert meta["training"]["train_head"]["feature_cache"] is True
+    # The head trained on cached features is the head of the saved pixel model: evaluating the full model on the
+    # validation pixels reproduces the last epoch's val_loss.
+    x, y = _pixels(artifacts["dataset"], "validation")
+    probs = model.predict(x, verbose=0)
+    loss = float(np.mean(-np.log(probs[np.arange(len(y)), y] + 1e-7)))
+    assert loss == pytest.approx(meta["history"]["train_head"]["val_loss"][-1], rel=1e-3, abs=1e-4)
+    assert float(np.mean(probs.argmax(1) == y)) > 0.6  # 3 separable classes: well above chance (0.33)
+
+
+def test_train_head_with_augmentation_keeps_it_for_training_only(artifacts: dict, tmp_path: Path) -> None:
+    result = train_head(HeadConfig(dataset=str(artifacts["dataset"]), backbone=str(artifacts["backbone"]),
+                                   output=str(tmp_path / "aug"), epochs=1, augment=True))
+    assert not result.feature_cache
+    model, meta = _load(tmp_path / "aug")
+    assert model.layers[1].name == "augment"
+    assert meta["training"]["train_head"]["class_weight"] is not None  # auto: from the train counts
+    x, _ = _pixels(artifacts["dataset"], "validation")
+    x = x[:4]
+    np.testing.assert_allclose(model(x, training=False), model(x, training=False), rtol=1e-6)
+    augmented = model.get_layer("augment")(x, training=True)
+    assert not np.allclose(np.asarray(augmented), x)
+    np.testing.assert_array_equal(np.asarray(model.get_layer("augment")(x, training=False)), x)
+
+
+def test_unfreeze_top_and_from_with_frozen_batch_norm(artifacts: dict) -> None:
+    import keras
+
+    model, _ = _load(artifacts["head"])
+    names = unfreeze(model, unfreeze_top=6, unfreeze_from=None, batch_norm="frozen")
+    backbone = model.get_layer("feature_extractor").get_layer("backbone")
+    layers = [layer for layer in backbone.layers if not isinstance(layer, keras.layers.InputLayer)]
+    assert names == [layer.name for layer in layers[-6:]]
+    for layer in layers[:-6]:
+        assert not layer.trainable
+    for layer in layers[-6:]:
+        assert layer.trainable != isinstance(layer, keras.layers.BatchNormalization)
+    assert model.get_layer("head").trainable
+
+    model, _ = _load(artifacts["head"])
+    names = unfreeze(model, unfreeze_top=None, unfreeze_from=layers[-6].name, batch_norm="train")
+    assert names == [layer.name for layer in layers[-6:]]
+    backbone = model.get_layer("feature_extractor").get_layer("backbone")
+    layers = [layer for layer in backbone.layers if not isinstance(layer, keras.layers.InputLayer)]
+    assert all(layer.trainable for layer in layers[-6:])
+
+    with pytest.raises(UserError, match="conv_pw_13.*out of range|is not a layer.*conv_pw_13"):
+        unfreeze(model, unfreeze_top=None, unfreeze_from="no_such_layer", batch_norm="frozen")
+    with pytest.raises(UserError, match="out of range"):
+        unfreeze(model, unfreeze_top=len(layers) + 1, unfreeze_from=None, batch_norm="frozen")
+
+
+@pytest.mark.parametrize("batch_norm", ["frozen", "train"])
+def test_fine_tune_batch_norm_statistics(artifacts: dict, tmp_path: Path, batch_norm: str) -> None:
+    before = _bn_stats(_load(artifacts["head"])[0])
+    result = fine_tune(FineTuneConfig(dataset=str(artifacts["dataset"]), model=str(artifacts["head"]),
+                                      output=str(tmp_path / "tuned"), epochs=1, warmup_epochs=0,
+                                      batch_norm=batch_norm, early_stopping_patience=0))
+    model, meta = _load(tmp_path / "tuned")
+    after = _bn_stats(model)
+    assert before.keys() == after.keys() and before
+    changed = [k for k in before if not np.array_equal(before[k], after[k])]
+    if batch_norm == "frozen":
+        assert changed == []
+        assert not any("_bn" in name for name in meta["trainable_layers"])
+    else:
+        assert len(changed) == len(before)
+    assert meta["phase"] == "fine_tune"
+    assert set(meta["history"]) == {"train_head", "fine_tune"}
+    assert len(meta["history"]["fine_tune"]["loss"]) == 1
+    assert result.epochs_run == 1 and meta["training"]["fine_tune"]["batch_norm"] == batch_norm
+
+
+def _copy_dataset(artifacts: dict, tmp_path: Path, **report_changes: object) -> Path:
+    copy = tmp_path / "dataset"
+    shutil.copytree(artifacts["dataset"], copy)
+    report = json.loads((copy / "ingest_report.json").read_text())
+    report.update(report_changes)
+    (copy / "ingest_report.json").write_text(json.dumps(report))
+    return copy
+
+
+def test_fine_tune_errors_leave_nothing(artifacts: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    renamed = _copy_dataset(artifacts, tmp_path, class_names=["a", "b", "c"])
+    with pytest.raises(UserError, match="class names differ"):
+        fine_tune(FineTuneConfig(dataset=str(renamed), model=str(artifacts["head"]), output=str(out)))
+    assert not out.exists()
+    with pytest.raises(UserError, match="out of range"):
+        fine_tune(FineTuneConfig(dataset=str(artifacts["dataset"]), model=str(artifacts["head"]), output=str(out),
+                                 unfreeze_top=10_000))
+    assert not out.exists()
+    with pytest.raises(UserError, match="learning-rate"):
+        FineTuneConfig(dataset="d", model="m", output="o", learning_rate=0.0)
+    with pytest.raises(UserError, match="learning-rate"):
+        HeadConfig(dataset="d", backbone="b", output="o", learning_rate=-1e-3)
+    with pytest.raises(UserError, match="needs --no-augment"):
+        HeadConfig(dataset="d", backbone="b", output="o", cache_features="on", augment=True)
+
+
+def test_empty_split_is_an_error(artifacts: dict, tmp_path: Path) -> None:
+    report = json.loads((artifacts["dataset"] / "ingest_report.json").read_text())
+    empty = _copy_dataset(artifacts, tmp_path, num_examples={**report["num_examples"], "validation": 0})
+    with pytest.raises(UserError, match="'validation' is empty"):
+        train_head(HeadConfig(dataset=str(empty), backbone=str(artifacts["backbone"]), output=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_needing_unsafe_mode_is_refused(artifacts: dict, tmp_path: Path) -> None:
+    import keras
+
+    inputs = keras.Input((SIZE, SIZE, 3), name="pixels")
+    model = keras.Model(inputs, keras.layers.Lambda(lambda t: t * 2.0)(inputs))
+    (tmp_path / "lambda").mkdir()
+    model.save(tmp_path / "lambda" / "model.keras")
+    (tmp_path / "lambda" / "model.json").write_text("{}")
+    with pytest.raises(UserError, match="safe_mode=False"):
+        fine_tune(FineTuneConfig(dataset=str(artifacts["dataset"]), model=str(tmp_path / "lambda"),
+                                 output=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()
+
+
+def _cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG", "AIP_CHECKPOINT_DIR")}
+    env.update(PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2", **extra)
+    return env
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "components", *args]
+
+
+@pytest.mark.slow
+def test_fine_tune_resumes_after_sigkill(artifacts: dict, tmp_path: Path) -> None:
+    args = _cli("fine-tune", "--dataset", str(artifacts["dataset"]), "--model", str(artifacts["head"]),
+                "--output", str(tmp_path / "tuned"), "--epochs", "12", "--batch-size", "8",
+                "--early-stopping-patience", "0", "--checkpoint-dir", str(tmp_path / "ckpt"))
+    proc = subprocess.Popen(args, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    killed_after = 0
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            meta = list((tmp_path / "ckpt").glob("fine_tune-*/training_metadata.json"))
+            if meta:
+                try:
+                    killed_after = json.loads(meta[0].read_text())["epoch"]
+                except (ValueError, KeyError):
+                    killed_after = 0
+                if killed_after >= 1:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.05)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "tuned").exists()
+
+    rerun = subprocess.run(args, env=_cli_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming fine_tune" in rerun.stderr
+    epochs_logged = rerun.stderr.count("fine_tune epoch ")
+    meta = json.loads((tmp_path / "tuned" / "model.json").read_text())
+    resumed = meta["training"]["fine_tune"]["resumed_from_epoch"]
+    assert resumed >= killed_after >= 1
+    assert epochs_logged == 12 - resumed  # did not start over
+    assert len(meta["history"]["fine_tune"]["loss"]) == 12  # the history spans both runs
+    assert not list((tmp_path / "ckpt").glob("fine_tune-*/latest.weights.h5"))  # cleaned up when done
+
+
+@pytest.mark.slow
+def test_fine_tune_with_two_local_workers(artifacts: dict, tmp_path: Path) -> None:
+    import socket
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        args = _cli("fine-tune", "--dataset", str(artifacts["dataset"]), "--model", str(artifacts["head"]),
+                    "--output", str(tmp_path / "tuned"), "--epochs", "2", "--batch-size", "16",
+                    "--unfreeze-top", "10")
+        procs.append(subprocess.Popen(args, env=_cli_env(TF_CONFIG=tf_config), stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+    errs = []
+    for proc in procs:
+        try:
+            errs.append(proc.communicate(timeout=300)[1])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-2000:] for e in errs)
+    meta = json.loads((tmp_path / "tuned" / "model.json").read_text())
+    assert meta["training"]["fine_tune"]["strategy"] == "MultiWorkerMirroredStrategy"
+    assert meta["training"]["fine_tune"]["replicas"] == 2
+    assert "not the chief: nothing written" in errs[1]
+    # Synchronous training: both workers saw the same loss every epoch.
+    losses = [[line.split("loss=")[1].split()[0] for line in e.splitlines() if "fine_tune epoch" in line]
+              for e in errs]
+    assert losses[0] == losses[1] and len(losses[0]) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["tuned"]
+
+
+def test_with_policy_computes_in_mixed_precision_and_keeps_softmax_float32(artifacts: dict) -> None:
+    """What `auto` mixed precision does on a GPU with compute capability ≥ 7, checked here on the CPU."""
+    from components.train import with_policy
+
+    model, _ = _load(artifacts["head"])
+    mixed = with_policy(model, "mixed_float16")
+    backbone = mixed.get_layer("feature_extractor").get_layer("backbone")
+    assert backbone.get_layer("conv1").dtype_policy.name == "mixed_float16"
+    assert mixed.get_layer("head").dtype_policy.name == "float32"
+    x, _ = _pixels(artifacts["dataset"], "validation")
+    x = x[:4]
+    out = mixed(x, training=False)
+    assert out.dtype.name == "float32"
+    np.testing.assert_allclose(np.asarray(out), np.asarray(model(x, training=False)), atol=2e-2)
+    back = with_policy(mixed, "float32")
+    np.testing.assert_allclose(np.asarray(back(x, training=False)), np.asarray(model(x, training=False)), atol=1e-5)
+
+
+def test_components_match_the_interface() -> None:
+    from components.train import fine_tune_op, train_head_op
+
+    head_inputs = train_head_op.component_spec.inputs
+    assert set(head_inputs) == {"dataset", "backbone", "epochs", "learning_rate", "batch_size", "dropout", "augment",
+                                "class_weights", "cache_features", "seed"}
+    assert set(train_head_op.component_spec.outputs) == {"model"}
+    assert set(fine_tune_op.component_spec.outputs) == {"tuned_model"}
+    assert fine_tune_op.component_spec.inputs["unfreeze_top"].default == 0
+    assert fine_tune_op.component_spec.inputs["checkpoint_dir"].default == ""
