@@ -416,13 +416,14 @@ def pick_winner_op(
     from collections import namedtuple
     from pathlib import Path
 
-    from components.compare import Candidate, comparison_html, comparison_table, pick_winner, winner_model_dir
+    from components.compare import Candidate, comparison_table, pick_winner, winner_model_dir
+    from components.compare import comparison_html as render_html
 
     parsed = [Candidate.from_json(c) for c in candidates]
     best = pick_winner(parsed)
     source = winner_model_dir(best, [m.path for m in models])
     Path(comparison.path).write_text(comparison_table(parsed, best), encoding="utf-8")
-    Path(comparison_html.path).write_text(comparison_html(parsed, best), encoding="utf-8")
+    Path(comparison_html.path).write_text(render_html(parsed, best), encoding="utf-8")
     # Copy through a sibling temp folder so that a half-copied winner never appears at winner.path.
     parent = Path(winner.path).parent
     parent.mkdir(parents=True, exist_ok=True)
