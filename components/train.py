@@ -128,7 +128,8 @@ class FineTuneConfig:
         for name in ("dataset", "model", "output"):
             if not str(getattr(self, name) or "").strip():
                 raise UserError(f"--{name} is required")
-        _check_common(self.epochs, self.learning_rate, self.batch_size, self.seed)
+        # epochs=0: no fine-tuning, the model passes through unchanged (head-only recipes in the compare mode).
+        _check_common(self.epochs or 1, self.learning_rate, self.batch_size, self.seed)
         if self.unfreeze_top is not None and self.unfreeze_from:
             raise UserError("give either --unfreeze-top or --unfreeze-from, not both")
         if self.unfreeze_top is not None and (not isinstance(self.unfreeze_top, int) or self.unfreeze_top < 1):
@@ -720,10 +721,29 @@ def _history_writer(path: str) -> Any:
     return Path(path) / HISTORY_FILE if "://" not in path else None
 
 
+def _pass_through(config: FineTuneConfig) -> TrainResult:
+    """fine_tune with epochs=0: copy the train_head model to the output as it is."""
+    import shutil
+
+    from components import modelio
+
+    meta = modelio.read_meta(config.model)
+    with atomic_directory(config.output) as tmp:
+        shutil.copytree(config.model, tmp, dirs_exist_ok=True)
+    log.info("fine_tune: epochs=0, the model passes through unchanged to %s", config.output)
+    return TrainResult(phase=str(meta.get("phase", "train_head")), output=str(config.output),
+                       class_names=list(meta.get("class_names") or []), history={}, epochs_run=0)
+
+
 def fine_tune(config: FineTuneConfig) -> TrainResult:
-    """Unfreeze the top of the backbone and train at a low learning rate; write a Model artifact."""
+    """Unfreeze the top of the backbone and train at a low learning rate; write a Model artifact.
+
+    With `epochs=0` nothing trains: the input model is copied to the output unchanged (phase stays train_head).
+    """
     from components import dataset, modelio
 
+    if config.epochs == 0:
+        return _pass_through(config)
     started = time.perf_counter()
     info = dataset.load_info(config.dataset)
     n_train, _ = _split_sizes(info)

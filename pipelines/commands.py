@@ -167,6 +167,8 @@ def compile_options(args: argparse.Namespace) -> CompileOptions:
         cpu=args.cpu,
         memory=args.memory,
         retries=args.retries,
+        compare_recipes=tuple((getattr(args, "compare_recipes", None) or "").split(",")) if getattr(
+            args, "compare_recipes", None) else (),
     )
 
 
@@ -225,6 +227,8 @@ class RunSummary:
     report: Path | None = None
     evaluation: Path | None = None
     export: Path | None = None
+    winner_recipe: str | None = None
+    comparison: Path | None = None
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -232,6 +236,9 @@ class RunSummary:
         out = ["", "kfp-finetune run: summary"]
         out += [f"  {k:<18} {_fmt(v)}" for k, v in sorted(self.metrics.items())]
         out.append(f"  {'blessed':<18} {self.blessed}")
+        if self.winner_recipe:
+            out.append(f"  {'winner recipe':<18} {self.winner_recipe} (picked on the validation split)")
+            out.append(f"  {'comparison':<18} {self.comparison}")
         for label, path in (("model", self.model), ("report", self.report), ("evaluation", self.evaluation),
                             ("export", self.export)):
             shown = str(path) if path else ("(not exported: model not blessed)" if label == "export" else "-")
@@ -258,6 +265,7 @@ def run_local(
     *,
     demo_fallback: bool = False,
     enable_caching: bool = False,
+    compare_recipes: Sequence[str] = (),
 ) -> RunSummary:
     """Run the whole pipeline locally with kfp.local (subprocesses, this interpreter's environment).
 
@@ -271,10 +279,14 @@ def run_local(
         raise UserError(f"--output {root} exists and is not a directory")
     root.mkdir(parents=True, exist_ok=True)
     # No retries locally: a failure is reported at once (retries are for preempted cloud machines).
-    pipeline = build_pipeline(CompileOptions(demo_fallback=demo_fallback, retries=0))
+    options = CompileOptions(demo_fallback=demo_fallback, retries=0, compare_recipes=tuple(compare_recipes))
+    pipeline = build_pipeline(options)
     init_local(str(root), enable_caching=enable_caching)
     log.info("running the pipeline locally; artifacts under %s", root)
-    progress = StepProgress(total=6)
+    # Compare mode: ingest, then per recipe 7 steps (settings, backbone, head, fine-tune, validate, candidate),
+    # then pick-winner, evaluate, export.
+    n = len(options.compare_recipes)
+    progress = StepProgress(total=6 if not n else 1 + 6 * n + 3)
     logging.getLogger().addFilter(progress)
     try:
         task = pipeline(**params)
@@ -316,6 +328,10 @@ def summarize(outputs: dict[str, Any], root: Path) -> RunSummary:
     """Read the pipeline's outputs (and export's artifact on disk) into a RunSummary."""
     summary = RunSummary(pipeline_root=root)
     summary.blessed = bool(outputs.get("blessed"))
+    if outputs.get("winner_recipe"):
+        summary.winner_recipe = str(outputs["winner_recipe"])
+        comparison = outputs.get("comparison")
+        summary.comparison = Path(comparison.path) if comparison is not None else None
     metrics = outputs.get("metrics")
     if metrics is not None:
         # kfp.local hands metadata numbers back as floats: show whole numbers (counts) as ints again.
@@ -359,7 +375,8 @@ def run_command(args: argparse.Namespace) -> int:
     demo = not args.source
     defaults = dict(DEMO_DEFAULTS if demo else LOCAL_DEFAULTS)
     with tempfile.TemporaryDirectory(prefix="kfp-finetune-") as tmp:
-        package = compile_pipeline(Path(tmp) / "pipeline.yaml", CompileOptions())
+        compare = tuple(args.compare_recipes.split(",")) if args.compare_recipes else ()
+        package = compile_pipeline(Path(tmp) / "pipeline.yaml", CompileOptions(compare_recipes=compare))
         inputs = pipeline_inputs(package)
     overrides = parse_params(args.param or [], inputs)
     if demo:
@@ -372,7 +389,8 @@ def run_command(args: argparse.Namespace) -> int:
         defaults["source"] = _local_or_uri(args.source)
     params = check_values({**defaults, **overrides}, inputs)
     log.info("parameters: %s", ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
-    summary = run_local(params, output / "pipeline_root", demo_fallback=demo, enable_caching=args.cache)
+    summary = run_local(params, output / "pipeline_root", demo_fallback=demo, enable_caching=args.cache,
+                        compare_recipes=compare)
     for line in summary.lines():
         print(line)
     return 0
@@ -610,6 +628,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--accelerator-type", help="custom job accelerator, e.g. NVIDIA_TESLA_T4, NVIDIA_L4")
     p.add_argument("--accelerator-count", type=int, default=1, help="accelerators per replica (default 1)")
     p.add_argument("--replica-count", type=int, default=1, help="custom job replicas (default 1)")
+    p.add_argument("--compare-recipes", metavar="NAMES",
+                   help="compare these recipes (comma-separated names from components/recipes.py, or 'all') as "
+                        "parallel branches; the best on the validation split goes on to test and export")
     p.set_defaults(func=compile_command)
 
     p = subparsers.add_parser(
@@ -622,6 +643,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default="out/run", help="folder for the demo data and all artifacts (default out/run)")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="a pipeline parameter (repeatable)")
     p.add_argument("--cache", action="store_true", help="reuse cached step results from earlier local runs")
+    p.add_argument("--compare-recipes", metavar="NAMES",
+                   help="compare these recipes (comma-separated names from components/recipes.py, or 'all') as "
+                        "parallel branches; the best on the validation split goes on to test and export")
     p.set_defaults(func=run_command)
 
     p = subparsers.add_parser("submit", help="submit a run to a KFP endpoint or Vertex AI")

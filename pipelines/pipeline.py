@@ -83,6 +83,8 @@ class CompileOptions:
         retries: how many times a failed training step is retried (fine_tune resumes from its checkpoint).
         demo_fallback: only for the no-argument demo: the backbone falls back to random init when no ImageNet
             weights can be had. Never set for a production pipeline.
+        compare_recipes: recipe names (components/recipes.py) to compare: each trains as a parallel branch
+            (dsl.ParallelFor), the best on the validation split goes on to test, blessing and export. Empty: off.
     """
 
     image: str = field(default_factory=settings.component_image)
@@ -92,8 +94,13 @@ class CompileOptions:
     memory: str = "16G"
     retries: int = 2
     demo_fallback: bool = False
+    compare_recipes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.compare_recipes:
+            from components.compare import parse_recipe_names
+
+            object.__setattr__(self, "compare_recipes", parse_recipe_names(self.compare_recipes))
         if not self.image or any(c.isspace() for c in self.image):
             raise UserError(f"--image {self.image!r} is not an image reference; e.g. registry.example.com/team/x:1.2.3")
         if self.retries < 0:
@@ -135,7 +142,7 @@ def _with_image(op: Any, image: str, name: str) -> Any:
 def build_pipeline(options: CompileOptions | None = None) -> Any:
     """The pipeline (a KFP GraphComponent) for the given compile-time options."""
     from kfp import dsl
-    from kfp.dsl import HTML, Artifact, Metrics, Model
+    from kfp.dsl import HTML, Artifact, Markdown, Metrics, Model
 
     from components.backbone import backbone_op
     from components.evaluate import evaluate_op
@@ -177,6 +184,70 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
             task.set_accelerator_type(options.gpu.type).set_accelerator_limit(options.gpu.count)
         return task
 
+    if options.compare_recipes:
+        from components.compare import candidate_op, pick_winner_op, recipe_op
+
+        recipe_c, candidate_c, winner_c, validate_c = (
+            _with_image(op, options.image, name)
+            for op, name in ((recipe_op, "recipe"), (candidate_op, "candidate"), (pick_winner_op, "pick-winner"),
+                             (evaluate_op, "evaluate-validation"))
+        )
+
+    def compare_branches(ingest: Any, *, backbone: Any, backbone_alpha: Any, image_size: Any, weights: Any,
+                         weights_sha256: Any, head_epochs: Any, fine_tune_epochs: Any, batch_size: Any,
+                         checkpoint_dir: Any, seed: Any, min_accuracy: Any, baseline_model: Any,
+                         max_regression: Any, push_to: Any) -> Any:
+        """Compare mode: one branch per recipe (ParallelFor), the winner on validation, then test → export."""
+        dataset = ingest.outputs["dataset"]
+        with dsl.ParallelFor(items=list(options.compare_recipes), name="recipes") as recipe:
+            plan = recipe_c(recipe=recipe, weights=weights, image_size=image_size, max_head_epochs=head_epochs,
+                            max_fine_tune_epochs=fine_tune_epochs)
+            plan.set_display_name("recipe settings").set_caching_options(True)
+            s = plan.outputs
+            # Per branch, so that a recipe can start from other weights (scratch: none). Branches asking for the
+            # same weights get the same inputs, so KFP's cache builds that backbone once.
+            branch_backbone = backbone_c(name=backbone, alpha=backbone_alpha, image_size=s["image_size"],
+                                         weights=s["weights"], weights_sha256=weights_sha256,
+                                         fallback_to_random=options.demo_fallback)
+            branch_backbone.set_display_name("backbone").set_caching_options(True)
+            head = head_c(dataset=dataset, backbone=branch_backbone.outputs["model"], epochs=s["head_epochs"],
+                          learning_rate=s["head_learning_rate"], batch_size=batch_size, dropout=s["dropout"],
+                          augment=s["augment"], class_weights=s["class_weights"], seed=seed)
+            training_resources(head, "train head")
+            tune = tune_c(dataset=dataset, model=head.outputs["model"], unfreeze_top=s["unfreeze_top"],
+                          unfreeze_from=s["unfreeze_from"], epochs=s["fine_tune_epochs"],
+                          learning_rate=s["fine_tune_learning_rate"], warmup_epochs=s["warmup_epochs"],
+                          batch_size=batch_size, batch_norm=s["batch_norm"],
+                          early_stopping_patience=s["early_stopping_patience"], checkpoint_dir=checkpoint_dir,
+                          seed=seed)
+            training_resources(tune, "fine-tune")
+            validate = validate_c(dataset=dataset, model=tune.outputs["tuned_model"], split="validation")
+            validate.set_display_name("evaluate on validation")
+            candidate = candidate_c(recipe=recipe, evaluation=validate.outputs["evaluation"])
+            candidate.set_display_name("candidate")
+
+        winner = winner_c(candidates=dsl.Collected(candidate.output),
+                          models=dsl.Collected(tune.outputs["tuned_model"]))
+        winner.set_display_name("pick winner (validation)")
+        model = winner.outputs["winner"]
+
+        evaluate = evaluate_c(dataset=dataset, model=model, split="test", min_accuracy=min_accuracy,
+                              baseline_model=baseline_model, max_regression=max_regression)
+        evaluate.set_display_name("evaluate")
+        with dsl.If(evaluate.outputs["blessed"] == True, name="blessed"):  # noqa: E712 (a KFP condition)
+            export = export_c(model=model, evaluation=evaluate.outputs["evaluation"], push_to=push_to)
+            export.set_display_name("export").set_caching_options(False)
+        return PipelineOutputs(metrics=evaluate.outputs["metrics"], report=evaluate.outputs["report"],
+                               evaluation=evaluate.outputs["evaluation"], model=model,
+                               blessed=evaluate.outputs["blessed"], accuracy=evaluate.outputs["accuracy"],
+                               comparison=winner.outputs["comparison"], winner_recipe=winner.outputs["recipe"])
+
+    outputs_spec = [("metrics", Metrics), ("report", HTML), ("evaluation", Artifact), ("model", Model),
+                    ("blessed", bool), ("accuracy", float)]
+    if options.compare_recipes:
+        outputs_spec += [("comparison", Markdown), ("winner_recipe", str)]
+    PipelineOutputs = NamedTuple("Outputs", outputs_spec)  # noqa: UP014, N806 (KFP needs the functional form)
+
     @dsl.pipeline(name=PIPELINE_NAME, description="Fine-tune a Keras image classifier by transfer learning.")
     def finetune_pipeline(
         source: str,
@@ -207,11 +278,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         baseline_model: str = "",
         max_regression: float = 0.0,
         push_to: str = "",
-    ) -> NamedTuple(  # noqa: UP014 (KFP needs the functional form)
-        "Outputs",
-        [("metrics", Metrics), ("report", HTML), ("evaluation", Artifact), ("model", Model), ("blessed", bool),
-         ("accuracy", float)],
-    ):
+    ) -> PipelineOutputs:
         """Fine-tune a Keras image classifier: ingest ∥ backbone → train_head → fine_tune → evaluate → export.
 
         Args:
@@ -257,6 +324,14 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
                           max_side=max_side)
         ingest.set_display_name("ingest").set_caching_options(True)
 
+        if options.compare_recipes:
+            return compare_branches(ingest, weights=weights, weights_sha256=weights_sha256,
+                                    backbone=backbone, backbone_alpha=backbone_alpha, image_size=image_size,
+                                    head_epochs=head_epochs, fine_tune_epochs=fine_tune_epochs,
+                                    batch_size=batch_size, checkpoint_dir=checkpoint_dir, seed=seed,
+                                    min_accuracy=min_accuracy, baseline_model=baseline_model,
+                                    max_regression=max_regression, push_to=push_to)
+
         backbone_task = backbone_c(name=backbone, alpha=backbone_alpha, image_size=image_size, weights=weights,
                                    weights_sha256=weights_sha256, fallback_to_random=options.demo_fallback)
         backbone_task.set_display_name("backbone").set_caching_options(True)
@@ -284,12 +359,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
             # Pushing is a side effect: never satisfy it from the cache.
             export.set_display_name("export").set_caching_options(False)
 
-        outputs = NamedTuple(  # noqa: UP014
-            "Outputs",
-            [("metrics", Metrics), ("report", HTML), ("evaluation", Artifact), ("model", Model), ("blessed", bool),
-             ("accuracy", float)],
-        )
-        return outputs(metrics=evaluate.outputs["metrics"], report=evaluate.outputs["report"],
+        return PipelineOutputs(metrics=evaluate.outputs["metrics"], report=evaluate.outputs["report"],
                        evaluation=evaluate.outputs["evaluation"], model=tune.outputs["tuned_model"],
                        blessed=evaluate.outputs["blessed"], accuracy=evaluate.outputs["accuracy"])
 
