@@ -32,6 +32,28 @@ UNREADABLE = "unreadable"
 BAD_REASONS = frozenset({CORRUPT, TOO_LARGE, UNREADABLE})
 
 
+def die_with_parent() -> None:
+    """Pool initializer: end this worker when the process that started it dies.
+
+    A killed ingest (SIGKILL) cannot shut its pool down, and forked workers keep a copy of the task pipe's write end,
+    so they would wait on it forever. On Linux the kernel sends SIGKILL to the worker when its parent goes
+    (PR_SET_PDEATHSIG); the check after it covers a parent that died before the call.
+    """
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 

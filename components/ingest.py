@@ -393,7 +393,7 @@ def _executor(num_files: int) -> Executor | None:
     if method == "forkserver":
         context.set_forkserver_preload(["__main__", "components.imagecheck", "PIL.Image", "PIL.JpegImagePlugin"])
     log.debug("decoding on %d worker processes (%s)", workers, method)
-    executor = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    executor = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=imagecheck.die_with_parent)
     executor.submit(int).result()  # launch the workers now
     return executor
 

@@ -177,10 +177,16 @@ def test_killed_ingest_leaves_nothing_at_the_output(flowers_dir, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "components", "ingest", "--source", str(flowers_dir),
                              "--output", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".ds.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+    helpers: list = []
+    while proc.poll() is None and time.monotonic() < deadline:
+        # Kill it mid-write: the temp folder exists and the decode pool is up.
+        if list(tmp_path.glob(".ds.tmp-*")):
+            helpers = psutil.Process(proc.pid).children(recursive=True)
+            if helpers:
+                break
         time.sleep(0.005)
     assert proc.poll() is None, "ingest finished before it could be killed"
-    helpers = psutil.Process(proc.pid).children(recursive=True)
+    assert helpers, "the decode pool never started"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     _, alive = psutil.wait_procs(helpers, timeout=20)  # the pool's processes notice their parent is gone
