@@ -86,11 +86,11 @@ class HeadConfig:
     dataset: str
     backbone: str
     output: str
-    epochs: int = 10
+    epochs: int = 5
     learning_rate: float = 1e-3
     batch_size: int = 32
     dropout: float = 0.2
-    augment: bool = True
+    augment: bool = False
     class_weights: str = "auto"
     cache_features: str = "auto"
     label_smoothing: float = 0.0
@@ -126,10 +126,10 @@ class FineTuneConfig:
     unfreeze_top: int | None = None
     unfreeze_from: str | None = None
     epochs: int = 10
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-3
     warmup_epochs: int = 1
     batch_size: int = 32
-    batch_norm: str = "frozen"
+    batch_norm: str = "train"
     early_stopping_patience: int = 3
     checkpoint_dir: str | None = None
     label_smoothing: float = 0.0
@@ -900,12 +900,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     head.add_argument("--dataset", required=True, help="Dataset artifact directory (output of `ingest`)")
     head.add_argument("--backbone", required=True, help="Model artifact directory (output of `backbone`)")
     head.add_argument("--output", required=True, help="new directory for the Model artifact")
-    head.add_argument("--epochs", type=int, default=10,
+    head.add_argument("--epochs", type=int, default=5,
                       help="0 writes the untrained classifier, for recipes that train everything in fine-tune")
     head.add_argument("--learning-rate", type=float, default=1e-3)
     head.add_argument("--batch-size", type=int, default=32)
     head.add_argument("--dropout", type=float, default=0.2)
-    head.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+    head.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
                       help="flip/rotation/zoom/contrast layers inside the model, active in training only")
     head.add_argument("--class-weights", choices=CLASS_WEIGHT_MODES, default="auto",
                       help="auto: balanced weights from the train split's counts")
@@ -928,11 +928,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     which.add_argument("--unfreeze-from", default=None, metavar="LAYER",
                        help="unfreeze every backbone layer from LAYER up (default: all layers)")
     tune.add_argument("--epochs", type=int, default=10)
-    tune.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate")
+    tune.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate")
     tune.add_argument("--warmup-epochs", type=int, default=1)
     tune.add_argument("--batch-size", type=int, default=32)
-    tune.add_argument("--batch-norm", choices=BATCH_NORM_MODES, default="frozen",
-                      help="frozen: BN layers keep their ImageNet statistics (recommended); train: they adapt")
+    tune.add_argument("--batch-norm", choices=BATCH_NORM_MODES, default="train",
+                      help="train: BN statistics adapt to the new data (the study's best, docs/fine-tuning.md); "
+                           "frozen: BN layers keep their ImageNet statistics")
     tune.add_argument("--early-stopping-patience", type=int, default=3, help="epochs without val_loss gain; 0: off")
     tune.add_argument("--checkpoint-dir", default=None,
                       help="save state every epoch and resume from it (default: $AIP_CHECKPOINT_DIR when set)")
@@ -971,11 +972,11 @@ def train_head_op(
     dataset: Input[Dataset],
     backbone: Input[Model],
     model: Output[Model],
-    epochs: int = 10,
+    epochs: int = 5,
     learning_rate: float = 1e-3,
     batch_size: int = 32,
     dropout: float = 0.2,
-    augment: bool = True,
+    augment: bool = False,
     class_weights: str = "auto",
     cache_features: str = "auto",
     label_smoothing: float = 0.0,
@@ -1017,10 +1018,10 @@ def fine_tune_op(
     unfreeze_top: int = 0,
     unfreeze_from: str = "",
     epochs: int = 10,
-    learning_rate: float = 1e-4,
+    learning_rate: float = 1e-3,
     warmup_epochs: int = 1,
     batch_size: int = 32,
-    batch_norm: str = "frozen",
+    batch_norm: str = "train",
     early_stopping_patience: int = 3,
     checkpoint_dir: str = "",
     label_smoothing: float = 0.0,
@@ -1038,7 +1039,7 @@ def fine_tune_op(
         learning_rate: Peak learning rate after warmup.
         warmup_epochs: Epochs of linear warmup from 0.
         batch_size: Global batch size.
-        batch_norm: "frozen" (BN keeps its statistics) or "train".
+        batch_norm: "train" (BN statistics adapt; the default, see docs/fine-tuning.md) or "frozen".
         early_stopping_patience: Epochs without val_loss improvement before stopping; 0 disables.
         checkpoint_dir: Where to save state every epoch for resume; "" uses $AIP_CHECKPOINT_DIR when set.
         label_smoothing: Mix the one-hot targets with the uniform distribution by this much (0 = off).
