@@ -61,6 +61,13 @@ EXPLORE: dict[str, Recipe] = {r.name: r for r in (
             image_size=224),
     replace(_TWO_PHASE_TRAIN_1E3, name="x_top_half", description="two-phase, BN training, lr 1e-3, top 40 layers",
             fine_tune=FineTuneSettings(learning_rate=1e-3, batch_norm="train", unfreeze_top=40)),
+    replace(_TWO_PHASE_TRAIN_1E3, name="x_early_stop3", description="default with early stopping (patience 3)",
+            fine_tune=FineTuneSettings(learning_rate=1e-3, batch_norm="train", early_stopping_patience=3)),
+    replace(_TWO_PHASE_TRAIN_1E3, name="x_lr1e-4_early_stop3",
+            description="two_phase_bn_train with early stopping (patience 3)",
+            fine_tune=FineTuneSettings(learning_rate=1e-4, batch_norm="train", early_stopping_patience=3)),
+    replace(_TWO_PHASE_TRAIN_1E3, name="x_15_epochs", description="two-phase, BN training, lr 1e-3, 15 epochs",
+            fine_tune=FineTuneSettings(learning_rate=1e-3, batch_norm="train", epochs=15)),
 )}
 ALL = {**RECIPES, **EXPLORE}
 

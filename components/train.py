@@ -130,7 +130,7 @@ class FineTuneConfig:
     warmup_epochs: int = 1
     batch_size: int = 32
     batch_norm: str = "train"
-    early_stopping_patience: int = 3
+    early_stopping_patience: int = 0
     checkpoint_dir: str | None = None
     label_smoothing: float = 0.0
     seed: int = 0
@@ -934,7 +934,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     tune.add_argument("--batch-norm", choices=BATCH_NORM_MODES, default="train",
                       help="train: BN statistics adapt to the new data (the study's best, docs/fine-tuning.md); "
                            "frozen: BN layers keep their ImageNet statistics")
-    tune.add_argument("--early-stopping-patience", type=int, default=3, help="epochs without val_loss gain; 0: off")
+    tune.add_argument("--early-stopping-patience", type=int, default=0,
+                      help="stop after this many epochs without val_loss gain and keep the best; 0 (default): off, "
+                           "the cosine schedule runs to its end")
     tune.add_argument("--checkpoint-dir", default=None,
                       help="save state every epoch and resume from it (default: $AIP_CHECKPOINT_DIR when set)")
     tune.add_argument("--label-smoothing", type=float, default=0.0,
@@ -1022,7 +1024,7 @@ def fine_tune_op(
     warmup_epochs: int = 1,
     batch_size: int = 32,
     batch_norm: str = "train",
-    early_stopping_patience: int = 3,
+    early_stopping_patience: int = 0,
     checkpoint_dir: str = "",
     label_smoothing: float = 0.0,
     seed: int = 0,
@@ -1040,7 +1042,7 @@ def fine_tune_op(
         warmup_epochs: Epochs of linear warmup from 0.
         batch_size: Global batch size.
         batch_norm: "train" (BN statistics adapt; the default, see docs/fine-tuning.md) or "frozen".
-        early_stopping_patience: Epochs without val_loss improvement before stopping; 0 disables.
+        early_stopping_patience: Epochs without val_loss improvement before stopping; 0 (default) disables.
         checkpoint_dir: Where to save state every epoch for resume; "" uses $AIP_CHECKPOINT_DIR when set.
         label_smoothing: Mix the one-hot targets with the uniform distribution by this much (0 = off).
         seed: Random seed.

@@ -196,7 +196,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         unfreeze_top: int = 0,
         unfreeze_from: str = "",
         warmup_epochs: int = 1,
-        early_stopping_patience: int = 3,
+        early_stopping_patience: int = 0,
         batch_size: int = 32,
         augment: bool = False,
         class_weights: str = "auto",
@@ -237,7 +237,8 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
                 means the fine-tune step's default.
             unfreeze_from: alternatively, the name of the first backbone layer to unfreeze (and all above it).
             warmup_epochs: epochs of linear learning-rate warm-up at the start of fine-tuning.
-            early_stopping_patience: fine-tuning stops after this many epochs without validation improvement.
+            early_stopping_patience: fine-tuning stops after this many epochs without validation improvement
+                and keeps the best epoch; 0 (default) runs the cosine schedule to its end.
             batch_size: training batch size of both phases.
             augment: random flips/rotations/zoom during training (Keras preprocessing layers, training only);
                 off by default (it did not help in the recipe study, docs/fine-tuning.md).
