@@ -259,19 +259,19 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         max_side: int = 0,
-        head_epochs: int = 10,
+        head_epochs: int = 5,
         head_learning_rate: float = 1e-3,
         dropout: float = 0.2,
         fine_tune_epochs: int = 10,
-        fine_tune_learning_rate: float = 1e-4,
+        fine_tune_learning_rate: float = 1e-3,
         unfreeze_top: int = 0,
         unfreeze_from: str = "",
         warmup_epochs: int = 1,
-        early_stopping_patience: int = 3,
+        early_stopping_patience: int = 0,
         batch_size: int = 32,
-        augment: bool = True,
+        augment: bool = False,
         class_weights: str = "auto",
-        batch_norm: str = "frozen",
+        batch_norm: str = "train",
         checkpoint_dir: str = "",
         seed: int = 0,
         min_accuracy: float = 0.7,
@@ -299,17 +299,19 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
             dropout: dropout rate before the classification head.
             fine_tune_epochs: maximum epochs of the second phase, training the unfrozen top of the backbone
                 (early stopping may end it sooner); 0 skips fine-tuning in effect.
-            fine_tune_learning_rate: learning rate of the fine-tuning phase (keep it ~10x below the head's).
+            fine_tune_learning_rate: peak learning rate of the fine-tuning phase (AdamW, warm-up then cosine).
             unfreeze_top: how many layers at the top of the backbone to unfreeze; 0 with an empty unfreeze_from
                 means the fine-tune step's default.
             unfreeze_from: alternatively, the name of the first backbone layer to unfreeze (and all above it).
             warmup_epochs: epochs of linear learning-rate warm-up at the start of fine-tuning.
-            early_stopping_patience: fine-tuning stops after this many epochs without validation improvement.
+            early_stopping_patience: fine-tuning stops after this many epochs without validation improvement
+                and keeps the best epoch; 0 (default) runs the cosine schedule to its end.
             batch_size: training batch size of both phases.
-            augment: random flips/rotations/zoom during training (Keras preprocessing layers, training only).
+            augment: random flips/rotations/zoom during training (Keras preprocessing layers, training only);
+                off by default (it did not help in the recipe study, docs/fine-tuning.md).
             class_weights: "auto" (balanced weights from the training counts) or "none".
-            batch_norm: BatchNormalization policy while fine-tuning: "frozen" (recommended: keeps the pretrained
-                statistics) or "trainable".
+            batch_norm: BatchNormalization policy while fine-tuning: "train" (statistics adapt to the new data;
+                the recipe study's best, docs/fine-tuning.md) or "frozen" (keeps the ImageNet statistics).
             checkpoint_dir: folder where fine_tune keeps checkpoints so that a retried attempt resumes (on Vertex
                 a /gcs/... path); empty uses AIP_CHECKPOINT_DIR when set (Vertex custom jobs), else no resume.
             seed: seed for splitting, shuffling, augmentation and initialisation.
