@@ -205,11 +205,12 @@ def test_emulator_stopped_mid_push_leaves_latest_on_old_version(exported, tmp_pa
         push(exported, dest, "v1")
         assert read_latest(dest) == "v1"
 
-        # A bigger version: the export's small files finish first while 8 large assets are still uploading.
+        # A bigger version: the export's small files finish first while 16 large assets are still uploading
+        # (a wide window, so that a loaded machine still stops the emulator part-way).
         big = tmp_path / "big"
         shutil.copytree(exported, big)
         (big / "assets").mkdir(exist_ok=True)
-        for i in range(8):
+        for i in range(16):
             (big / "assets" / f"extra-{i}.bin").write_bytes(os.urandom(8 << 20))
         total = sum(1 for p in big.rglob("*") if p.is_file())
 
