@@ -86,19 +86,31 @@ def _free_port() -> int:
 
 
 class Emulator:
-    """A running gcp-storage-emulator; `host` is what STORAGE_EMULATOR_HOST is set to."""
+    """A running gcp-storage-emulator; `host` is what STORAGE_EMULATOR_HOST is set to.
 
-    def __init__(self) -> None:
+    In memory by default; with `storage` it keeps objects on disk there, so it can be stopped mid-transfer and
+    started again on the same port with the same objects.
+    """
+
+    def __init__(self, storage: Path | None = None) -> None:
         self.port = _free_port()
         self.host = f"http://127.0.0.1:{self.port}"
+        self.storage = storage
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
         exe = Path(sys.executable).with_name("gcp-storage-emulator")
         cmd = [str(exe) if exe.exists() else "gcp-storage-emulator", "start", "--host", "127.0.0.1",
-               "--port", str(self.port), "--in-memory", "--quiet"]
-        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
+               "--port", str(self.port), "--quiet"]
+        env = dict(os.environ)
+        if self.storage is None:
+            cmd.append("--in-memory")
+        else:
+            env["STORAGE_BASE"] = str(self.storage)
+        self.process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # A restart on disk reads back every stored object first: on a loaded 2-core machine that takes a while.
+        wait = 30 if self.storage is None else 120
+        deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gcp-storage-emulator exited with {self.process.returncode}")
@@ -107,7 +119,7 @@ class Emulator:
                 return
             except OSError:
                 time.sleep(0.1)
-        raise RuntimeError("gcp-storage-emulator did not start within 30 s")
+        raise RuntimeError(f"gcp-storage-emulator did not start within {wait} s")
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

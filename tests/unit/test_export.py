@@ -167,38 +167,10 @@ def test_export_refuses_unblessed_or_foreign_evaluation(chain, blessed_eval, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["failed_eval"]
 
 
-class DiskEmulator(Emulator):
-    """A private emulator that keeps its objects on disk, so it can be stopped mid-push and started again."""
-
-    def __init__(self, storage: Path) -> None:
-        super().__init__()
-        self.storage = storage
-
-    def start(self) -> None:
-        import socket
-
-        exe = Path(sys.executable).with_name("gcp-storage-emulator")
-        self.process = subprocess.Popen(
-            [str(exe), "start", "--host", "127.0.0.1", "--port", str(self.port), "--quiet"],
-            env={**os.environ, "STORAGE_BASE": str(self.storage)},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # A restart reads back every stored object first: on a loaded 2-core machine that can take a while.
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"private gcp-storage-emulator exited with {self.process.returncode}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("private gcp-storage-emulator did not start")
-
-
 def test_emulator_stopped_mid_push_leaves_latest_on_old_version(exported, tmp_path, monkeypatch):
     from components import gcs
 
-    emulator = DiskEmulator(tmp_path / "gcs")
+    emulator = Emulator(storage=tmp_path / "gcs")  # on disk: it survives a stop
     emulator.start()
     try:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.host)
