@@ -26,7 +26,7 @@ from pipelines.pipeline import CompileOptions, CustomJob, Gpu, compile_pipeline,
 log = logging.getLogger("kfp_finetune.pipelines")
 
 # `run` is for a laptop: unless --param says otherwise it trains a small backbone (the recipe study's: MobileNet
-# α=0.25 at 160 px) with the default recipe's epochs, about 3 minutes on the flowers set on 2 cores. The compiled
+# α=0.25 at 160 px) with the default recipe's epochs, ~4.5 min of training on the flowers set on 2 cores. The compiled
 # pipeline keeps its production defaults (see pipelines/pipeline.py).
 LOCAL_DEFAULTS: dict[str, Any] = {
     "backbone": "mobilenet",
