@@ -162,8 +162,10 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             name=DEFAULT_RECIPE,
-            description="the project's default: head 5 epochs, then all layers at lr 1e-3 with BatchNorm training",
-            fine_tune=FineTuneSettings(learning_rate=1e-3, batch_norm="train"),
+            description="the project's default: head 5 epochs, then all layers at lr 1e-3 with BatchNorm training; "
+                        "augmentation and label smoothing 0.1 in both phases",
+            head=HeadSettings(augment=True, label_smoothing=0.1),
+            fine_tune=FineTuneSettings(learning_rate=1e-3, batch_norm="train", label_smoothing=0.1),
         ),
     )
 }

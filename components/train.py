@@ -90,10 +90,10 @@ class HeadConfig:
     learning_rate: float = 1e-3
     batch_size: int = 32
     dropout: float = 0.2
-    augment: bool = False
+    augment: bool = True
     class_weights: str = "auto"
     cache_features: str = "auto"
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -132,7 +132,7 @@ class FineTuneConfig:
     batch_norm: str = "train"
     early_stopping_patience: int = 0
     checkpoint_dir: str | None = None
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -925,13 +925,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     head.add_argument("--learning-rate", type=float, default=1e-3)
     head.add_argument("--batch-size", type=int, default=32)
     head.add_argument("--dropout", type=float, default=0.2)
-    head.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+    head.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                       help="flip/rotation/zoom/contrast layers inside the model, active in training only")
     head.add_argument("--class-weights", choices=CLASS_WEIGHT_MODES, default="auto",
                       help="auto: balanced weights from the train split's counts")
     head.add_argument("--cache-features", choices=CACHE_FEATURE_MODES, default="auto",
                       help="run the frozen backbone once and train the head on its features (auto: when no augment)")
-    head.add_argument("--label-smoothing", type=float, default=0.0,
+    head.add_argument("--label-smoothing", type=float, default=0.1,
                       help="mix the one-hot targets with the uniform distribution by this much (e.g. 0.1)")
     head.add_argument("--seed", type=int, default=0)
     head.set_defaults(func=_run_head)
@@ -959,7 +959,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                            "the cosine schedule runs to its end")
     tune.add_argument("--checkpoint-dir", default=None,
                       help="save state every epoch and resume from it (default: $AIP_CHECKPOINT_DIR when set)")
-    tune.add_argument("--label-smoothing", type=float, default=0.0,
+    tune.add_argument("--label-smoothing", type=float, default=0.1,
                       help="mix the one-hot targets with the uniform distribution by this much (e.g. 0.1)")
     tune.add_argument("--seed", type=int, default=0)
     tune.set_defaults(func=_run_fine_tune)
@@ -998,10 +998,10 @@ def train_head_op(
     learning_rate: float = 1e-3,
     batch_size: int = 32,
     dropout: float = 0.2,
-    augment: bool = False,
+    augment: bool = True,
     class_weights: str = "auto",
     cache_features: str = "auto",
-    label_smoothing: float = 0.0,
+    label_smoothing: float = 0.1,
     seed: int = 0,
 ) -> None:
     """Train a classification head (dropout + dense softmax) on the frozen backbone.
@@ -1046,7 +1046,7 @@ def fine_tune_op(
     batch_norm: str = "train",
     early_stopping_patience: int = 0,
     checkpoint_dir: str = "",
-    label_smoothing: float = 0.0,
+    label_smoothing: float = 0.1,
     seed: int = 0,
 ) -> None:
     """Fine-tune a train_head model: unfreeze the top of the backbone, AdamW with warmup + cosine decay.

@@ -269,7 +269,8 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         warmup_epochs: int = 1,
         early_stopping_patience: int = 0,
         batch_size: int = 32,
-        augment: bool = False,
+        augment: bool = True,
+        label_smoothing: float = 0.1,
         class_weights: str = "auto",
         batch_norm: str = "train",
         checkpoint_dir: str = "",
@@ -307,8 +308,8 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
             early_stopping_patience: fine-tuning stops after this many epochs without validation improvement
                 and keeps the best epoch; 0 (default) runs the cosine schedule to its end.
             batch_size: training batch size of both phases.
-            augment: random flips/rotations/zoom during training (Keras preprocessing layers, training only);
-                off by default (it did not help in the recipe study, docs/fine-tuning.md).
+            augment: random flips/rotations/zoom during training (Keras preprocessing layers, training only).
+            label_smoothing: label smoothing of both training phases (0 = off).
             class_weights: "auto" (balanced weights from the training counts) or "none".
             batch_norm: BatchNormalization policy while fine-tuning: "train" (statistics adapt to the new data;
                 the recipe study's best, docs/fine-tuning.md) or "frozen" (keeps the ImageNet statistics).
@@ -340,13 +341,14 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
 
         head = head_c(dataset=ingest.outputs["dataset"], backbone=backbone_task.outputs["model"], epochs=head_epochs,
                       learning_rate=head_learning_rate, batch_size=batch_size, dropout=dropout, augment=augment,
-                      class_weights=class_weights, seed=seed)
+                      class_weights=class_weights, label_smoothing=label_smoothing, seed=seed)
         training_resources(head, "train head")
 
         tune = tune_c(dataset=ingest.outputs["dataset"], model=head.outputs["model"], unfreeze_top=unfreeze_top,
                       unfreeze_from=unfreeze_from, epochs=fine_tune_epochs, learning_rate=fine_tune_learning_rate,
                       warmup_epochs=warmup_epochs, batch_size=batch_size, batch_norm=batch_norm,
-                      early_stopping_patience=early_stopping_patience, checkpoint_dir=checkpoint_dir, seed=seed)
+                      early_stopping_patience=early_stopping_patience, checkpoint_dir=checkpoint_dir,
+                      label_smoothing=label_smoothing, seed=seed)
         training_resources(tune, "fine-tune")
 
         evaluate = evaluate_c(dataset=ingest.outputs["dataset"], model=tune.outputs["tuned_model"], split="test",

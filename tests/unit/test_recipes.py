@@ -83,4 +83,4 @@ def test_the_default_recipe_is_the_default_everywhere() -> None:
             params["unfreeze_from"]) == (
         tune["epochs"], tune["learning_rate"], tune["warmup_epochs"], tune["batch_norm"],
         tune["early_stopping_patience"], tune["unfreeze_top"] or 0, tune["unfreeze_from"] or "")
-    assert head["label_smoothing"] == 0.0 and tune["label_smoothing"] == 0.0  # the pipeline has no such parameter
+    assert params["label_smoothing"] == head["label_smoothing"] == tune["label_smoothing"]

@@ -317,7 +317,7 @@ def test_components_match_the_interface() -> None:
     assert set(fine_tune_op.component_spec.outputs) == {"tuned_model"}
     assert fine_tune_op.component_spec.inputs["unfreeze_top"].default == 0
     assert fine_tune_op.component_spec.inputs["checkpoint_dir"].default == ""
-    assert fine_tune_op.component_spec.inputs["label_smoothing"].default == 0.0
+    assert fine_tune_op.component_spec.inputs["label_smoothing"].default == 0.1
 
 
 # --- the study's levers: a zero-initialised head, epochs=0, label smoothing ----------------------------------------
