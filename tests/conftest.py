@@ -59,6 +59,16 @@ def mini_flowers(flowers_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return root
 
 
+@pytest.fixture
+def offline_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty Keras cache, no mirror, and no way out: a proxy on a closed port makes every download fail at once
+    (so the tests behave offline on a CI machine that has internet too)."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
+    monkeypatch.delenv("KFP_FINETUNE_WEIGHTS_MIRROR", raising=False)
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+
+
 # --- generated images ------------------------------------------------------------------------------------------
 
 

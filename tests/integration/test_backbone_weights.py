@@ -20,13 +20,7 @@ FILE = "mobilenet_2_5_224_tf_no_top.h5"
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _empty_keras_cache(tmp_path, monkeypatch):
-    """Every test starts with an empty Keras cache and no mirror; downloads go to a closed port (offline)."""
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
-    monkeypatch.delenv("KFP_FINETUNE_WEIGHTS_MIRROR", raising=False)
-    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
-    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+pytestmark = pytest.mark.usefixtures("offline_weights")  # empty Keras cache, no mirror, no network
 
 
 def flower_batch(flowers_dir: Path, size: int, per_class: int = 2) -> np.ndarray:

@@ -12,14 +12,7 @@ from components import backbone, modelio
 from components.backbone import BackboneConfig, build_backbone
 from components.errors import UserError
 
-
-@pytest.fixture(autouse=True)
-def _isolated_weights(tmp_path, monkeypatch):
-    """No Keras cache, no mirror, and no way out: a proxy on a closed port makes every download fail at once."""
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
-    monkeypatch.delenv("KFP_FINETUNE_WEIGHTS_MIRROR", raising=False)
-    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
-    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+pytestmark = pytest.mark.usefixtures("offline_weights")  # empty Keras cache, no mirror, no network
 
 
 # --- registry ------------------------------------------------------------------------------------------------------
