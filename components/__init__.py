@@ -12,9 +12,9 @@ def _restore_kfp_component_decorator() -> None:
     `kfp.dsl`. Our step modules define their components at import time, and component bodies import those very
     modules, so put the decorator back; without this every step fails under kfp.local, KFP and Vertex alike with
     "module 'kfp.dsl' has no attribute 'component'"."""
-    import os
+    from components import settings  # __version__ above is all settings needs from this package
 
-    if os.environ.get("_KFP_RUNTIME", "false") != "true":
+    if not settings.kfp_runtime():
         return
     from kfp import dsl
 

@@ -28,6 +28,11 @@ def _get(name: str) -> str | None:
     return value or None
 
 
+def kfp_runtime() -> bool:
+    """True inside a running KFP component (the executor sets _KFP_RUNTIME=true)."""
+    return (_get("_KFP_RUNTIME") or "false").lower() == "true"
+
+
 def component_image() -> str:
     """The image that every component runs in: the versioned release image unless overridden."""
     return _get("KFP_FINETUNE_IMAGE") or RELEASE_IMAGE
