@@ -1,0 +1,194 @@
+"""The ingest step on Apache Beam (components/beam_ingest.py): the same dataset as the local ingest, byte for byte.
+
+The default suite runs the odd-images matrix on the DirectRunner (multi-process, 2 workers) plus the option and
+bad-input checks; flowers, gs:// on the emulator and training on the Beam output are in the slow suite.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("apache_beam", reason="needs the beam extra: pip install -e '.[beam]'")
+
+from components import tfds_format  # noqa: E402
+from components.beam_ingest import DataflowSettings, check_dataflow_options, pipeline_flags  # noqa: E402
+from components.cli import main as cli_main  # noqa: E402
+from components.errors import UserError  # noqa: E402
+from components.ingest import IngestConfig, ingest  # noqa: E402
+from tests import imagegen  # noqa: E402
+
+VALID = imagegen.ImageFactory.VALID
+DIRECT_2 = ("direct_num_workers=2", "direct_running_mode=multi_processing")
+IN_MEMORY = ("direct_running_mode=in_memory",)
+
+
+def _ext(kind: str) -> str:
+    from tests.unit.test_ingest import _ext as ext
+
+    return ext(kind)
+
+
+def odd_matrix(factory: imagegen.ImageFactory) -> Path:
+    """The odd-images matrix of tests/unit/test_ingest.py, plus duplicates and a label conflict."""
+    f = factory
+    for label in ("a", "b"):
+        for kind in VALID:
+            f.make(kind, f"{label}/nested/deeper/{kind}{_ext(kind)}")
+    for kind in ("truncated_jpeg", "corrupt", "empty", "bomb", "fake_ext", "not_image"):
+        f.make(kind, f"a/{kind}{_ext(kind)}")
+    f.make("hidden", "b/hidden.jpg")
+    (f.root / ".DS_Store").write_bytes(b"junk")
+    (f.root / "README.txt").write_text("top-level file, not in a class folder")
+    imagegen.write_class_folder(f.root, classes=("c",), per_class=12, size=16)
+    first = sorted((f.root / "c").iterdir())[0]
+    (f.root / "c" / "copy-of-first.png").write_bytes(first.read_bytes())  # a duplicate under one label
+    (f.root / "a" / "conflict.png").write_bytes(sorted((f.root / "c").iterdir())[1].read_bytes())  # two labels
+    return f.root
+
+
+def assert_same_dataset(local: Path, beam: Path, *, same_paths: bool = True) -> None:
+    """Every shard byte for byte, the metadata files, and the report's counts and skip reasons."""
+    names = sorted(p.name for p in local.iterdir())
+    assert sorted(p.name for p in beam.iterdir()) == names
+    for name in names:
+        if name == "ingest_report.json":
+            continue
+        assert (beam / name).read_bytes() == (local / name).read_bytes(), name
+    a, b = (json.loads((d / "ingest_report.json").read_text()) for d in (local, beam))
+    for key in ("class_names", "num_examples", "counts", "num_files", "num_image_files", "converted", "resized",
+                "num_shards", "skipped_counts", "fractions", "seed", "max_side"):
+        assert a[key] == b[key], key
+    if same_paths:
+        assert [(s["path"], s["reason"]) for s in a["skipped"]] == [(s["path"], s["reason"]) for s in b["skipped"]]
+
+
+def run_both(source: Path | str, tmp_path: Path, beam_options=DIRECT_2, local_source=None, **kw) -> tuple[Path, Path]:
+    local, beam = tmp_path / "local", tmp_path / "beam"
+    ingest(IngestConfig(source=str(local_source or source), output=str(local), **kw))
+    ingest(IngestConfig(source=str(source), output=str(beam), runner="direct", beam_options=beam_options, **kw))
+    return local, beam
+
+
+# --- default suite -------------------------------------------------------------------------------------------------
+
+
+def test_direct_runner_gives_the_local_dataset_on_the_odd_images_matrix(image_factory, tmp_path):
+    """Two worker processes; the same shards byte for byte, so the same split membership and parsed examples."""
+    root = odd_matrix(image_factory)
+    local, beam = run_both(root, tmp_path, max_corrupt_fraction=1.0, num_shards=3)
+    assert_same_dataset(local, beam)
+    report = json.loads((beam / "ingest_report.json").read_text())
+    reasons = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
+    assert reasons["copy-of-first.png"] == "duplicate" or reasons.get(sorted((root / "c").iterdir())[0].name)
+    assert reasons["conflict.png"] == "label_conflict" and reasons["bomb.png"] == "too_large"
+    assert reasons[".DS_Store"] == "hidden" and reasons["README.txt"] == "outside_class_folder"
+    assert sum(len(tfds_format.read_records(p)) for p in beam.glob("*.tfrecord-*")) == sum(
+        report["num_examples"].values())
+    assert not list(beam.glob(".beam-tmp-*")) and not list(tmp_path.glob(".beam.tmp-*"))
+
+
+def test_beam_options_are_checked_before_any_job(tmp_path):
+    with pytest.raises(UserError, match="max_num_wokers: Beam has no such pipeline option; did you mean max_num_work"):
+        pipeline_flags("direct", ["max_num_wokers=3"])
+    with pytest.raises(UserError, match="whole number"):
+        pipeline_flags("direct", ["direct_num_workers=two"])
+    with pytest.raises(UserError, match="--runner dataflow needs --project, --region, --temp_location"):
+        pipeline_flags("dataflow", [])
+    flags = pipeline_flags("dataflow", ["project=p", "region=europe-west4", "temp_location=gs://b/tmp",
+                                        "max_num_workers=20", "sdk_container_image=r.example.com/x:1"])
+    assert flags[0] == "--runner=DataflowRunner"
+    assert {"--max_num_workers=20", "--sdk_container_image=r.example.com/x:1", "--region=europe-west4"} <= set(flags)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--beam-option", "max_num_wokers=3"], "did you mean max_num_workers"),
+    (["--region", "europe-west4"], "--runner local"),
+])
+def test_option_typos_are_one_line_and_leave_nothing(args, message, synthetic_folder, tmp_path, capsys):
+    out = tmp_path / "ds"
+    runner = [] if "--region" in args else ["--runner", "direct"]
+    code = cli_main(["ingest", "--source", str(synthetic_folder), "--output", str(out), *runner, *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[-1] and err[-1].startswith("kfp-finetune: error: --")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_too_many_corrupt_files_fail_inside_the_job_and_leave_nothing(tmp_path, image_factory, capsys):
+    root = tmp_path / "src"
+    imagegen.write_class_folder(root, classes=("a", "b"), per_class=4, size=16)
+    image_factory.root = root
+    image_factory.make("truncated_jpeg", "b/t.jpg")
+    out = tmp_path / "out" / "ds"
+    code = cli_main(["ingest", "--source", str(root), "--output", str(out), "--runner", "direct",
+                     "--beam-option", "direct_running_mode=in_memory"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("kfp-finetune: error: --source") and "max-corrupt-fraction" in err[-1]
+    assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+def test_dataflow_settings_are_validated():
+    with pytest.raises(UserError, match="--dataflow-region"):
+        DataflowSettings(region="Europe West", temp_location="gs://b/tmp")
+    with pytest.raises(UserError, match="--dataflow-temp-location"):
+        DataflowSettings(region="europe-west4", temp_location="/tmp/x")
+    with pytest.raises(UserError, match="--dataflow-max-workers"):
+        DataflowSettings(region="europe-west4", temp_location="gs://b/tmp", max_num_workers=0)
+    settings = DataflowSettings(region="europe-west4", temp_location="gs://b/tmp", machine_type="n2-standard-4",
+                                service_account="ingest@p.iam.gserviceaccount.com", network="vpc")
+    options = settings.beam_options("r.example.com/kfp-finetune:1.2.3")
+    check_dataflow_options(options)
+    assert "service_account_email=ingest@p.iam.gserviceaccount.com" in options
+    with pytest.raises(UserError, match="machine_typ: Beam has no such pipeline option"):
+        check_dataflow_options([*options, "machine_typ=n2"])
+
+
+# --- slow suite ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_direct_runner_gives_the_local_dataset_on_flowers_and_it_loads_in_tfds(flowers_dir, tmp_path):
+    import tensorflow_datasets as tfds
+
+    local, beam = run_both(flowers_dir, tmp_path, num_shards=4)
+    assert_same_dataset(local, beam)
+    builder = tfds.builder_from_directory(str(beam))
+    assert builder.info.features["label"].num_classes == 5
+    report = json.loads((local / "ingest_report.json").read_text())
+    assert {s: builder.info.splits[s].num_examples for s in report["num_examples"]} == report["num_examples"]
+
+
+@pytest.mark.slow
+def test_gcs_source_read_through_beam_on_the_emulator(gcs_bucket, gcs_upload, image_factory, tmp_path):
+    """Beam's own GCS filesystem, pointed at the emulator by STORAGE_EMULATOR_HOST."""
+    root = odd_matrix(image_factory)
+    uri = gcs_upload(gcs_bucket, root, "photos")
+    local, beam = run_both(uri, tmp_path, beam_options=IN_MEMORY, local_source=root, max_corrupt_fraction=1.0)
+    assert_same_dataset(local, beam, same_paths=False)
+    report = json.loads((beam / "ingest_report.json").read_text())
+    assert all(s["path"].startswith(f"{uri}/") for s in report["skipped"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, message", [
+    ("no_images", "no image files found"),
+    ("empty_prefix", "no objects under this prefix"),
+    ("missing_bucket", "does not exist"),
+])
+def test_bad_gcs_sources_are_one_line_and_leave_nothing(case, message, gcs_bucket, tmp_path, capsys):
+    if case == "no_images":
+        gcs_bucket.blob("docs/a/readme.txt").upload_from_string("x")
+        gcs_bucket.blob("docs/b/notes.txt").upload_from_string("y")
+        source = f"gs://{gcs_bucket.name}/docs"
+    elif case == "empty_prefix":
+        source = f"gs://{gcs_bucket.name}/nothing-here"
+    else:
+        source = "gs://no-such-bucket-kfp-finetune/photos"
+    out = tmp_path / "ds"
+    code = cli_main(["ingest", "--source", source, "--output", str(out), "--runner", "direct",
+                     "--beam-option", "direct_running_mode=in_memory"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"kfp-finetune: error: --source {source}") and message in err[-1]
+    assert list(tmp_path.iterdir()) == []
