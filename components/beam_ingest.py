@@ -105,7 +105,8 @@ def pipeline_flags(runner: str, options: Iterable[str], job_name: str | None = N
         raise UserError(f"--beam-option runner={pairs['runner']}: choose the runner with --runner direct|dataflow")
     defaults: dict[str, str] = {}
     if runner == "direct":
-        defaults = {"direct_running_mode": "multi_processing", "direct_num_workers": "0"}  # 0: one per core
+        if "direct_running_mode" not in pairs and "direct_num_workers" not in pairs:  # one process per core
+            defaults = {"direct_running_mode": "multi_processing", "direct_num_workers": "0"}
     else:
         defaults = {"sdk_container_image": settings.component_image()}  # workers run our own image: same versions
         if job_name:
@@ -194,6 +195,7 @@ def _skip(path: str, reason: str, detail: str = "") -> dict[str, str]:
 
 
 def _join(base: str, *parts: str) -> str:
+    _emulator_auth()
     from apache_beam.io.filesystems import FileSystems
 
     return FileSystems.join(base, *parts)
@@ -231,7 +233,24 @@ def _classify_match(path: str, source: str) -> Iterator[tuple[str, Any]]:
         yield "candidate", Candidate(ref, rel[0])
 
 
+def _emulator_auth() -> None:
+    """Against a GCS emulator (STORAGE_EMULATOR_HOST), Beam's GCS filesystem connects anonymously at once instead
+    of looking for credentials first (~20 s of retries per process): google-cloud-storage then talks to the
+    emulator. Beam has no option for this, so its per-process credentials cache is filled with "none"."""
+    if not settings.storage_emulator_host():
+        return
+    try:
+        from apache_beam.internal.gcp import auth
+
+        with auth._Credentials._credentials_lock:
+            if not auth._Credentials._credentials_init:
+                auth._Credentials._credentials, auth._Credentials._credentials_init = None, True
+    except (ImportError, AttributeError):  # pragma: no cover  (a Beam version without that cache: just slower)
+        pass
+
+
 def _read(ref: str) -> bytes:
+    _emulator_auth()
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
 
@@ -576,6 +595,7 @@ def _check_source(source: str) -> None:
     """Fail fast, before the job, on a gs:// bucket that does not exist or a prefix with nothing under it."""
     from apache_beam.io.filesystems import FileSystems
 
+    _emulator_auth()
     pattern = _listing_root(source) + "**"
     bucket = gcs.split_uri(source)[0] if gcs.is_gcs(source) else None
     try:
