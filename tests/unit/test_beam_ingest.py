@@ -201,3 +201,83 @@ def test_bad_gcs_sources_are_one_line_and_leave_nothing(case, message, gcs_bucke
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith(f"kfp-finetune: error: --source {source}") and message in err[-1]
     assert list(tmp_path.iterdir()) == []
+
+
+# --- compile --dataflow and submit -----------------------------------------------------------------------------------
+
+IMAGE = "registry.example.com/team/kfp-finetune:1.2.3"
+GOLDEN_DATAFLOW = Path(__file__).resolve().parents[1] / "golden" / "pipeline_structure_dataflow.json"
+DATAFLOW_ARGS = ["--dataflow", "--dataflow-region", "europe-west4", "--dataflow-temp-location", "gs://b/tmp",
+                 "--dataflow-max-workers", "20", "--dataflow-machine-type", "n2-standard-4",
+                 "--dataflow-service-account", "ingest@p.iam.gserviceaccount.com", "--dataflow-network", "vpc"]
+
+
+def compile_dataflow(tmp_path: Path, *extra: str) -> Path:
+    out = tmp_path / "pipeline.yaml"
+    assert cli_main(["compile", "--output", str(out), "--image", IMAGE, *DATAFLOW_ARGS, *extra]) == 0
+    return out
+
+
+def test_dataflow_compile_golden_structure_and_job_arguments(tmp_path):
+    """Regenerate with KFP_FINETUNE_UPDATE_GOLDEN=1 after a reviewed change (as tests/golden/pipeline_structure.json)."""
+    import os
+
+    import yaml
+
+    from components.beam_ingest import compiled_dataflow_options
+    from pipelines.pipeline import pipeline_structure
+
+    package = compile_dataflow(tmp_path)
+    ir = yaml.safe_load(package.read_text())
+    actual = pipeline_structure(ir, image=IMAGE)
+    if os.environ.get("KFP_FINETUNE_UPDATE_GOLDEN"):
+        GOLDEN_DATAFLOW.write_text(json.dumps(actual, indent=2, sort_keys=True) + "\n")
+    assert actual == json.loads(GOLDEN_DATAFLOW.read_text()), "regenerate with KFP_FINETUNE_UPDATE_GOLDEN=1"
+    ingest_task = actual["tasks"]["ingest"]
+    assert ingest_task["parameters"]["runner"] == "const:'dataflow'" and ingest_task["image"] == "<image>"
+    options = compiled_dataflow_options(package)
+    assert options == ["region=europe-west4", "temp_location=gs://b/tmp", "max_num_workers=20",
+                       f"sdk_container_image={IMAGE}", "machine_type=n2-standard-4",
+                       "service_account_email=ingest@p.iam.gserviceaccount.com", "network=vpc"]
+    flags = pipeline_flags("dataflow", [*options, "project=p"])
+    assert f"--sdk_container_image={IMAGE}" in flags and "--runner=DataflowRunner" in flags
+    executor = next(e for name, e in ir["deploymentSpec"]["executors"].items() if "ingest" in name)
+    assert "from components.beam_ingest import" in " ".join(executor["container"]["args"] +
+                                                                executor["container"].get("command", []))
+    # the other steps are untouched: the same tasks as without --dataflow
+    plain = pipeline_structure(yaml.safe_load((Path(compile_plain(tmp_path))).read_text()), image=IMAGE)
+    assert set(plain["tasks"]) == set(actual["tasks"])
+
+
+def compile_plain(tmp_path: Path) -> Path:
+    out = tmp_path / "plain.yaml"
+    assert cli_main(["compile", "--output", str(out), "--image", IMAGE]) == 0
+    return out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataflow"], "--dataflow-region"),
+    (["--dataflow", "--dataflow-region", "europe-west4"], "--dataflow-temp-location"),
+    (["--dataflow-region", "europe-west4"], "needs --dataflow"),
+])
+def test_bad_dataflow_compile_options_are_one_line(args, message, tmp_path, capsys):
+    out = tmp_path / "pipeline.yaml"
+    assert cli_main(["compile", "--output", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not out.exists()
+
+
+def test_submit_checks_dataflow_options_before_any_network_call(tmp_path, monkeypatch, capsys):
+    import pipelines.remote
+
+    def no_network(*_a, **_k):
+        raise AssertionError("submit reached the network")
+
+    monkeypatch.setattr(pipelines.remote, "send", no_network)
+    package = compile_dataflow(tmp_path)
+    package.write_text(package.read_text().replace("machine_type=n2-standard-4", "machin_type=n2-standard-4"))
+    code = cli_main(["submit", "--host", "http://kfp.example.com", "--pipeline-root", "gs://b/root",
+                     "--package", str(package)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "machin_type: Beam has no such pipeline option; did you mean machine_type" in err[-1]
+    assert err[-1].startswith(f"kfp-finetune: error: --package {package}")
