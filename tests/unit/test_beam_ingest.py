@@ -297,3 +297,20 @@ def test_submit_checks_dataflow_options_before_any_network_call(tmp_path, monkey
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "machin_type: Beam has no such pipeline option; did you mean machine_type" in err[-1]
     assert err[-1].startswith(f"kfp-finetune: error: --package {package}")
+
+
+def test_beam_component_takes_the_ingest_inputs_plus_runner_and_options(tmp_path):
+    from kfp import compiler
+
+    from components import settings
+    from components.beam_ingest import ingest_beam_op
+    from components.ingest import ingest_op
+
+    spec = ingest_beam_op.component_spec
+    assert spec.implementation.container.image == settings.component_image()
+    defaults = {name: i.default for name, i in spec.inputs.items()}
+    local = {name: i.default for name, i in ingest_op.component_spec.inputs.items()}
+    assert defaults == {**local, "runner": "dataflow", "beam_options": []}
+    assert {name: o.type for name, o in spec.outputs.items()} == {"dataset": "system.Dataset@0.0.1"}
+    compiler.Compiler().compile(ingest_beam_op, str(tmp_path / "ingest.yaml"))
+    assert "from components.ingest import IngestConfig, ingest" in (tmp_path / "ingest.yaml").read_text()
