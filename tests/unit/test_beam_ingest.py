@@ -235,7 +235,7 @@ def compile_dataflow(tmp_path: Path, *extra: str) -> Path:
 
 
 def test_dataflow_compile_golden_structure_and_job_arguments(tmp_path):
-    """Regenerate with KFP_FINETUNE_UPDATE_GOLDEN=1 after a reviewed change (as tests/golden/pipeline_structure.json)."""
+    """Regenerate with KFP_FINETUNE_UPDATE_GOLDEN=1 after a reviewed change (like pipeline_structure.json)."""
     import os
 
     import yaml
@@ -313,4 +313,5 @@ def test_beam_component_takes_the_ingest_inputs_plus_runner_and_options(tmp_path
     assert defaults == {**local, "runner": "dataflow", "beam_options": []}
     assert {name: o.type for name, o in spec.outputs.items()} == {"dataset": "system.Dataset@0.0.1"}
     compiler.Compiler().compile(ingest_beam_op, str(tmp_path / "ingest.yaml"))
-    assert "from components.ingest import IngestConfig, ingest" in (tmp_path / "ingest.yaml").read_text()
+    text = (tmp_path / "ingest.yaml").read_text()
+    assert "from components.ingest import IngestConfig" in text and "runner=runner" in text
