@@ -1,4 +1,9 @@
-"""The KFP lightweight components train_head_op and fine_tune_op: thin wrappers calling the plain functions."""
+"""The KFP lightweight components train_head_op and fine_tune_op: thin wrappers calling the plain functions.
+
+KFP reads a component's parameters from its source, so the signatures are spelled out here;
+tests/unit/test_parameter_parity.py holds them to the definitions in components/train/params.py (names, types,
+defaults and the docstring's Args).
+"""
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
@@ -37,13 +42,11 @@ def train_head_op(
         label_smoothing: Mix the one-hot targets with the uniform distribution by this much (0 = off).
         seed: Random seed.
     """
+    arguments = dict(locals())  # every argument is handed on: HeadConfig takes the ones params.HEAD defines
     from components.train import HeadConfig, train_head
 
-    result = train_head(HeadConfig(
-        dataset=dataset.path, backbone=backbone.path, output=model.path, epochs=epochs,
-        learning_rate=learning_rate, batch_size=batch_size, dropout=dropout, augment=augment,
-        class_weights=class_weights, cache_features=cache_features, label_smoothing=label_smoothing, seed=seed,
-    ))
+    paths = {"dataset": dataset.path, "backbone": backbone.path, "output": model.path}
+    result = train_head(HeadConfig.from_step(**{**arguments, **paths}))
     model.metadata["phase"] = result.phase
     model.metadata["class_names"] = result.class_names
     model.metadata.update({k: float(v) for k, v in result.metrics.items()})
@@ -84,14 +87,11 @@ def fine_tune_op(
         label_smoothing: Mix the one-hot targets with the uniform distribution by this much (0 = off).
         seed: Random seed.
     """
+    arguments = dict(locals())  # every argument is handed on: FineTuneConfig takes the ones params.FINE_TUNE defines
     from components.train import FineTuneConfig, fine_tune
 
-    result = fine_tune(FineTuneConfig(
-        dataset=dataset.path, model=model.path, output=tuned_model.path, unfreeze_top=unfreeze_top or None,
-        unfreeze_from=unfreeze_from or None, epochs=epochs, learning_rate=learning_rate, warmup_epochs=warmup_epochs,
-        batch_size=batch_size, batch_norm=batch_norm, early_stopping_patience=early_stopping_patience,
-        checkpoint_dir=checkpoint_dir or None, label_smoothing=label_smoothing, seed=seed,
-    ))
+    paths = {"dataset": dataset.path, "model": model.path, "output": tuned_model.path}
+    result = fine_tune(FineTuneConfig.from_step(**{**arguments, **paths}))
     tuned_model.metadata["phase"] = result.phase
     tuned_model.metadata["class_names"] = result.class_names
     tuned_model.metadata.update({k: float(v) for k, v in result.metrics.items()})
