@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from components import settings
+from components import gcs, settings
 from components.train.config import FineTuneConfig
 from components.train.distribute import Cluster
 
@@ -27,7 +27,7 @@ def _fmt(logs: dict[str, Any]) -> str:
 
 
 def _epoch_logger(
-    phase: str, epochs: int, history_file: Path | None, history: dict[str, list[float]],
+    phase: str, epochs: int, history_file: "HistoryFile | None", history: dict[str, list[float]],
     seconds: list[float] | None = None,
 ) -> Any:
     """A callback logging one line per epoch and keeping the history (persisted to `history_file` for resume)."""
@@ -49,10 +49,7 @@ def _epoch_logger(
                 history.setdefault(key, []).append(float(value))
             # Resumed runs keep every list the same length as the epochs done.
             if history_file is not None:
-                history_file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = history_file.with_suffix(".tmp")
-                tmp.write_text(json.dumps(history))
-                os.replace(tmp, history_file)
+                history_file.write(history)
             log.info("%s epoch %d/%d (%.1fs): %s", phase, epoch + 1, epochs, elapsed, _fmt(logs))
 
     return EpochLogger()
@@ -89,17 +86,42 @@ def _checkpoint_subdir(config: FineTuneConfig, root: str, cluster: Cluster) -> s
     return sub if cluster.is_chief else f"{sub}/worker-{cluster.worker_index}"
 
 
-def _read_history(path: str, initial_epoch: int) -> dict[str, list[float]]:
-    import tensorflow as tf
+class HistoryFile:
+    """The history kept beside the checkpoint, so that a resumed run keeps its earlier epochs.
 
-    file = f"{path}/{HISTORY_FILE}"
-    if initial_epoch <= 0 or not tf.io.gfile.exists(file):
-        return {}
-    with tf.io.gfile.GFile(file) as f:
-        history = json.loads(f.read())
-    return {k: v[:initial_epoch] for k, v in history.items()}
+    Local paths are written atomically; gs:// ones (AIP_CHECKPOINT_DIR on Vertex) through google-cloud-storage
+    (components/gcs.py: an object write is atomic, and it honours STORAGE_EMULATOR_HOST).
+    """
+
+    def __init__(self, checkpoint: str) -> None:
+        self.uri = f"{checkpoint.rstrip('/')}/{HISTORY_FILE}"
+
+    def write(self, history: dict[str, list[float]]) -> None:
+        text = json.dumps(history)
+        if gcs.is_gcs(self.uri):
+            gcs.write_text(self.uri, text)
+            return
+        file = Path(self.uri)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, file)
+
+    def read(self, initial_epoch: int) -> dict[str, list[float]]:
+        """The first `initial_epoch` epochs of the stored history ({} when starting afresh or none is stored)."""
+        if initial_epoch <= 0:
+            return {}
+        if gcs.is_gcs(self.uri):
+            if not gcs.exists(self.uri):
+                return {}
+            text = gcs.read_text(self.uri)
+        else:
+            if not Path(self.uri).is_file():
+                return {}
+            text = Path(self.uri).read_text()
+        return {k: v[:initial_epoch] for k, v in json.loads(text).items()}
 
 
-def _history_writer(path: str) -> Any:
-    """Persist history beside the checkpoint (local paths directly, gs:// via tf.io.gfile on Vertex)."""
-    return Path(path) / HISTORY_FILE if "://" not in path else None
+def epochs_run(history: dict[str, list[float]], initial_epoch: int) -> int:
+    """Epochs this run trained: the history holds the resumed epochs too."""
+    return len(history.get("loss", [])) - initial_epoch

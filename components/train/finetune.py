@@ -12,14 +12,14 @@ from components import settings
 from components.errors import UserError
 from components.fsutil import atomic_directory, check_output_dir
 from components.train.callbacks import (
+    HistoryFile,
     _checkpoint_subdir,
     _epoch_logger,
     _final_metrics,
     _fmt,
-    _history_writer,
-    _read_history,
     _tensorboard,
     _verbose,
+    epochs_run,
 )
 from components.train.config import FineTuneConfig, TrainResult
 from components.train.data import _split_sizes, class_weights_from_counts, make_dataset
@@ -114,7 +114,7 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
         backup.set_model(model)
         backup.on_train_begin()  # restores weights, optimizer state (and so the LR schedule) and the epoch
         initial_epoch = int(getattr(model, "_initial_epoch", 0) or 0)
-        history.update(_read_history(ckpt, initial_epoch))
+        history.update(HistoryFile(ckpt).read(initial_epoch))
         if initial_epoch:
             log.info("resuming fine_tune from %s at epoch %d/%d", ckpt, initial_epoch + 1, config.epochs)
         else:
@@ -123,7 +123,7 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
     epoch_seconds: list[float] = []
     with _output_scope(config.output, cluster) as tmp:
         callbacks: list[Any] = [
-            _epoch_logger("fine_tune", config.epochs, _history_writer(ckpt) if ckpt else None, history, epoch_seconds),
+            _epoch_logger("fine_tune", config.epochs, HistoryFile(ckpt) if ckpt else None, history, epoch_seconds),
             *_tensorboard("fine_tune", tmp, cluster.is_chief),
         ]
         if config.early_stopping_patience:
@@ -141,7 +141,7 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
 
         result = TrainResult(
             phase="fine_tune", output=config.output if cluster.is_chief else "", class_names=list(info.class_names),
-            history=history, epochs_run=len(history.get("loss", [])) - initial_epoch, initial_epoch=initial_epoch,
+            history=history, epochs_run=epochs_run(history, initial_epoch), initial_epoch=initial_epoch,
             metrics=_final_metrics(history), trainable_layers=trainable_layer_names(model), strategy=cluster.name,
             replicas=cluster.strategy.num_replicas_in_sync, epoch_seconds=epoch_seconds,
         )
