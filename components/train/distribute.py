@@ -97,56 +97,15 @@ def with_policy(model: "keras.Model", policy: str) -> "keras.Model":
     return copy
 
 
-def patch_symbolic_build(model: "keras.Model", strategy: Any) -> None:
-    """Work around keras#20329 on `model` (several workers only).
+def fit_scope(model: "keras.Model", cluster: Cluster) -> Any:
+    """Around `model.fit`: the multi-worker fixes of components/_compat.py with several workers, else nothing."""
+    import contextlib
 
-    Keras 3's `fit()` first builds the model symbolically from one batch, reducing that batch's (x, y, weight)
-    tuple with `strategy.reduce` as if it were one tensor; with several workers the values are PerReplica and the
-    reduce fails ("unsupported type PerReplica"). Build from this worker's local values instead; every worker
-    does the same, so variables are created in the same order everywhere.
-    """
-    import tensorflow as tf
+    from components import _compat
 
-    def local(value: Any) -> Any:
-        if isinstance(value, tf.distribute.DistributedValues):
-            return strategy.experimental_local_results(value)[0]
-        return value
-
-    def maybe_symbolic_build(iterator: Any = None, data_batch: Any = None) -> None:
-        if iterator is not None:
-            for _, _, it in iterator:
-                data_batch = tf.nest.map_structure(local, next(it))
-                break
-        with strategy.scope():
-            model._symbolic_build(data_batch=data_batch)
-
-    model._maybe_symbolic_build = maybe_symbolic_build
-    _patch_reduce_per_replica()
-
-
-def _patch_reduce_per_replica() -> None:
-    """Work around tensorflow#72388: with several workers Keras 3 reduces each scalar log with
-    `strategy.reduce("MEAN", v, axis=0)`, which fails on 0-d values. Reduce those over replicas only."""
-    import tensorflow as tf
-    from keras.src.backend.tensorflow import trainer
-
-    original = trainer.reduce_per_replica
-    if getattr(original, "_kfp_finetune_patched", False):
-        return
-
-    def reduce_per_replica(values: Any, strategy: Any, reduction: str) -> Any:
-        if reduction in ("auto", "mean") and trainer._collective_all_reduce_multi_worker(strategy):
-            def mean(v: Any) -> Any:
-                if isinstance(v, tf.distribute.DistributedValues):
-                    rank = strategy.experimental_local_results(v)[0].shape.rank
-                    return strategy.reduce("MEAN", v, axis=None if rank == 0 else 0)
-                return v
-
-            return tf.nest.map_structure(mean, values)
-        return original(values, strategy, reduction)
-
-    reduce_per_replica._kfp_finetune_patched = True
-    trainer.reduce_per_replica = reduce_per_replica
+    if cluster.num_workers > 1:
+        return _compat.multi_worker_fit(model, cluster.strategy)
+    return contextlib.nullcontext()
 
 
 def _output_scope(output: str, cluster: Cluster) -> Any:

@@ -2,6 +2,7 @@
 checkpointing every epoch and resuming.
 """
 
+import json
 import logging
 import math
 import time
@@ -25,8 +26,8 @@ from components.train.config import FineTuneConfig, TrainResult
 from components.train.data import _split_sizes, class_weights_from_counts, make_dataset
 from components.train.distribute import (
     _output_scope,
+    fit_scope,
     mixed_precision_wanted,
-    patch_symbolic_build,
     pick_strategy,
     with_policy,
 )
@@ -41,6 +42,9 @@ from components.train.model import (
 )
 
 log = logging.getLogger("kfp_finetune.train")
+
+# What keras.callbacks.BackupAndRestore writes beside its weights: {"epoch": N, "batch": ...} of the last backup.
+BACKUP_METADATA = "training_metadata.json"
 
 
 def _pass_through(config: FineTuneConfig) -> TrainResult:
@@ -100,8 +104,6 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
         else:
             schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=max(1, total))
         _compile(model, keras.optimizers.AdamW(learning_rate=schedule), label_smoothing=config.label_smoothing)
-        if cluster.num_workers > 1:
-            patch_symbolic_build(model, cluster.strategy)
 
     head_training = (meta.get("training") or {}).get("train_head") or {}
     class_weight = class_weights_from_counts(info) if head_training.get("class_weights", "auto") == "auto" else None
@@ -113,7 +115,7 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
         backup = keras.callbacks.BackupAndRestore(ckpt, save_freq="epoch", double_checkpoint=True)
         backup.set_model(model)
         backup.on_train_begin()  # restores weights, optimizer state (and so the LR schedule) and the epoch
-        initial_epoch = int(getattr(model, "_initial_epoch", 0) or 0)
+        initial_epoch = _restored_epoch(ckpt)
         history.update(HistoryFile(ckpt).read(initial_epoch))
         if initial_epoch:
             log.info("resuming fine_tune from %s at epoch %d/%d", ckpt, initial_epoch + 1, config.epochs)
@@ -136,8 +138,9 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
                  config.learning_rate, config.warmup_epochs, config.epochs)
         train_ds = make_dataset(info, "train", size, config.batch_size, training=True, seed=config.seed)
         val_ds = make_dataset(info, "validation", size, config.batch_size, training=False)
-        model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
-                  class_weight=class_weight, callbacks=callbacks, verbose=_verbose(), shuffle=False)
+        with fit_scope(model, cluster):
+            model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
+                      class_weight=class_weight, callbacks=callbacks, verbose=_verbose(), shuffle=False)
 
         result = TrainResult(
             phase="fine_tune", output=config.output if cluster.is_chief else "", class_names=list(info.class_names),
@@ -162,3 +165,14 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
     log.info("fine_tune done in %.1fs: %s%s", result.seconds, _fmt(result.metrics),
              f" -> {config.output}" if cluster.is_chief else " (not the chief: nothing written)")
     return result
+
+
+def _restored_epoch(checkpoint: str) -> int:
+    """The epoch BackupAndRestore restored: read from the metadata file it writes beside its weights (0: none)."""
+    import tensorflow as tf
+
+    file = f"{checkpoint.rstrip('/')}/{BACKUP_METADATA}"
+    if not tf.io.gfile.exists(file):
+        return 0
+    with tf.io.gfile.GFile(file) as f:
+        return int(json.loads(f.read()).get("epoch", 0) or 0)

@@ -12,8 +12,8 @@ from components.train.config import HeadConfig, TrainResult
 from components.train.data import _split_sizes, class_weights_from_counts, make_dataset
 from components.train.distribute import (
     _output_scope,
+    fit_scope,
     mixed_precision_wanted,
-    patch_symbolic_build,
     pick_strategy,
     with_policy,
 )
@@ -79,8 +79,6 @@ def train_head(config: HeadConfig) -> TrainResult:
             extractor = with_policy(extractor, "mixed_float16")
         model = build_classifier(extractor, info.num_classes, config.dropout, config.augment, config.seed)
         _compile(model, keras.optimizers.Adam(config.learning_rate), label_smoothing=config.label_smoothing)
-        if cluster.num_workers > 1:
-            patch_symbolic_build(model, cluster.strategy)
 
     use_cache = config.use_feature_cache and cluster.num_workers == 1 and config.epochs > 0
     if config.use_feature_cache and cluster.num_workers > 1:
@@ -121,8 +119,9 @@ def train_head(config: HeadConfig) -> TrainResult:
         else:
             train_ds = make_dataset(info, "train", size, config.batch_size, training=True, seed=config.seed)
             val_ds = make_dataset(info, "validation", size, config.batch_size, training=False)
-            model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, class_weight=class_weight,
-                      callbacks=callbacks, verbose=_verbose(), shuffle=False)
+            with fit_scope(model, cluster):
+                model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, class_weight=class_weight,
+                          callbacks=callbacks, verbose=_verbose(), shuffle=False)
 
         result = TrainResult(
             phase="train_head", output=config.output if cluster.is_chief else "", class_names=list(info.class_names),

@@ -175,7 +175,7 @@ def unfreeze(model: "keras.Model", unfreeze_top: int | None, unfreeze_from: str 
     for i, layer in enumerate(layers):
         layer.trainable = i >= start
     if batch_norm == "frozen":
-        for layer in backbone._flatten_layers(include_self=False):
+        for layer in _all_layers(backbone):
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False
     return [layer.name for layer in layers[start:]]
@@ -186,3 +186,13 @@ def _backbone_size(model: "keras.Model") -> int:
 
     backbone = model.get_layer("feature_extractor").get_layer("backbone")
     return sum(1 for layer in backbone.layers if not isinstance(layer, keras.layers.InputLayer))
+
+
+def _all_layers(model: "keras.Model") -> list["keras.layers.Layer"]:
+    """Every layer inside `model`, nested models' layers included (through the public `.layers`)."""
+    out = []
+    for layer in model.layers:
+        out.append(layer)
+        if hasattr(layer, "layers"):
+            out.extend(_all_layers(layer))
+    return out
