@@ -16,7 +16,6 @@ Three doors: these functions, `kfp-finetune pick-winner`, and the KFP components
 """
 
 import argparse
-import hashlib
 import html
 import json
 import logging
@@ -32,7 +31,7 @@ from kfp.dsl import HTML, Artifact, Input, Markdown, Metrics, Model, Output
 
 from components import settings
 from components.errors import UserError
-from components.fsutil import atomic_directory, check_output_dir, write_json
+from components.fsutil import atomic_directory, check_output_dir, file_sha256, write_json
 from components.train.params import FINE_TUNE, branch_outputs, defaults
 
 log = logging.getLogger(__name__)
@@ -260,19 +259,12 @@ class CompareResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def winner_model_dir(winner: Candidate, models: Sequence[str]) -> str:
     """The model directory that `winner` evaluated, matched by model.keras's SHA-256 (not by list position)."""
     for model in models:
         path = Path(model) / "model.keras"
-        if path.is_file() and _sha256(path) == winner.model_sha256:
+        if path.is_file() and file_sha256(path) == winner.model_sha256:
             return str(model)
     raise UserError(f"no model among {len(models)} matches the evaluation of recipe {winner.recipe} "
                     f"(model.keras sha256 {winner.model_sha256[:12]}...)")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import UserError
+from components.report import format_value
 from pipelines.pipeline import CompileOptions
 
 log = logging.getLogger("kfp_finetune.pipelines")
@@ -83,7 +84,7 @@ class RunSummary:
 
     def lines(self) -> list[str]:
         out = ["", "kfp-finetune run: summary"]
-        out += [f"  {k:<18} {_fmt(v)}" for k, v in sorted(self.metrics.items())]
+        out += [f"  {k:<18} {format_value(v)}" for k, v in sorted(self.metrics.items())]
         out.append(f"  {'blessed':<18} {self.blessed}")
         if self.winner_recipe:
             out.append(f"  {'winner recipe':<18} {self.winner_recipe} (picked on the validation split)")
@@ -97,9 +98,6 @@ class RunSummary:
         out += [f"  WARNING: {w}" for w in self.warnings]
         return out
 
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def _failed_step(message: str) -> str:

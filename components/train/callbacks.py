@@ -22,7 +22,7 @@ log = logging.getLogger("kfp_finetune.train")
 HISTORY_FILE = "history.json"
 
 
-def _fmt(logs: dict[str, Any]) -> str:
+def _format_logs(logs: dict[str, Any]) -> str:
     return " ".join(f"{k}={float(v):.4g}" for k, v in sorted(logs.items()))
 
 
@@ -50,7 +50,7 @@ def _epoch_logger(
             # Resumed runs keep every list the same length as the epochs done.
             if history_file is not None:
                 history_file.write(history)
-            log.info("%s epoch %d/%d (%.1fs): %s", phase, epoch + 1, epochs, elapsed, _fmt(logs))
+            log.info("%s epoch %d/%d (%.1fs): %s", phase, epoch + 1, epochs, elapsed, _format_logs(logs))
 
     return EpochLogger()
 

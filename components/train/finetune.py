@@ -17,7 +17,7 @@ from components.train.callbacks import (
     _checkpoint_subdir,
     _epoch_logger,
     _final_metrics,
-    _fmt,
+    _format_logs,
     _tensorboard,
     _verbose,
     epochs_run,
@@ -162,7 +162,7 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
         result.seconds = time.perf_counter() - started
         out_meta["training"]["fine_tune"]["seconds"] = round(result.seconds, 2)
         _save(model, out_meta, tmp, mixed)
-    log.info("fine_tune done in %.1fs: %s%s", result.seconds, _fmt(result.metrics),
+    log.info("fine_tune done in %.1fs: %s%s", result.seconds, _format_logs(result.metrics),
              f" -> {config.output}" if cluster.is_chief else " (not the chief: nothing written)")
     return result
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from components.errors import UserError
 from components.fsutil import check_output_dir
-from components.train.callbacks import _epoch_logger, _final_metrics, _fmt, _tensorboard, _verbose
+from components.train.callbacks import _epoch_logger, _final_metrics, _format_logs, _tensorboard, _verbose
 from components.train.config import HeadConfig, TrainResult
 from components.train.data import _split_sizes, class_weights_from_counts, make_dataset
 from components.train.distribute import (
@@ -142,6 +142,6 @@ def train_head(config: HeadConfig) -> TrainResult:
         result.seconds = time.perf_counter() - started
         meta["training"]["train_head"]["seconds"] = round(result.seconds, 2)
         _save(model, meta, tmp, mixed)
-    log.info("train_head done in %.1fs: %s%s", result.seconds, _fmt(result.metrics),
+    log.info("train_head done in %.1fs: %s%s", result.seconds, _format_logs(result.metrics),
              f" -> {config.output}" if cluster.is_chief else " (not the chief: nothing written)")
     return result
