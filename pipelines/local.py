@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import UserError
+from components.report import format_value
 from pipelines.pipeline import CompileOptions
 
 log = logging.getLogger("kfp_finetune.pipelines")
@@ -83,7 +84,7 @@ class RunSummary:
 
     def lines(self) -> list[str]:
         out = ["", "kfp-finetune run: summary"]
-        out += [f"  {k:<18} {_fmt(v)}" for k, v in sorted(self.metrics.items())]
+        out += [f"  {k:<18} {format_value(v)}" for k, v in sorted(self.metrics.items())]
         out.append(f"  {'blessed':<18} {self.blessed}")
         if self.winner_recipe:
             out.append(f"  {'winner recipe':<18} {self.winner_recipe} (picked on the validation split)")
@@ -98,14 +99,17 @@ class RunSummary:
         return out
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
 
 def _failed_step(message: str) -> str:
     plain = re.sub(r"\x1b\[[0-9;]*m", "", message)
     found = re.findall(r"'([^']+)'", plain.split("Inner task failed:")[-1])
     return found[-1] if found else "unknown"
+
+
+def local_options(*, demo_fallback: bool = False, compare_recipes: Sequence[str] | str = ()) -> CompileOptions:
+    """The compile options of a local run: no retries (a failure is reported at once; retries are for preempted
+    cloud machines)."""
+    return CompileOptions(demo_fallback=demo_fallback, retries=0, compare_recipes=compare_recipes or ())
 
 
 def run_local(
@@ -114,10 +118,12 @@ def run_local(
     *,
     demo_fallback: bool = False,
     enable_caching: bool = False,
-    compare_recipes: Sequence[str] = (),
+    compare_recipes: Sequence[str] | str = (),
+    pipeline: Any = None,
 ) -> RunSummary:
     """Run the whole pipeline locally with kfp.local (subprocesses, this interpreter's environment).
 
+    `pipeline`: the pipeline already built with `local_options(...)` of the same arguments (built here otherwise).
     Raises UserError naming the failed step.
     """
     from pipelines._kfp_local import init_local
@@ -127,9 +133,8 @@ def run_local(
     if root.exists() and not root.is_dir():
         raise UserError(f"--output {root} exists and is not a directory")
     root.mkdir(parents=True, exist_ok=True)
-    # No retries locally: a failure is reported at once (retries are for preempted cloud machines).
-    options = CompileOptions(demo_fallback=demo_fallback, retries=0, compare_recipes=tuple(compare_recipes))
-    pipeline = build_pipeline(options)
+    options = local_options(demo_fallback=demo_fallback, compare_recipes=compare_recipes)
+    pipeline = pipeline or build_pipeline(options)
     init_local(str(root), enable_caching=enable_caching)
     log.info("running the pipeline locally; artifacts under %s", root)
     # Compare mode: ingest, then per recipe 7 steps (settings, backbone, head, fine-tune, validate, candidate),

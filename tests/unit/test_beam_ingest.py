@@ -241,7 +241,7 @@ def test_dataflow_compile_golden_structure_and_job_arguments(tmp_path):
     import yaml
 
     from components.beam_ingest import compiled_dataflow_options
-    from pipelines.pipeline import pipeline_structure
+    from tests.pipeline_shape import pipeline_structure
 
     package = compile_dataflow(tmp_path)
     ir = yaml.safe_load(package.read_text())
