@@ -313,5 +313,9 @@ def test_beam_component_takes_the_ingest_inputs_plus_runner_and_options(tmp_path
     assert defaults == {**local, "runner": "dataflow", "beam_options": []}
     assert {name: o.type for name, o in spec.outputs.items()} == {"dataset": "system.Dataset@0.0.1"}
     compiler.Compiler().compile(ingest_beam_op, str(tmp_path / "ingest.yaml"))
-    text = (tmp_path / "ingest.yaml").read_text()
-    assert "from components.ingest import IngestConfig" in text and "runner=runner" in text
+    import yaml
+
+    ir = yaml.safe_load((tmp_path / "ingest.yaml").read_text())
+    executor = next(iter(ir["deploymentSpec"]["executors"].values()))
+    code = " ".join(executor["container"]["command"] + executor["container"]["args"])
+    assert "from components.ingest import IngestConfig, ingest" in code and "runner=runner" in code
