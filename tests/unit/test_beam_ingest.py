@@ -319,3 +319,15 @@ def test_beam_component_takes_the_ingest_inputs_plus_runner_and_options(tmp_path
     executor = next(iter(ir["deploymentSpec"]["executors"].values()))
     code = " ".join(executor["container"]["command"] + executor["container"]["args"])
     assert "from components.ingest import IngestConfig, ingest" in code and "runner=runner" in code
+
+
+@pytest.mark.slow
+def test_manifest_with_a_missing_file_gives_the_local_dataset(tmp_path):
+    data = tmp_path / "data"
+    imagegen.write_class_folder(data, classes=("a", "b"), per_class=4, size=16)
+    rows = "".join(f"{p.parent.name}/{p.name},{p.parent.name}\n" for p in sorted(data.rglob("*.jpg")))
+    (data / "m.csv").write_text("path,label\n" + rows + "a/gone.jpg,a\n")
+    local, beam = run_both(data / "m.csv", tmp_path, beam_options=IN_MEMORY, max_corrupt_fraction=0.5)
+    assert_same_dataset(local, beam)
+    report = json.loads((beam / "ingest_report.json").read_text())
+    assert [(Path(s["path"]).name, s["reason"]) for s in report["skipped"]] == [("gone.jpg", "missing")]
