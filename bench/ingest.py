@@ -10,7 +10,12 @@ Then the peak RSS of an ingest run in a child process (the process and its worke
 folder and on 10x the folder (ten copies under other names, each with distinct bytes so none is deduplicated).
 Goals: ours >= 0.8x the decode limit, >= 2x the TFDS writer; peak RSS at 10x <= 1.3x peak RSS at 1x.
 
-    python bench/ingest.py [--source ../shared/data/flowers] [--repeats 3] [--skip-rss]
+With --beam (needs the beam extra), the Beam row instead: `ingest --runner direct` (DirectRunner, multi-process,
+2 workers) against the local ingest on 10x the folder, one run each (throughput goal >= 0.5x: on one machine Beam's
+overhead dominates), and the Beam run's peak RSS (launcher + its worker processes) at 1x and at 10x (goal <= 1.3x).
+It is merged into the existing results under "beam".
+
+    python bench/ingest.py [--source ../shared/data/flowers] [--repeats 3] [--skip-rss] [--beam]
 """
 
 from __future__ import annotations
@@ -163,20 +168,23 @@ CHILD = """
 import sys
 from components.ingest import IngestConfig, ingest
 if __name__ == "__main__":
-    ingest(IngestConfig(source=sys.argv[1], output=sys.argv[2]))
+    runner = sys.argv[3] if len(sys.argv) > 3 else "local"
+    options = ("direct_num_workers=2", "direct_running_mode=multi_processing") if runner == "direct" else ()
+    ingest(IngestConfig(source=sys.argv[1], output=sys.argv[2], runner=runner, beam_options=options))
 """
 
 
-def peak_rss(source: Path, out: Path) -> dict:
+def peak_rss(source: Path, out: Path, runner: str = "local") -> dict:
     """Run one ingest in a child process; sample RSS of it and its descendants every 20 ms."""
     import psutil
 
     shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     script = out.parent / "rss_child.py"
     script.write_text(CHILD)
     env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(script), str(source), str(out)], env=env,
+    proc = subprocess.Popen([sys.executable, str(script), str(source), str(out), runner], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parent = psutil.Process(proc.pid)
     peak_main = peak_total = 0
@@ -211,10 +219,13 @@ def main() -> None:
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--tfds-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--beam", action="store_true", help="only the Beam row (DirectRunner vs local on 10x)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.tfds_child:
         return tfds_child(args.source, args.work)
+    if args.beam:
+        return beam_row(args.source, args.work)
     if not args.source.is_dir():
         sys.exit(f"{args.source} not found; pass --source")
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-ingest-"))
@@ -270,6 +281,64 @@ def main() -> None:
     print(markdown(result))
 
 
+def beam_row(source: Path, work_arg: Path | None) -> None:
+    """The Beam row: local vs DirectRunner (2 worker processes) on 10x, one run each, both in child processes
+    sampled for peak RSS; Beam also at 1x for its RSS growth. Merged into the existing results."""
+    work = work_arg or Path(tempfile.mkdtemp(prefix="bench-ingest-beam-"))
+    big = make_copies(source, work / "x10", 10)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    local10 = peak_rss(big, work / "local10")
+    beam10 = peak_rss(big, work / "beam10", runner="direct")
+    beam1 = peak_rss(source, work / "beam1", runner="direct")
+    same = all((work / "local10" / name).read_bytes() == (work / "beam10" / name).read_bytes()
+               for name in os.listdir(work / "local10") if name != "ingest_report.json")
+    beam = {
+        "runner": "DirectRunner multi_processing, direct_num_workers=2",
+        "cores": _cpu_count(),
+        "local_10x": local10, "beam_10x": beam10, "beam_1x": beam1,
+        "throughput_ratio_10x": round(local10["seconds"] / beam10["seconds"], 3),
+        "beam_images_per_second_10x": round(beam10["images"] / beam10["seconds"], 1),
+        "local_images_per_second_10x": round(local10["images"] / local10["seconds"], 1),
+        "rss_ratio_total": round(beam10["peak_rss_total_mib"] / beam1["peak_rss_total_mib"], 3),
+        "rss_ratio_main": round(beam10["peak_rss_main_mib"] / beam1["peak_rss_main_mib"], 3),
+        "same_dataset_bytes": same,
+        "load_average_before_after": [load_before, [round(x, 2) for x in os.getloadavg()]],
+        "goals": {"throughput_ratio_10x": 0.5, "rss_ratio": 1.3},
+    }
+    if work_arg is None:
+        shutil.rmtree(work, ignore_errors=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "ingest.json"
+    result = json.loads(path.read_text()) if path.is_file() else {}
+    result["beam"] = beam
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown(result) if "median_seconds" in result else beam_markdown(beam)
+    (RESULTS / "ingest.md").write_text(text)
+    print(beam_markdown(beam))
+
+
+def beam_markdown(b: dict) -> str:
+    rows = [("local ingest, 10x", b["local_10x"]), ("Beam DirectRunner, 10x", b["beam_10x"]),
+            ("Beam DirectRunner, 1x", b["beam_1x"])]
+    lines = [
+        f"## Beam row ({b['runner']}, {b['cores']} cores, one run each, in child processes)",
+        "",
+        "| run | images | seconds | images/s | peak RSS main (MiB) | peak RSS main + workers (MiB) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, x in rows:
+        lines.append(f"| {name} | {x['images']} | {x['seconds']} | {x['images'] / x['seconds']:.0f} "
+                     f"| {x['peak_rss_main_mib']} | {x['peak_rss_total_mib']} |")
+    lines += [
+        "",
+        f"Beam / local throughput at 10x: {b['throughput_ratio_10x']:.2f}x (goal >= 0.5x). "
+        f"Beam peak RSS 10x / 1x: {b['rss_ratio_total']:.2f} with workers, {b['rss_ratio_main']:.2f} launcher "
+        f"(goal <= 1.3). Same shards and metadata byte for byte: {b['same_dataset_bytes']}. "
+        f"Load average before / after: {b['load_average_before_after']}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(r: dict) -> str:
     med, ips = r["median_seconds"], r["images_per_second"]
     lines = [
@@ -301,6 +370,8 @@ def markdown(r: dict) -> str:
             lines.append(f"| {key} | {x['images']} | {x['seconds']} | {x['peak_rss_main_mib']} "
                          f"| {x['peak_rss_total_mib']} |")
         lines.append(f"| 10x / 1x | | | {rss['ratio_main']:.2f} | {rss['ratio_total']:.2f} (goal <= 1.3) |")
+    if "beam" in r:
+        lines += ["", beam_markdown(r["beam"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 

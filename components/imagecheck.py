@@ -93,6 +93,11 @@ def hash_file(path: str) -> FileHash:
     return FileHash(digest.hexdigest(), size)
 
 
+def hash_bytes(data: bytes) -> FileHash:
+    """`hash_file` on bytes already read."""
+    return FileHash(hashlib.sha256(data).hexdigest(), len(data))
+
+
 def hash_batch(paths: list[str]) -> list[FileHash]:
     return [hash_file(p) for p in paths]
 
@@ -119,12 +124,18 @@ def _to_rgb(im):  # noqa: ANN001, ANN202  (PIL.Image.Image in, PIL.Image.Image o
 def decode_image(path: str, max_side: int | None = None) -> ImageResult:
     """Fully decode `path`; return its bytes unchanged when they are RGB/grey JPEG or PNG within `max_side`,
     otherwise RGB JPEG/PNG bytes re-encoded from the decoded pixels."""
-    from PIL import Image
-
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         return ImageResult(False, reason=UNREADABLE, detail=f"{type(exc).__name__}: {exc.strerror or exc}")
+    return decode_bytes(data, max_side)
+
+
+def decode_bytes(data: bytes, max_side: int | None = None) -> ImageResult:
+    """`decode_image` on bytes already read (the Beam ingest reads them through Beam's filesystems): the one
+    implementation of the decode check, conversion and resizing for every runner."""
+    from PIL import Image
+
     if not data:
         return ImageResult(False, reason=CORRUPT, detail="empty file")
     try:

@@ -73,13 +73,22 @@ class IngestConfig:
     max_side: int | None = None
     max_corrupt_fraction: float = 0.01
     num_shards: int | None = None
+    # Where it runs: "local" (this machine's process pool) or Beam's "direct" / "dataflow" (components/beam_ingest.py),
+    # with Beam pipeline options as KEY=VALUE strings.
+    runner: str = "local"
+    beam_options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not str(self.source).strip():
             raise UserError("--source is empty; give a folder, gs://bucket/prefix, a .csv manifest or tfds:NAME")
         if not str(self.output).strip():
             raise UserError("--output is empty; give a local directory to create")
-        if gcs.is_gcs(self.output):
+        if self.runner not in ("local", "direct", "dataflow"):
+            raise UserError(f"--runner {self.runner!r}: expected local, direct or dataflow")
+        if self.beam_options and self.runner == "local":
+            raise UserError("--beam-option and the Beam flags need --runner direct or dataflow")
+        object.__setattr__(self, "beam_options", tuple(self.beam_options))
+        if gcs.is_gcs(self.output) and self.runner == "local":
             raise UserError(f"--output {self.output}: write to a local path (on Vertex AI, the /gcs/... mount)")
         for flag, value in (("--val-fraction", self.val_fraction), ("--test-fraction", self.test_fraction)):
             if not isinstance(value, int | float) or not 0 <= value < 1:
@@ -425,6 +434,10 @@ def _auto_shards(total_bytes: int, fraction: float) -> int:
 
 def ingest(config: IngestConfig) -> IngestResult:
     """Build the Dataset artifact at `config.output` from `config.source`; see the module docstring."""
+    if config.runner != "local":
+        from components import beam_ingest
+
+        return beam_ingest.run(config)
     start = time.perf_counter()
     check_output_dir(config.output)
     with tempfile.TemporaryDirectory(prefix="kfp-finetune-ingest-") as staging:
@@ -616,6 +629,14 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="fail when more than this share of image files is unusable (default 0.01)")
     p.add_argument("--num-shards", type=_shards_arg, default=None, metavar="N|auto",
                    help="TFRecord shards per split (default auto: about 64 MiB each)")
+    beam = p.add_argument_group("runner", "where the ingest runs (Apache Beam: pip install 'kfp-finetune[beam]')")
+    beam.add_argument("--runner", choices=("local", "direct", "dataflow"), default="local",
+                      help="local: a process pool here (default); direct: Beam's DirectRunner here; "
+                           "dataflow: Beam on Google Cloud Dataflow (needs a gs:// --output)")
+    beam.add_argument("--beam-option", action="append", default=[], metavar="KEY=VALUE", dest="beam_options",
+                      help="a Beam pipeline option, e.g. machine_type=n2-standard-4 (repeatable)")
+    for name in ("project", "region", "temp_location", "max_num_workers", "sdk_container_image"):
+        beam.add_argument(f"--{name}", default=None, help=f"Beam's --{name} (same as --beam-option {name}=...)")
     p.set_defaults(func=_cli)
 
 
@@ -623,10 +644,16 @@ def _cli(args: argparse.Namespace) -> int:
     config = IngestConfig(
         source=args.source, output=args.output, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         seed=args.seed, max_side=args.max_side, max_corrupt_fraction=args.max_corrupt_fraction,
-        num_shards=args.num_shards,
+        num_shards=args.num_shards, runner=args.runner, beam_options=_beam_options(args),
     )
     ingest(config)
     return 0
+
+
+def _beam_options(args: argparse.Namespace) -> tuple[str, ...]:
+    shorthands = ("project", "region", "temp_location", "max_num_workers", "sdk_container_image")
+    given = [f"{name}={getattr(args, name)}" for name in shorthands if getattr(args, name, None) is not None]
+    return tuple(given + list(args.beam_options))
 
 
 # --- KFP component -------------------------------------------------------------------------------------------------

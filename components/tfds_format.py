@@ -193,6 +193,16 @@ def write_metadata(
 ) -> None:
     """Write dataset_info.json, features.json and label.labels.txt so `tfds.builder_from_directory` loads the dir."""
     directory = Path(directory)
-    (directory / INFO_FILE).write_text(json.dumps(dataset_info_json(splits, description), indent=2, sort_keys=True))
-    (directory / FEATURES_FILE).write_text(json.dumps(features_json(len(class_names)), indent=4, sort_keys=True))
-    (directory / LABELS_FILE).write_text("".join(f"{name}\n" for name in class_names))
+    for name, data in metadata_files(class_names, splits, description).items():
+        (directory / name).write_bytes(data)
+
+
+def metadata_files(
+    class_names: Sequence[str], splits: dict[str, tuple[Sequence[int], int]], description: str
+) -> dict[str, bytes]:
+    """{file name: bytes} of the metadata `write_metadata` writes, for writers on other filesystems (Beam's)."""
+    return {
+        INFO_FILE: json.dumps(dataset_info_json(splits, description), indent=2, sort_keys=True).encode(),
+        FEATURES_FILE: json.dumps(features_json(len(class_names)), indent=4, sort_keys=True).encode(),
+        LABELS_FILE: "".join(f"{name}\n" for name in class_names).encode(),
+    }

@@ -54,7 +54,8 @@ pip_install() {
     local wheels=("$dist"/kfp_finetune-*.whl)
     [[ -f "${wheels[0]}" ]] || die "no kfp_finetune wheel in $dist (run: install.sh wheel SRC $dist)"
     (( ${#wheels[@]} == 1 )) || die "several kfp_finetune wheels in $dist: ${wheels[*]}"
-    "$venv/bin/python" -m pip install "${PIP_FLAGS[@]}" "$@" --constraint "$constraints" "${wheels[0]}[$extra]"
+    # beam: `ingest --runner dataflow` runs its Dataflow workers on this same image (issue 13, docs/scaling.md).
+    "$venv/bin/python" -m pip install "${PIP_FLAGS[@]}" "$@" --constraint "$constraints" "${wheels[0]}[$extra,beam]"
 }
 
 install_wheel() {

@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from components import settings
 from components.errors import UserError
@@ -64,7 +65,39 @@ def compile_options(args: argparse.Namespace) -> CompileOptions:
         memory=args.memory,
         retries=args.retries,
         compare_recipes=getattr(args, "compare_recipes", None) or (),  # CompileOptions parses "a,b" or "all"
+        dataflow=_dataflow_settings(args),
     )
+
+
+def _dataflow_settings(args: argparse.Namespace) -> Any:
+    """--dataflow and its settings -> components.beam_ingest.DataflowSettings, or None (issue 13)."""
+    given = [name for name in vars(args) if name.startswith("dataflow_") and getattr(args, name) is not None]
+    if not getattr(args, "dataflow", False):
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} needs --dataflow")
+        return None
+    from components.beam_ingest import DataflowSettings
+
+    return DataflowSettings(
+        region=args.dataflow_region or "", temp_location=args.dataflow_temp_location or "",
+        max_num_workers=args.dataflow_max_workers if args.dataflow_max_workers is not None else 10,
+        machine_type=args.dataflow_machine_type or "", service_account=args.dataflow_service_account or "",
+        network=args.dataflow_network or "", subnetwork=args.dataflow_subnetwork or "",
+        project=args.dataflow_project or "",
+    )
+
+
+def _add_dataflow_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Dataflow", "run the ingest step as an Apache Beam job on Dataflow (issue 13)")
+    g.add_argument("--dataflow", action="store_true", help="run the ingest step on Dataflow and wait for it")
+    g.add_argument("--dataflow-region", help="Dataflow region, e.g. europe-west4 (required with --dataflow)")
+    g.add_argument("--dataflow-temp-location", help="gs:// folder for Dataflow's temp files (required)")
+    g.add_argument("--dataflow-max-workers", type=int, help="autoscaling limit (default 10)")
+    g.add_argument("--dataflow-machine-type", help="worker machine type, e.g. n2-standard-4 (default Dataflow's)")
+    g.add_argument("--dataflow-service-account", help="worker service account email (default Dataflow's)")
+    g.add_argument("--dataflow-network", help="VPC network of the workers (default 'default')")
+    g.add_argument("--dataflow-subnetwork", help="subnetwork of the workers, e.g. regions/REGION/subnetworks/NAME")
+    g.add_argument("--dataflow-project", help="project of the Dataflow job (default: the pipeline's project)")
 
 
 def compile_command(args: argparse.Namespace) -> int:
@@ -164,6 +197,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compare-recipes", metavar="NAMES",
                    help="compare these recipes (comma-separated names from components/recipes.py, or 'all') as "
                         "parallel branches; the best on the validation split goes on to test and export")
+    _add_dataflow_args(p)
     p.set_defaults(func=compile_command)
 
     p = subparsers.add_parser(

@@ -95,6 +95,9 @@ class CompileOptions:
     retries: int = 2
     demo_fallback: bool = False
     compare_recipes: tuple[str, ...] | str = ()  # names, or "a,b" / "all" as the CLI takes them
+    # --- Dataflow (issue 13): run the ingest step as an Apache Beam job on Dataflow (components/beam_ingest.py);
+    # a components.beam_ingest.DataflowSettings, validated on construction. None: the local ingest.
+    dataflow: Any = None
 
     def __post_init__(self) -> None:
         if self.compare_recipes:
@@ -156,6 +159,13 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         for op, name in ((ingest_op, "ingest"), (backbone_op, "backbone"), (train_head_op, "train-head"),
                          (fine_tune_op, "fine-tune"), (evaluate_op, "evaluate"), (export_op, "export"))
     )
+    if options.dataflow is not None:  # --dataflow: the same inputs, run as a Beam job on Dataflow (blocking step)
+        import functools
+
+        from components.beam_ingest import ingest_beam_op
+
+        ingest_c = functools.partial(_with_image(ingest_beam_op, options.image, "ingest"), runner="dataflow",
+                                     beam_options=options.dataflow.beam_options(options.image))
     if options.custom_job:
         from google_cloud_pipeline_components.v1.custom_job import create_custom_training_job_from_component
 

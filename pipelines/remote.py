@@ -165,6 +165,9 @@ def _request_from_args(args: argparse.Namespace, cron: str | None, tmp: str) -> 
     if not package:
         package = str(compile_pipeline(Path(tmp) / "pipeline.yaml", CompileOptions()))
         log.info("compiled the pipeline (image %s) to a temporary package", settings.component_image())
+    from components.beam_ingest import check_compiled_dataflow
+
+    check_compiled_dataflow(package)  # a --dataflow pipeline's settings, before any network call (issue 13)
     labels = dict(_label(pair) for pair in (args.label or []))
     return build_request(target, package, args.param or [], args.pipeline_root, display_name=args.name or "",
                          experiment=args.experiment, service_account=args.service_account,
