@@ -42,7 +42,17 @@ def client() -> storage.Client:
         from google.auth.credentials import AnonymousCredentials
 
         return storage.Client(project=settings.gcp_project() or "test", credentials=AnonymousCredentials())
-    return storage.Client(project=settings.gcp_project())
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+        return storage.Client(project=settings.gcp_project())
+    except DefaultCredentialsError:
+        raise UserError(NO_CREDENTIALS) from None
+
+
+NO_CREDENTIALS = ("no Google Cloud credentials for gs:// access: run `gcloud auth application-default login`, or set "
+                  "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file (on Vertex AI / GKE the job's "
+                  "service account is used)")
 
 
 def list_blobs(uri: str, gcs: storage.Client | None = None) -> list[storage.Blob]:
@@ -126,12 +136,41 @@ def upload_directory(
     return uris
 
 
-def write_text(uri: str, text: str) -> None:
+def write_text(uri: str, text: str, what: str = "") -> None:
+    bucket, name = split_uri(uri)
+    gcs = client()
+    try:
+        gcs.bucket(bucket).blob(name).upload_from_string(text)
+    except Exception as exc:
+        raise UserError(f"{what + ': ' if what else ''}cannot write {uri}: {_short(exc)}") from exc
+
+
+def read_text_if_exists(uri: str, what: str = "") -> str | None:
+    """The object's text, or None when it does not exist; UserError when it cannot be read."""
+    from google.api_core.exceptions import NotFound
+
+    bucket, name = split_uri(uri)
+    gcs = client()
+    try:
+        return gcs.bucket(bucket).blob(name).download_as_text()
+    except NotFound:
+        return None
+    except Exception as exc:
+        raise UserError(f"{what + ': ' if what else ''}cannot read {uri}: {_short(exc)}") from exc
+
+
+def delete(uri: str) -> None:
     bucket, name = split_uri(uri)
     try:
-        client().bucket(bucket).blob(name).upload_from_string(text)
+        client().bucket(bucket).blob(name).delete()
     except Exception as exc:
-        raise UserError(f"cannot write {uri}: {exc}") from exc
+        raise UserError(f"cannot delete {uri}: {_short(exc)}") from exc
+
+
+def _short(exc: Exception) -> str:
+    """The first line of an exception's message (google.api_core errors carry the whole response)."""
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
 
 
 def read_text(uri: str) -> str:

@@ -698,6 +698,7 @@ def train_head(config: HeadConfig) -> TrainResult:
         )
         result.seconds = time.perf_counter() - started
         meta["training"]["train_head"]["seconds"] = round(result.seconds, 2)
+        meta.update(data_fingerprint=info.report.get("data_fingerprint"), data_source=info.report.get("source"))
         _save(model, meta, tmp, mixed)
     log.info("train_head done in %.1fs: %s%s", result.seconds, _fmt(result.metrics),
              f" -> {config.output}" if cluster.is_chief else " (not the chief: nothing written)")
@@ -896,6 +897,7 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
         )
         result.seconds = time.perf_counter() - started
         out_meta["training"]["fine_tune"]["seconds"] = round(result.seconds, 2)
+        out_meta.update(data_fingerprint=info.report.get("data_fingerprint"), data_source=info.report.get("source"))
         _save(model, out_meta, tmp, mixed)
     log.info("fine_tune done in %.1fs: %s%s", result.seconds, _fmt(result.metrics),
              f" -> {config.output}" if cluster.is_chief else " (not the chief: nothing written)")

@@ -45,6 +45,40 @@ def fix_condition_resolution() -> bool:
     return True
 
 
+def fix_oneof_artifacts() -> bool:
+    """kfp 2.17.3's local runner rejects a pipeline output artifact that is a `dsl.OneOf` ("Expected 1 artifact in
+    ArtifactSelectorSpec"), although it handles OneOf parameters. Teach it the same rule for artifacts: the output
+    is the one branch that produced it. (The "no new data" branch of the retraining loop needs this.)"""
+    try:
+        from kfp.local.orchestrator.orchestrator_utils import OrchestratorUtils
+    except ImportError:
+        return False
+    original = OrchestratorUtils.__dict__.get("get_dag_output_artifacts")
+    if original is None:
+        return False
+    if getattr(original.__func__, _PATCHED, False):
+        return True
+
+    def get_dag_output_artifacts(cls: Any, dag_outputs_spec: Any, io_store: Any) -> dict[str, Any]:
+        outputs = {}
+        for key, spec in dag_outputs_spec.artifacts.items():
+            found = []
+            for selector in spec.artifact_selectors:
+                try:
+                    found.append(io_store.get_task_output(selector.producer_subtask, selector.output_artifact_key))
+                except (KeyError, ValueError):  # a branch that did not run
+                    continue
+            if len(found) != 1:
+                raise ValueError(f"output artifact {key!r}: expected exactly one branch to produce it, got "
+                                 f"{len(found)}")
+            outputs[key] = found[0]
+        return outputs
+
+    setattr(get_dag_output_artifacts, _PATCHED, True)
+    OrchestratorUtils.get_dag_output_artifacts = classmethod(get_dag_output_artifacts)
+    return True
+
+
 def python_first_on_path() -> None:
     """kfp.local runs components as `python3 -m kfp.dsl.executor_main`: make `python3` this interpreter.
 
@@ -62,6 +96,7 @@ def init_local(pipeline_root: str, *, enable_caching: bool = False, raise_on_err
 
     python_first_on_path()
     fix_condition_resolution()
+    fix_oneof_artifacts()
     # Our image is the very environment we run in; kfp.local's per-task "custom base image" warning is noise here.
     warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom",
                             category=RuntimeWarning)

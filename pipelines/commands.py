@@ -229,9 +229,15 @@ class RunSummary:
     comparison: Path | None = None
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    status: str = ""  # the fingerprint step's status: "no new data" ends the run before training
+    decision: str = ""  # evaluate's champion decision (evaluation.json `champion.decision`)
 
     def lines(self) -> list[str]:
         out = ["", "kfp-finetune run: summary"]
+        if self.status:
+            out.append(f"  {'status':<18} {self.status}")
+        if self.decision:
+            out.append(f"  {'decision':<18} {self.decision}")
         out += [f"  {k:<18} {_fmt(v)}" for k, v in sorted(self.metrics.items())]
         out.append(f"  {'blessed':<18} {self.blessed}")
         if self.winner_recipe:
@@ -284,7 +290,7 @@ def run_local(
     # Compare mode: ingest, then per recipe 7 steps (settings, backbone, head, fine-tune, validate, candidate),
     # then pick-winner, evaluate, export.
     n = len(options.compare_recipes)
-    progress = StepProgress(total=6 if not n else 1 + 6 * n + 3)
+    progress = StepProgress(total=(6 if not n else 1 + 6 * n + 3) + 1)  # + the fingerprint step
     logging.getLogger().addFilter(progress)
     try:
         task = pipeline(**params)
@@ -355,9 +361,16 @@ def summarize(outputs: dict[str, Any], root: Path) -> RunSummary:
         exported = run_dir / "export" / "exported_model"
         if exported.exists():
             summary.export = exported
+    summary.status = str(outputs.get("status") or "")
     evaluation = outputs.get("evaluation")
     if evaluation is not None:
         summary.evaluation = Path(evaluation.path)
+        evaluation_file = summary.evaluation / "evaluation.json"
+        if summary.status != "no new data" and evaluation_file.is_file():
+            import json
+
+            summary.decision = str((json.loads(evaluation_file.read_text()).get("champion") or {})
+                                   .get("decision") or "")
     report = outputs.get("report")
     # The HTML artifact is a file named `report` (no extension); evaluate's folder has the same page as report.html,
     # which a browser opens by double-click.

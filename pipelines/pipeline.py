@@ -147,10 +147,14 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
     from components.backbone import backbone_op
     from components.evaluate import evaluate_op
     from components.export import export_op
+    from components.fingerprint import STATUS_NO_NEW_DATA, fingerprint_op
     from components.ingest import ingest_op
+    from components.registry import no_new_data_op
     from components.train import fine_tune_op, train_head_op
 
     options = options or CompileOptions()
+    fingerprint_c, no_new_data_c = (_with_image(op, options.image, name) for op, name in (
+        (fingerprint_op, "fingerprint"), (no_new_data_op, "no-new-data")))
     ingest_c, backbone_c, head_c, tune_c, evaluate_c, export_c = (
         _with_image(op, options.image, name)
         for op, name in ((ingest_op, "ingest"), (backbone_op, "backbone"), (train_head_op, "train-head"),
@@ -196,7 +200,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
     def compare_branches(ingest: Any, *, backbone: Any, backbone_alpha: Any, image_size: Any, weights: Any,
                          weights_sha256: Any, head_epochs: Any, fine_tune_epochs: Any, batch_size: Any,
                          checkpoint_dir: Any, seed: Any, min_accuracy: Any, baseline_model: Any,
-                         max_regression: Any, push_to: Any) -> Any:
+                         max_regression: Any, push_to: Any, champion: dict[str, Any]) -> Any:
         """Compare mode: one branch per recipe (ParallelFor), the winner on validation, then test → export."""
         dataset = ingest.outputs["dataset"]
         with dsl.ParallelFor(items=list(options.compare_recipes), name="recipes") as recipe:
@@ -232,21 +236,83 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         model = winner.outputs["winner"]
 
         evaluate = evaluate_c(dataset=dataset, model=model, split="test", min_accuracy=min_accuracy,
-                              baseline_model=baseline_model, max_regression=max_regression)
+                              baseline_model=baseline_model, max_regression=max_regression,
+                              champion_from=push_to, class_change=champion["class_change"],
+                              max_class_regression=champion["max_class_regression"])
         evaluate.set_display_name("evaluate")
         with dsl.If(evaluate.outputs["blessed"] == True, name="blessed"):  # noqa: E712 (a KFP condition)
-            export = export_c(model=model, evaluation=evaluate.outputs["evaluation"], push_to=push_to)
+            export = export_c(model=model, evaluation=evaluate.outputs["evaluation"], push_to=push_to,
+                              fingerprint=champion["fingerprint"], training_settings=champion["settings"],
+                              pipeline_job=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
             export.set_display_name("export").set_caching_options(False)
-        return PipelineOutputs(metrics=evaluate.outputs["metrics"], report=evaluate.outputs["report"],
-                               evaluation=evaluate.outputs["evaluation"], model=model,
-                               blessed=evaluate.outputs["blessed"], accuracy=evaluate.outputs["accuracy"],
-                               comparison=winner.outputs["comparison"], winner_recipe=winner.outputs["recipe"])
+        return CompareOutputs(metrics=evaluate.outputs["metrics"], report=evaluate.outputs["report"],
+                              evaluation=evaluate.outputs["evaluation"], model=model,
+                              blessed=evaluate.outputs["blessed"], accuracy=evaluate.outputs["accuracy"],
+                              comparison=winner.outputs["comparison"], winner_recipe=winner.outputs["recipe"])
+
+    def train_and_evaluate(*, source: Any, fingerprint: Any, backbone: Any, backbone_alpha: Any, image_size: Any,
+                           weights: Any, weights_sha256: Any, val_fraction: Any, test_fraction: Any, max_side: Any,
+                           head_epochs: Any, head_learning_rate: Any, dropout: Any, fine_tune_epochs: Any,
+                           fine_tune_learning_rate: Any, unfreeze_top: Any, unfreeze_from: Any, warmup_epochs: Any,
+                           early_stopping_patience: Any, batch_size: Any, augment: Any, label_smoothing: Any,
+                           class_weights: Any, batch_norm: Any, checkpoint_dir: Any, seed: Any, min_accuracy: Any,
+                           baseline_model: Any, max_regression: Any, push_to: Any,
+                           champion: dict[str, Any]) -> dict[str, Any]:
+        """The tasks of a run with new data (inside the `new-data` condition): the outputs, by name."""
+        ingest = ingest_c(source=source, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                          max_side=max_side, fingerprint=fingerprint)
+        ingest.set_display_name("ingest").set_caching_options(True)
+
+        if options.compare_recipes:
+            return compare_branches(ingest, weights=weights, weights_sha256=weights_sha256,
+                                    backbone=backbone, backbone_alpha=backbone_alpha, image_size=image_size,
+                                    head_epochs=head_epochs, fine_tune_epochs=fine_tune_epochs,
+                                    batch_size=batch_size, checkpoint_dir=checkpoint_dir, seed=seed,
+                                    min_accuracy=min_accuracy, baseline_model=baseline_model,
+                                    max_regression=max_regression, push_to=push_to, champion=champion)._asdict()
+
+        backbone_task = backbone_c(name=backbone, alpha=backbone_alpha, image_size=image_size, weights=weights,
+                                   weights_sha256=weights_sha256, fallback_to_random=options.demo_fallback)
+        backbone_task.set_display_name("backbone").set_caching_options(True)
+
+        head = head_c(dataset=ingest.outputs["dataset"], backbone=backbone_task.outputs["model"], epochs=head_epochs,
+                      learning_rate=head_learning_rate, batch_size=batch_size, dropout=dropout, augment=augment,
+                      class_weights=class_weights, label_smoothing=label_smoothing, seed=seed)
+        training_resources(head, "train head")
+
+        tune = tune_c(dataset=ingest.outputs["dataset"], model=head.outputs["model"], unfreeze_top=unfreeze_top,
+                      unfreeze_from=unfreeze_from, epochs=fine_tune_epochs, learning_rate=fine_tune_learning_rate,
+                      warmup_epochs=warmup_epochs, batch_size=batch_size, batch_norm=batch_norm,
+                      early_stopping_patience=early_stopping_patience, checkpoint_dir=checkpoint_dir,
+                      label_smoothing=label_smoothing, seed=seed)
+        training_resources(tune, "fine-tune")
+
+        evaluate = evaluate_c(dataset=ingest.outputs["dataset"], model=tune.outputs["tuned_model"], split="test",
+                              min_accuracy=min_accuracy, baseline_model=baseline_model,
+                              max_regression=max_regression, champion_from=push_to,
+                              class_change=champion["class_change"],
+                              max_class_regression=champion["max_class_regression"])
+        evaluate.set_display_name("evaluate")
+
+        with dsl.If(evaluate.outputs["blessed"] == True, name="blessed"):  # noqa: E712 (a KFP condition)
+            # No run_id: export then names the pushed version by UTC timestamp (digits), which TF Serving orders.
+            export = export_c(model=tune.outputs["tuned_model"], evaluation=evaluate.outputs["evaluation"],
+                              push_to=push_to, fingerprint=champion["fingerprint"],
+                              training_settings=champion["settings"],
+                              pipeline_job=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+            # Pushing is a side effect: never satisfy it from the cache.
+            export.set_display_name("export").set_caching_options(False)
+
+        return {"metrics": evaluate.outputs["metrics"], "report": evaluate.outputs["report"],
+                "evaluation": evaluate.outputs["evaluation"], "model": tune.outputs["tuned_model"],
+                "blessed": evaluate.outputs["blessed"], "accuracy": evaluate.outputs["accuracy"]}
 
     outputs_spec = [("metrics", Metrics), ("report", HTML), ("evaluation", Artifact), ("model", Model),
-                    ("blessed", bool), ("accuracy", float)]
+                    ("blessed", bool), ("accuracy", float), ("status", str)]
     if options.compare_recipes:
         outputs_spec += [("comparison", Markdown), ("winner_recipe", str)]
     PipelineOutputs = NamedTuple("Outputs", outputs_spec)  # noqa: UP014, N806 (KFP needs the functional form)
+    CompareOutputs = NamedTuple("CompareOutputs", [(k, t) for k, t in outputs_spec if k != "status"])  # noqa: UP014, N806
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Fine-tune a Keras image classifier by transfer learning.")
     def finetune_pipeline(
@@ -279,6 +345,9 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         baseline_model: str = "",
         max_regression: float = 0.0,
         push_to: str = "",
+        force_retrain: bool = False,
+        class_change: str = "bless",
+        max_class_regression: float = 1.0,
     ) -> PipelineOutputs:
         """Fine-tune a Keras image classifier: ingest ∥ backbone → train_head → fine_tune → evaluate → export.
 
@@ -317,55 +386,58 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
                 a /gcs/... path); empty uses AIP_CHECKPOINT_DIR when set (Vertex custom jobs), else no resume.
             seed: seed for splitting, shuffling, augmentation and initialisation.
             min_accuracy: the test accuracy a model needs to be blessed (and exported).
-            baseline_model: a Model artifact (local path or gs:// URI) the new model must not fall behind;
-                empty: no comparison.
+            baseline_model: a Model artifact or pushed version (local path or gs:// URI) the new model must not
+                fall behind; empty: the champion push_to/LATEST when push_to is set (none yet: thresholds only);
+                "none": no comparison.
             max_regression: how much test accuracy below the baseline is still tolerated (e.g. 0.01).
             push_to: where export pushes a versioned copy of the blessed SavedModel (local folder or gs:// prefix);
-                empty: the export stays in the pipeline's artifacts only.
+                empty: the export stays in the pipeline's artifacts only. Checked for writing before any training;
+                its LATEST is the champion, and a run whose data and training settings equal the champion's stops
+                after the fingerprint step with status "no new data".
+            force_retrain: train even when the data and the training settings equal the champion's.
+            class_change: when the champion's classes differ from the data's: "bless" (on thresholds alone) or
+                "refuse"; the decision and its reason are written to evaluation.json.
+            max_class_regression: how far any class's recall may drop against the champion (1 = no such rule).
         """
-        ingest = ingest_c(source=source, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-                          max_side=max_side)
-        ingest.set_display_name("ingest").set_caching_options(True)
-
+        training_settings = {
+            "backbone": backbone, "backbone_alpha": backbone_alpha, "image_size": image_size, "weights": weights,
+            "weights_sha256": weights_sha256, "val_fraction": val_fraction, "test_fraction": test_fraction,
+            "max_side": max_side, "head_epochs": head_epochs, "head_learning_rate": head_learning_rate,
+            "dropout": dropout, "fine_tune_epochs": fine_tune_epochs,
+            "fine_tune_learning_rate": fine_tune_learning_rate, "unfreeze_top": unfreeze_top,
+            "unfreeze_from": unfreeze_from, "warmup_epochs": warmup_epochs,
+            "early_stopping_patience": early_stopping_patience, "batch_size": batch_size, "augment": augment,
+            "label_smoothing": label_smoothing, "class_weights": class_weights, "batch_norm": batch_norm,
+            "seed": seed, "compare_recipes": ",".join(options.compare_recipes),
+        }
+        fingerprint = fingerprint_c(source=source, push_to=push_to, training_settings=training_settings,
+                                    force_retrain=force_retrain)
+        # Listing the source is the point: never answer it from the cache.
+        fingerprint.set_display_name("fingerprint").set_caching_options(False)
+        status = fingerprint.outputs["status"]
+        with dsl.If(status != STATUS_NO_NEW_DATA, name="new-data"):
+            trained = train_and_evaluate(
+                source=source, fingerprint=fingerprint.outputs["fingerprint"], backbone=backbone,
+                backbone_alpha=backbone_alpha, image_size=image_size, weights=weights,
+                weights_sha256=weights_sha256, val_fraction=val_fraction, test_fraction=test_fraction,
+                max_side=max_side, head_epochs=head_epochs, head_learning_rate=head_learning_rate, dropout=dropout,
+                fine_tune_epochs=fine_tune_epochs, fine_tune_learning_rate=fine_tune_learning_rate,
+                unfreeze_top=unfreeze_top, unfreeze_from=unfreeze_from, warmup_epochs=warmup_epochs,
+                early_stopping_patience=early_stopping_patience, batch_size=batch_size, augment=augment,
+                label_smoothing=label_smoothing, class_weights=class_weights, batch_norm=batch_norm,
+                checkpoint_dir=checkpoint_dir, seed=seed, min_accuracy=min_accuracy, baseline_model=baseline_model,
+                max_regression=max_regression, push_to=push_to,
+                champion={"fingerprint": fingerprint.outputs["fingerprint"], "settings": training_settings,
+                          "class_change": class_change, "max_class_regression": max_class_regression})
+        with dsl.Else(name="no-new-data"):
+            skipped = no_new_data_c(push_to=push_to, status=status)
+            skipped.set_display_name("no new data: champion kept").set_caching_options(False)
+        chosen = {key: dsl.OneOf(trained[key], skipped.outputs[key])
+                  for key in ("metrics", "report", "evaluation", "model", "blessed", "accuracy")}
         if options.compare_recipes:
-            return compare_branches(ingest, weights=weights, weights_sha256=weights_sha256,
-                                    backbone=backbone, backbone_alpha=backbone_alpha, image_size=image_size,
-                                    head_epochs=head_epochs, fine_tune_epochs=fine_tune_epochs,
-                                    batch_size=batch_size, checkpoint_dir=checkpoint_dir, seed=seed,
-                                    min_accuracy=min_accuracy, baseline_model=baseline_model,
-                                    max_regression=max_regression, push_to=push_to)
-
-        backbone_task = backbone_c(name=backbone, alpha=backbone_alpha, image_size=image_size, weights=weights,
-                                   weights_sha256=weights_sha256, fallback_to_random=options.demo_fallback)
-        backbone_task.set_display_name("backbone").set_caching_options(True)
-
-        head = head_c(dataset=ingest.outputs["dataset"], backbone=backbone_task.outputs["model"], epochs=head_epochs,
-                      learning_rate=head_learning_rate, batch_size=batch_size, dropout=dropout, augment=augment,
-                      class_weights=class_weights, label_smoothing=label_smoothing, seed=seed)
-        training_resources(head, "train head")
-
-        tune = tune_c(dataset=ingest.outputs["dataset"], model=head.outputs["model"], unfreeze_top=unfreeze_top,
-                      unfreeze_from=unfreeze_from, epochs=fine_tune_epochs, learning_rate=fine_tune_learning_rate,
-                      warmup_epochs=warmup_epochs, batch_size=batch_size, batch_norm=batch_norm,
-                      early_stopping_patience=early_stopping_patience, checkpoint_dir=checkpoint_dir,
-                      label_smoothing=label_smoothing, seed=seed)
-        training_resources(tune, "fine-tune")
-
-        evaluate = evaluate_c(dataset=ingest.outputs["dataset"], model=tune.outputs["tuned_model"], split="test",
-                              min_accuracy=min_accuracy, baseline_model=baseline_model,
-                              max_regression=max_regression)
-        evaluate.set_display_name("evaluate")
-
-        with dsl.If(evaluate.outputs["blessed"] == True, name="blessed"):  # noqa: E712 (a KFP condition)
-            # No run_id: export then names the pushed version by UTC timestamp (digits), which TF Serving orders.
-            export = export_c(model=tune.outputs["tuned_model"], evaluation=evaluate.outputs["evaluation"],
-                              push_to=push_to)
-            # Pushing is a side effect: never satisfy it from the cache.
-            export.set_display_name("export").set_caching_options(False)
-
-        return PipelineOutputs(metrics=evaluate.outputs["metrics"], report=evaluate.outputs["report"],
-                       evaluation=evaluate.outputs["evaluation"], model=tune.outputs["tuned_model"],
-                       blessed=evaluate.outputs["blessed"], accuracy=evaluate.outputs["accuracy"])
+            chosen["comparison"] = dsl.OneOf(trained["comparison"], skipped.outputs["comparison"])
+            chosen["winner_recipe"] = dsl.OneOf(trained["winner_recipe"], skipped.outputs["winner_recipe"])
+        return PipelineOutputs(status=status, **chosen)
 
     return finetune_pipeline
 
