@@ -213,6 +213,7 @@ def _push_version(config: "ExportConfig", meta: dict[str, Any], evaluation: dict
                   version: str, model_sha: str) -> str:
     """Stage the export + the Model artifact + version.json, and push it through components.registry."""
     from components import registry
+    from components.fingerprint import canonical_settings
 
     metrics = (evaluation or {}).get("metrics") or {}
     record = {
@@ -223,7 +224,7 @@ def _push_version(config: "ExportConfig", meta: dict[str, Any], evaluation: dict
         "metrics": {k: metrics.get(k) for k in ("accuracy", "macro_f1", "num_examples") if k in metrics},
         "data_fingerprint": config.fingerprint or (evaluation or {}).get("data_fingerprint")
         or meta.get("data_fingerprint"),
-        "settings": dict(config.settings or {}),
+        "settings": canonical_settings(config.settings or {}),
         "champion_before": ((evaluation or {}).get("champion") or {}).get("version"),
         "lineage": lineage(meta, evaluation, config.pipeline_job),
     }

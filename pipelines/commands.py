@@ -245,7 +245,8 @@ class RunSummary:
             out.append(f"  {'comparison':<18} {self.comparison}")
         for label, path in (("model", self.model), ("report", self.report), ("evaluation", self.evaluation),
                             ("export", self.export)):
-            shown = str(path) if path else ("(not exported: model not blessed)" if label == "export" else "-")
+            shown = str(path) if path else ("-" if label != "export" else "(nothing trained: no new data)"
+                                            if self.status == "no new data" else "(not exported: model not blessed)")
             out.append(f"  {label:<18} {shown}")
         out.append(f"  {'pipeline root':<18} {self.pipeline_root}")
         out.append(f"  {'wall time':<18} {self.seconds:.0f} s")
