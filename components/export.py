@@ -235,7 +235,7 @@ def _push_version(config: "ExportConfig", meta: dict[str, Any], evaluation: dict
         (stage / registry.MODEL_DIR).mkdir()
         for name in ("model.keras", "model.json"):
             shutil.copy2(Path(config.model) / name, stage / registry.MODEL_DIR / name)
-        write_json(stage / "fingerprint.json", {"data_fingerprint": record["data_fingerprint"],
+        write_json(stage / "data_fingerprint.json", {"data_fingerprint": record["data_fingerprint"],
                                                 "source": record["lineage"]["source"]})
         write_json(stage / registry.VERSION_FILE, record)
         return registry.push(stage, config.push_to, version)

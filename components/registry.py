@@ -10,6 +10,7 @@ Layout of a destination:
         saved_model.pb, variables/  the serving SavedModel (export)
         model.json, export.json     its metadata
         evaluation.json             the evaluation that blessed it
+        data_fingerprint.json       the data fingerprint and source
         model/model.keras           the Model artifact it was exported from (a baseline for the next run)
         model/model.json
         version.json                version, created, data fingerprint, training settings, lineage; WRITTEN LAST
