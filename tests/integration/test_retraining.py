@@ -86,6 +86,7 @@ def add_images(data: Path, staging: Path, classes: tuple[str, ...] = CLASSES, pe
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # five weekly runs, four of them training: about 20 min on a loaded 2-core machine
 @pytest.mark.parametrize("backend", ["local", "gcs"])
 def test_one_season_of_scheduled_retraining(backend, tmp_path, weights_mirror, monkeypatch, capsys, request):
     monkeypatch.setenv("KFP_FINETUNE_WEIGHTS_MIRROR", str(weights_mirror))
