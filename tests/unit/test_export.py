@@ -212,11 +212,19 @@ def test_cli_and_component(chain, blessed_eval, tmp_path):
     assert read_latest(str(tmp_path / "reg")) == "cli-1"
     assert (tmp_path / "reg" / "cli-1" / "saved_model.pb").is_file()
 
+    # The component, to a fresh destination (to "reg" it would be a duplicate of the champion cli-1: not pushed).
     exported_model = dsl.Model(name="exported_model", uri=str(tmp_path / "component"))
     outputs = export_op.python_func(model=dsl.Model(uri=str(chain.strong)),
                                     evaluation=dsl.Artifact(uri=str(blessed_eval)), exported_model=exported_model,
-                                    push_to=str(tmp_path / "reg"), run_id="")
-    assert outputs.pushed_uri == str(tmp_path / "reg" / exported_model.metadata["version"])
-    assert read_latest(str(tmp_path / "reg")) == exported_model.metadata["version"]
+                                    push_to=str(tmp_path / "reg2"), run_id="", fingerprint="f00d",
+                                    pipeline_job="job-1")
+    assert outputs.pushed_uri == str(tmp_path / "reg2" / exported_model.metadata["version"])
+    assert read_latest(str(tmp_path / "reg2")) == exported_model.metadata["version"]
+    record = json.loads((Path(outputs.pushed_uri) / "version.json").read_text())
+    assert record["data_fingerprint"] == "f00d" and record["lineage"]["pipeline_job"] == "job-1"
+    duplicate = dsl.Model(name="exported_model", uri=str(tmp_path / "component2"))
+    assert export_op.python_func(model=dsl.Model(uri=str(chain.strong)), evaluation=dsl.Artifact(uri=str(blessed_eval)),
+                                 exported_model=duplicate, push_to=str(tmp_path / "reg"), run_id="").pushed_uri == ""
+    assert "cli-1" in duplicate.metadata["skipped_push"] and read_latest(str(tmp_path / "reg")) == "cli-1"
     assert exported_model.metadata["version"].isdigit() and len(exported_model.metadata["version"]) == 17
     assert (tmp_path / "component" / "saved_model.pb").is_file()
