@@ -136,35 +136,14 @@ def upload_directory(
     return uris
 
 
-def write_text(uri: str, text: str, what: str = "") -> None:
+def _on_blob(uri: str, doing: str, call: Any, what: str = "") -> Any:
+    """`call(blob)` for the object at `uri`; a UserError "[WHAT: ]cannot DOING URI: ..." on any failure."""
     bucket, name = split_uri(uri)
-    gcs = client()
+    gcs = client()  # no credentials: its own one-line UserError
     try:
-        gcs.bucket(bucket).blob(name).upload_from_string(text)
-    except Exception as exc:
-        raise UserError(f"{what + ': ' if what else ''}cannot write {uri}: {_short(exc)}") from exc
-
-
-def read_text_if_exists(uri: str, what: str = "") -> str | None:
-    """The object's text, or None when it does not exist; UserError when it cannot be read."""
-    from google.api_core.exceptions import NotFound
-
-    bucket, name = split_uri(uri)
-    gcs = client()
-    try:
-        return gcs.bucket(bucket).blob(name).download_as_text()
-    except NotFound:
-        return None
-    except Exception as exc:
-        raise UserError(f"{what + ': ' if what else ''}cannot read {uri}: {_short(exc)}") from exc
-
-
-def delete(uri: str) -> None:
-    bucket, name = split_uri(uri)
-    try:
-        client().bucket(bucket).blob(name).delete()
-    except Exception as exc:
-        raise UserError(f"cannot delete {uri}: {_short(exc)}") from exc
+        return call(gcs.bucket(bucket).blob(name))
+    except Exception as exc:  # google.api_core errors, connection errors
+        raise UserError(f"{what + ': ' if what else ''}cannot {doing} {uri}: {_short(exc)}") from exc
 
 
 def _short(exc: Exception) -> str:
@@ -173,17 +152,30 @@ def _short(exc: Exception) -> str:
     return text[0][:300] if text else type(exc).__name__
 
 
+def write_text(uri: str, text: str, what: str = "") -> None:
+    _on_blob(uri, "write", lambda blob: blob.upload_from_string(text), what)
+
+
+def read_text_if_exists(uri: str, what: str = "") -> str | None:
+    """The object's text, or None when it does not exist; UserError when it cannot be read."""
+    from google.api_core.exceptions import NotFound
+
+    def read(blob: Any) -> str | None:
+        try:
+            return blob.download_as_text()
+        except NotFound:
+            return None
+
+    return _on_blob(uri, "read", read, what)
+
+
+def delete(uri: str) -> None:
+    _on_blob(uri, "delete", lambda blob: blob.delete())
+
+
 def read_text(uri: str) -> str:
-    bucket, name = split_uri(uri)
-    try:
-        return client().bucket(bucket).blob(name).download_as_text()
-    except Exception as exc:
-        raise UserError(f"cannot read {uri}: {exc}") from exc
+    return _on_blob(uri, "read", lambda blob: blob.download_as_text())
 
 
 def exists(uri: str) -> bool:
-    bucket, name = split_uri(uri)
-    try:
-        return client().bucket(bucket).blob(name).exists()
-    except Exception as exc:
-        raise UserError(f"cannot reach {uri}: {exc}") from exc
+    return _on_blob(uri, "reach", lambda blob: blob.exists())
