@@ -141,3 +141,38 @@ def kfp_local_condition_resolution() -> bool:
     setattr(resolve, _PATCHED, True)
     evaluator._resolve_pipeline_channel = staticmethod(resolve)
     return True
+
+
+def kfp_local_oneof_artifacts() -> bool:
+    """Teach kfp.local to return a pipeline output artifact that is a `dsl.OneOf` (idempotent; kfp.local only).
+
+    kfp 2.17.3's local runner resolves `dsl.OneOf` for output parameters but rejects it for output artifacts
+    ("Expected 1 artifact in ArtifactSelectorSpec. Got: 2"). The retraining loop's outputs come from either the
+    new-data branch or the no-new-data branch; the fix applies the parameters' rule to artifacts: the output is
+    the one branch that produced it.
+    """
+    _require("kfp", KFP_VERSION, "kfp_local_oneof_artifacts")
+    from kfp.local.orchestrator.orchestrator_utils import OrchestratorUtils
+
+    original = OrchestratorUtils.__dict__["get_dag_output_artifacts"]
+    if getattr(original.__func__, _PATCHED, False):
+        return True
+
+    def get_dag_output_artifacts(cls: Any, dag_outputs_spec: Any, io_store: Any) -> dict[str, Any]:
+        outputs = {}
+        for key, spec in dag_outputs_spec.artifacts.items():
+            found = []
+            for selector in spec.artifact_selectors:
+                try:
+                    found.append(io_store.get_task_output(selector.producer_subtask, selector.output_artifact_key))
+                except (KeyError, ValueError):  # a branch that did not run
+                    continue
+            if len(found) != 1:
+                raise ValueError(f"output artifact {key!r}: expected exactly one branch to produce it, got "
+                                 f"{len(found)}")
+            outputs[key] = found[0]
+        return outputs
+
+    setattr(get_dag_output_artifacts, _PATCHED, True)
+    OrchestratorUtils.get_dag_output_artifacts = classmethod(get_dag_output_artifacts)
+    return True

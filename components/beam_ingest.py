@@ -188,6 +188,7 @@ class Job(NamedTuple):
     num_shards: int | None
     started: float  # time.time() at launch, for the report's seconds
     class_refs: dict[str, str]  # class -> where it came from (known classes of a folder/manifest source)
+    fingerprint: str | None = None  # the source's data fingerprint (components.fingerprint), recorded in the report
 
 
 def _skip(path: str, reason: str, detail: str = "") -> dict[str, str]:
@@ -435,6 +436,7 @@ def finalize(
     seconds = time.time() - job.started
     report = {
         "source": job.source,
+        "data_fingerprint": job.fingerprint or None,
         "seed": job.seed,
         "fractions": job.fractions,
         "max_side": job.max_side,
@@ -682,7 +684,7 @@ def run(config: "IngestConfig") -> "IngestResult":
             source=source, output=out, tmp=_join(out, f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}"), seed=config.seed,
             val_fraction=config.val_fraction, test_fraction=config.test_fraction, fractions=config.fractions,
             max_side=config.max_side, max_corrupt_fraction=config.max_corrupt_fraction, num_shards=config.num_shards,
-            started=time.time(), class_refs=class_refs,
+            started=time.time(), class_refs=class_refs, fingerprint=config.fingerprint,
         )
         log.info("ingest on Beam %s: %s", BEAM_RUNNERS[config.runner], " ".join(flags))
         pipeline = beam.Pipeline(options=PipelineOptions(flags))
@@ -817,6 +819,7 @@ def ingest_beam_op(
     num_shards: int = 0,
     runner: str = "dataflow",
     beam_options: list = [],  # noqa: B006  (KFP reads the default; it is never mutated)
+    fingerprint: str = "",
 ) -> None:
     """The ingest step on Apache Beam (`kfp-finetune ingest --runner direct|dataflow`); blocks until the job ends.
 
@@ -832,6 +835,8 @@ def ingest_beam_op(
         num_shards: TFRecord shards per split; 0 picks about 64 MiB per shard.
         runner: direct (Beam's DirectRunner in this container) or dataflow.
         beam_options: Beam pipeline options as KEY=VALUE strings (region, temp_location, max_num_workers, ...).
+        fingerprint: the source's data fingerprint (fingerprint step): recorded in the Dataset, and part of this
+            step's cache key, so changed data is ingested again.
     """
     from components.beam_ingest import parse_option
     from components.ingest import IngestConfig, ingest
@@ -849,11 +854,12 @@ def ingest_beam_op(
             source=source, output=dataset.uri if remote else dataset.path, val_fraction=val_fraction,
             test_fraction=test_fraction, seed=seed, max_side=max_side or None,
             max_corrupt_fraction=max_corrupt_fraction, num_shards=num_shards or None, runner=runner,
-            beam_options=tuple(options),
+            beam_options=tuple(options), fingerprint=fingerprint or None,
         )
     )
     dataset.metadata["class_names"] = list(result.class_names)
     dataset.metadata["num_examples"] = dict(result.num_examples)
+    dataset.metadata["data_fingerprint"] = fingerprint
 
 
 def compiled_dataflow_options(package: str | os.PathLike) -> list[str] | None:
@@ -864,8 +870,12 @@ def compiled_dataflow_options(package: str | os.PathLike) -> list[str] | None:
         spec = yaml.safe_load(Path(package).read_text())
     except (OSError, yaml.YAMLError):
         return None  # build_request reports an unreadable package itself
-    tasks = ((spec or {}).get("root") or {}).get("dag", {}).get("tasks", {}) if isinstance(spec, dict) else {}
-    for task in tasks.values():
+    if not isinstance(spec, dict):
+        return None
+    # The ingest task may sit inside a condition (the new-data branch): look at every DAG, the root's and the nested.
+    dags = [spec.get("root") or {}, *(spec.get("components") or {}).values()]
+    tasks = [t for dag in dags for t in ((dag.get("dag") or {}).get("tasks") or {}).values()]
+    for task in tasks:
         params = (task.get("inputs") or {}).get("parameters") or {}
         runner = (params.get("runner") or {}).get("runtimeValue", {}).get("constant")
         options = (params.get("beam_options") or {}).get("runtimeValue", {}).get("constant")

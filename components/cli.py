@@ -19,11 +19,13 @@ from components.errors import UserError
 
 # Modules that register subcommands, in the order `--help` lists them.
 COMMAND_MODULES = (
+    "components.fingerprint",
     "components.ingest",
     "components.backbone",
     "components.train",
     "components.evaluate",
     "components.export",
+    "components.registry",
     "components.compare",
     "pipelines.commands",
 )

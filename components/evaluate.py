@@ -9,8 +9,15 @@ Blessing: `blessed` is true only when accuracy ≥ `min_accuracy` and, when a ba
 directory or a gs:// prefix), accuracy ≥ baseline accuracy − `max_regression`, the baseline measured here on the
 same split. Every rule, both numbers and the outcome are written to evaluation.json.
 
+The champion (scheduled retraining): with `champion_from` (the push destination) and no explicit baseline, the
+baseline is the version `champion_from/LATEST` names, measured here on the current split. `baseline_model="none"`
+turns the comparison off. No LATEST yet: thresholds only, and evaluation.json says "no champion yet". The champion's
+classes differ from the dataset's (a class added or removed): no comparison; `class_change` decides: "bless" (on
+thresholds) or "refuse". `max_class_regression` (< 1) adds a rule per class: its recall may not drop by more than
+that against the baseline. evaluation.json's `champion` says which case applied, and why.
+
 Errors (UserError, nothing written): the model's class names differ from the dataset's; the split is missing or
-empty; the baseline's class names differ.
+empty; an explicit baseline's class names differ.
 """
 
 import argparse
@@ -30,7 +37,7 @@ from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metri
 
 from components import __version__, settings
 from components.errors import UserError
-from components.fsutil import atomic_directory, check_output_dir, write_json
+from components.fsutil import atomic_directory, check_output_dir, read_json, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -45,6 +52,8 @@ BATCH_SIZE = 32
 MAX_MISTAKES = 12
 # Accuracies are ratios of counts; compare with a little slack so 0.8 - 0.1 does not fail 0.7 by rounding.
 EPSILON = 1e-9
+NO_BASELINE = "none"  # baseline_model value that turns the comparison off
+CLASS_CHANGE_POLICIES = ("bless", "refuse")
 
 
 @dataclass(frozen=True)
@@ -58,17 +67,24 @@ class EvaluateConfig:
     min_accuracy: float = 0.0
     baseline_model: str | None = None
     max_regression: float = 0.0
+    champion_from: str | None = None  # a push destination: its LATEST is the baseline unless one is named
+    class_change: str = "bless"  # when the champion's classes differ: "bless" on thresholds, or "refuse"
+    max_class_regression: float = 1.0  # how far any class's recall may drop against the baseline (1: no rule)
 
     def __post_init__(self) -> None:
         for name in ("dataset", "model", "output", "split"):
             if not str(getattr(self, name) or "").strip():
                 raise UserError(f"--{name.replace('_', '-')} is required")
-        for name in ("min_accuracy", "max_regression"):
+        for name in ("min_accuracy", "max_regression", "max_class_regression"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and 0.0 <= value <= 1.0):
                 raise UserError(f"--{name.replace('_', '-')} must be a number in [0, 1] (got {value!r})")
         if self.baseline_model is not None and not str(self.baseline_model).strip():
             object.__setattr__(self, "baseline_model", None)
+        if self.champion_from is not None and not str(self.champion_from).strip():
+            object.__setattr__(self, "champion_from", None)
+        if self.class_change not in CLASS_CHANGE_POLICIES:
+            raise UserError(f"--class-change {self.class_change!r} must be one of {', '.join(CLASS_CHANGE_POLICIES)}")
 
 
 @dataclass
@@ -246,9 +262,13 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def bless(
-    accuracy: float, min_accuracy: float, baseline_accuracy: float | None = None, max_regression: float = 0.0
+    accuracy: float, min_accuracy: float, baseline_accuracy: float | None = None, max_regression: float = 0.0,
+    recalls: dict[str, float] | None = None, baseline_recalls: dict[str, float] | None = None,
+    max_class_regression: float = 1.0, refuse: str | None = None,
 ) -> dict[str, Any]:
-    """The blessing decision: every rule with its numbers, whether it passed, and the reasons when not."""
+    """The blessing decision: every rule with its numbers, whether it passed, and the reasons when not.
+
+    `refuse`: a reason that refuses the model whatever its numbers (the class-change policy "refuse")."""
     rules = [{
         "rule": "accuracy >= min_accuracy",
         "accuracy": accuracy,
@@ -267,8 +287,54 @@ def bless(
             "detail": f"accuracy {accuracy:.4f} vs baseline {baseline_accuracy:.4f} - {max_regression:.4f} "
                       f"= {floor:.4f}",
         })
+    if baseline_recalls is not None and recalls is not None and max_class_regression < 1.0:
+        for name in sorted(baseline_recalls):
+            now, before = recalls.get(name, 0.0), baseline_recalls[name]
+            rules.append({
+                "rule": "class recall >= baseline recall - max_class_regression",
+                "class": name, "recall": now, "baseline_recall": before,
+                "max_class_regression": max_class_regression,
+                "passed": now + EPSILON >= before - max_class_regression,
+                "detail": f"class {name}: recall {now:.4f} vs baseline {before:.4f} - {max_class_regression:.4f}",
+            })
+    if refuse:
+        rules.append({"rule": "class_change policy", "passed": False, "detail": refuse})
     reasons = [f"failed {r['rule']}: {r['detail']}" for r in rules if not r["passed"]]
     return {"blessed": not reasons, "rules": rules, "reasons": reasons}
+
+
+def _resolve_baseline(config: EvaluateConfig) -> tuple[str | None, dict[str, Any]]:
+    """(the baseline to measure, or None; the `champion` section of evaluation.json)."""
+    explicit = config.baseline_model
+    if explicit and explicit.strip().lower() == NO_BASELINE:
+        return None, {"status": "off", "reason": "baseline_model is 'none': no comparison"}
+    if explicit:
+        return explicit, {"status": "compared", "uri": explicit, "version": None,
+                          "reason": "baseline_model named explicitly"}
+    if not config.champion_from:
+        return None, {"status": "off", "reason": "no baseline_model and no push_to: no comparison"}
+    from components import registry
+
+    champion = registry.resolve_champion(config.champion_from)
+    if champion is None:
+        return None, {"status": "no champion yet", "push_to": config.champion_from,
+                      "reason": f"no champion yet at {config.champion_from} (no LATEST): blessed on thresholds alone"}
+    return champion.uri, {"status": "compared", "uri": champion.uri, "version": champion.version,
+                          "push_to": config.champion_from, "reason": f"champion {champion.version} (LATEST)",
+                          "data_fingerprint": champion.record.get("data_fingerprint")}
+
+
+def _baseline_dir(uri: str, staging: Path) -> str:
+    """A local Model artifact folder for a baseline: a Model dir, a gs:// prefix, or a pushed version folder."""
+    from components import gcs, registry
+
+    if gcs.is_gcs(uri):
+        if gcs.list_blobs(f"{uri.rstrip('/')}/{registry.MODEL_DIR}"):
+            uri = f"{uri.rstrip('/')}/{registry.MODEL_DIR}"
+        return _local_model_dir(uri, staging)
+    if (Path(uri) / registry.MODEL_DIR / "model.keras").is_file():
+        return str(Path(uri) / registry.MODEL_DIR)
+    return uri
 
 
 # --- the step --------------------------------------------------------------------------------------------------
@@ -288,16 +354,42 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
     metrics = measured["metrics"]
 
     baseline: dict[str, Any] | None = None
-    if config.baseline_model:
+    baseline_uri, champion = _resolve_baseline(config)
+    refuse = None
+    if baseline_uri:
         with tempfile.TemporaryDirectory(prefix="kfp-finetune-baseline-") as staging:
-            local = _local_model_dir(config.baseline_model, Path(staging))
-            base_model, _ = _load_classifier(local, info, "--baseline-model")
-            base_measured = compute_metrics(predict(base_model, info, config.split, "baseline"),
-                                            list(info.class_names))
-        baseline = {"model": config.baseline_model, "metrics": base_measured["metrics"],
-                    "per_class": base_measured["per_class"]}
+            local = _baseline_dir(baseline_uri, Path(staging))
+            from components import modelio
+
+            base_names = list((read_json(Path(local) / modelio.META_FILE, "--baseline-model")
+                               .get("class_names")) or [])
+            if champion.get("version") is not None and base_names != list(info.class_names):
+                added = sorted(set(info.class_names) - set(base_names))
+                removed = sorted(set(base_names) - set(info.class_names))
+                change = (f"class set changed since champion {champion['version']} (added: {added or 'none'}; "
+                          f"removed: {removed or 'none'}; order or names: {base_names} -> {list(info.class_names)})")
+                champion.update(status="class set changed", policy=config.class_change,
+                                reason=f"{change}: no comparison; policy {config.class_change!r} "
+                                       + ("blesses on thresholds" if config.class_change == "bless" else "refuses"))
+                if config.class_change == "refuse":
+                    refuse = champion["reason"]
+            else:
+                base_model, _ = _load_classifier(local, info, "--baseline-model")
+                base_measured = compute_metrics(predict(base_model, info, config.split, "baseline"),
+                                                list(info.class_names))
+                baseline = {"model": baseline_uri, "metrics": base_measured["metrics"],
+                            "per_class": base_measured["per_class"]}
+    recall = {k: v["recall"] for k, v in measured["per_class"].items()}
+    base_recall = {k: v["recall"] for k, v in baseline["per_class"].items()} if baseline else None
     blessing = bless(metrics["accuracy"], config.min_accuracy,
-                     baseline["metrics"]["accuracy"] if baseline else None, config.max_regression)
+                     baseline["metrics"]["accuracy"] if baseline else None, config.max_regression,
+                     recall, base_recall, config.max_class_regression, refuse)
+    if baseline:
+        champion["decision"] = ("challenger not worse than the baseline: blessed" if blessing["blessed"] else
+                                "challenger refused: " + "; ".join(blessing["reasons"]))
+    else:
+        champion["decision"] = ("blessed on thresholds" if blessing["blessed"] else
+                                "refused: " + "; ".join(blessing["reasons"]))
 
     evaluation = {
         "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -312,8 +404,12 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
         "per_class": measured["per_class"],
         "confusion_matrix": measured["confusion_matrix"],
         "baseline": baseline,
+        "champion": champion,
+        "data_fingerprint": info.report.get("data_fingerprint"),
+        "data_source": info.report.get("source"),
         "config": {"min_accuracy": config.min_accuracy, "max_regression": config.max_regression,
-                   "baseline_model": config.baseline_model},
+                   "baseline_model": config.baseline_model, "champion_from": config.champion_from,
+                   "class_change": config.class_change, "max_class_regression": config.max_class_regression},
         "kfp_finetune_version": __version__,
     }
     worst = worst_mistakes(pred)
@@ -360,6 +456,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="a Model artifact (local dir or gs:// prefix) the candidate must not fall behind")
     p.add_argument("--max-regression", type=float, default=0.0,
                    help="how far below the baseline's accuracy the candidate may be and still be blessed")
+    p.add_argument("--champion-from", default=None, metavar="PUSH_TO",
+                   help="a push destination: its LATEST version is the baseline unless --baseline-model names one "
+                        "(--baseline-model none: no comparison)")
+    p.add_argument("--class-change", choices=CLASS_CHANGE_POLICIES, default="bless",
+                   help="when the champion's classes differ from the dataset's: bless on thresholds, or refuse")
+    p.add_argument("--max-class-regression", type=float, default=1.0,
+                   help="how far any class's recall may drop against the baseline (default 1: no per-class rule)")
     p.set_defaults(func=_run)
 
 
@@ -367,6 +470,8 @@ def _run(args: argparse.Namespace) -> int:
     evaluate(EvaluateConfig(
         dataset=args.dataset, model=args.model, output=args.output, split=args.split,
         min_accuracy=args.min_accuracy, baseline_model=args.baseline_model, max_regression=args.max_regression,
+        champion_from=args.champion_from, class_change=args.class_change,
+        max_class_regression=args.max_class_regression,
     ))
     return 0
 
@@ -386,6 +491,9 @@ def evaluate_op(
     min_accuracy: float = 0.0,
     baseline_model: str = "",
     max_regression: float = 0.0,
+    champion_from: str = "",
+    class_change: str = "bless",
+    max_class_regression: float = 1.0,
 ) -> NamedTuple("EvaluateOutputs", [("blessed", bool), ("accuracy", float)]):
     """Evaluate a classifier on one split, write a report, and decide whether it is blessed.
 
@@ -400,6 +508,10 @@ def evaluate_op(
         min_accuracy: Blessed only if accuracy is at least this.
         baseline_model: Model artifact URI (gs:// or local path) to compare against; "" for none.
         max_regression: How far below the baseline's accuracy the candidate may fall and still be blessed.
+        champion_from: A push destination: with baseline_model "", its LATEST version is the baseline (measured
+            on this split); no LATEST: thresholds only. baseline_model "none" turns the comparison off.
+        class_change: When the champion's classes differ from the dataset's: "bless" on thresholds, or "refuse".
+        max_class_regression: How far any class's recall may drop against the baseline (1 = no such rule).
 
     Returns:
         blessed: Whether every blessing rule passed (use with dsl.If to gate export).
@@ -413,6 +525,7 @@ def evaluate_op(
     result = evaluate(EvaluateConfig(
         dataset=dataset.path, model=model.path, output=evaluation.path, split=split, min_accuracy=min_accuracy,
         baseline_model=baseline_model or None, max_regression=max_regression,
+        champion_from=champion_from or None, class_change=class_change, max_class_regression=max_class_regression,
     ))
     m = result.metrics
     for key in ("accuracy", "loss", "top_k_accuracy", "macro_f1", "weighted_f1"):
@@ -423,7 +536,10 @@ def evaluate_op(
     metrics.log_metric("blessed", float(result.blessed))
     classification_metrics.log_confusion_matrix(result.class_names, result.confusion_matrix)
     shutil.copyfile(f"{evaluation.path}/{REPORT_FILE}", report.path)
+    champion = result.evaluation.get("champion") or {}
     evaluation.metadata.update({"blessed": result.blessed, "accuracy": float(m["accuracy"]), "split": split,
-                                "reasons": result.reasons})
+                                "reasons": result.reasons, "champion": champion.get("status", ""),
+                                "champion_version": champion.get("version") or "",
+                                "decision": champion.get("decision", "")})
     outputs = namedtuple("EvaluateOutputs", ["blessed", "accuracy"])
     return outputs(result.blessed, float(m["accuracy"]))

@@ -7,10 +7,12 @@ and evaluation used) and returns `probabilities` [batch, classes] float32, `clas
 `{"image_bytes": {"b64": ...}}`). The output directory is the SavedModel itself, with model.json and
 evaluation.json beside saved_model.pb.
 
-Push (`push_to`): the exported folder is copied to `<push_to>/<version>/` (version = UTC timestamp in
-milliseconds, digits only so TF Serving orders it, or the run id), and only then is `<push_to>/LATEST` rewritten
-to name the new version. A push that fails part-way leaves LATEST on the previous version. gs:// goes through
-google-cloud-storage with parallel uploads (components.gcs).
+Push (`push_to`, components.registry): a complete champion goes to `<push_to>/<version>/` (version = UTC timestamp
+in milliseconds, digits only so TF Serving orders it, or the run id): the SavedModel folder, the Model artifact
+(`model/model.keras` + `model/model.json`), the data fingerprint and `version.json` (fingerprint, training settings,
+lineage), version.json last; only then is `<push_to>/LATEST` rewritten. A push that fails part-way leaves LATEST on
+the previous version and no visible version. A model whose model.keras SHA-256 equals the champion's is not pushed
+again. gs:// goes through google-cloud-storage with parallel uploads (components.gcs).
 
 Optional: register the pushed gs:// version in Vertex AI Model Registry (`Model.upload`, a new version of
 `parent_model` when given, the prebuilt TensorFlow serving container).
@@ -34,6 +36,7 @@ from kfp.dsl import Artifact, Input, Model, Output
 from components import settings
 from components.errors import UserError
 from components.fsutil import atomic_directory, check_output_dir, read_json, write_json
+from components.registry import PUSH_RETRY_SECONDS, new_version, push, read_latest  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -49,8 +52,6 @@ RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Vertex AI's prebuilt TensorFlow prediction image (the newest TF 2 CPU line it offers).
 DEFAULT_SERVING_IMAGE = "us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-15:latest"
 VERTEX_REGION_PATTERN = re.compile(r"^[a-z]+-[a-z]+\d+$")
-# How long one file upload of a push keeps retrying transient errors (the library's default is 120 s).
-PUSH_RETRY_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,9 @@ class ExportConfig:
     push_to: str | None = None
     run_id: str | None = None
     vertex: VertexConfig | None = None
+    fingerprint: str | None = None  # the data fingerprint, recorded in the pushed version
+    settings: dict[str, Any] | None = None  # the training settings, compared by the next run's skip decision
+    pipeline_job: str | None = None  # the KFP pipeline job / run name, recorded in the lineage
 
     def __post_init__(self) -> None:
         for name in ("model", "output"):
@@ -103,6 +107,9 @@ class ExportConfig:
 
             if gcs.is_gcs(self.push_to):
                 gcs.split_uri(self.push_to)  # raises on gs:// without a bucket
+        for name in ("fingerprint", "pipeline_job"):
+            if getattr(self, name) is not None and not str(getattr(self, name)).strip():
+                object.__setattr__(self, name, None)
         if self.vertex is not None:
             if self.push_to is None or not self.push_to.startswith("gs://"):
                 raise UserError("--vertex-upload needs --push-to gs://...: Vertex AI reads the model from GCS")
@@ -114,6 +121,7 @@ class ExportResult:
 
     saved_model_dir: str
     pushed_uri: str = ""
+    skipped_push: str = ""  # why a push was not made (e.g. the champion is this very model)
     version: str = ""
     vertex_model: str = ""
     class_names: list[str] = field(default_factory=list)
@@ -181,71 +189,55 @@ def _check_evaluation(evaluation: dict[str, Any], model_dir: str, class_names: l
         raise UserError(f"--push-to refused: the evaluation did not bless this model ({reasons})")
 
 
-# --- push ------------------------------------------------------------------------------------------------------
+# --- push (components.registry holds the primitives; re-exported here for callers of export) ----------------
 
 
-def new_version(run_id: str | None = None) -> str:
-    """The run id, or the UTC time in milliseconds as digits (TF Serving wants numeric, increasing versions)."""
-    if run_id:
-        return run_id
-    now = datetime.now(UTC)
-    return now.strftime("%Y%m%d%H%M%S") + f"{now.microsecond // 1000:03d}"
+def lineage(meta: dict[str, Any], evaluation: dict[str, Any] | None, pipeline_job: str | None) -> dict[str, Any]:
+    """Where a pushed version came from: data source, backbone weights, package version, image, pipeline run."""
+    from components import __version__
+
+    weights = (meta.get("backbone") or {}).get("weights") or {}
+    return {
+        "source": (evaluation or {}).get("data_source") or meta.get("data_source"),
+        "backbone": (meta.get("backbone") or {}).get("name"),
+        "weights_source": weights.get("source"),
+        "weights_sha256": weights.get("sha256"),
+        "kfp_finetune_version": __version__,
+        "image": settings.component_image(),
+        "pipeline_job": pipeline_job or None,
+    }
 
 
-def read_latest(push_to: str) -> str | None:
-    """The version LATEST names under a push destination, or None when nothing was pushed yet."""
-    from components import gcs
+def _push_version(config: "ExportConfig", meta: dict[str, Any], evaluation: dict[str, Any] | None,
+                  version: str, model_sha: str) -> str:
+    """Stage the export + the Model artifact + version.json, and push it through components.registry."""
+    from components import registry
+    from components.fingerprint import canonical_settings
 
-    if gcs.is_gcs(push_to):
-        bucket, prefix = gcs.split_uri(push_to.rstrip("/") + "/" + LATEST_FILE)
-        blob = gcs.client().bucket(bucket).blob(prefix)
-        if not blob.exists():
-            return None
-        return blob.download_as_text().strip() or None
-    file = Path(push_to) / LATEST_FILE
-    return file.read_text().strip() or None if file.is_file() else None
-
-
-def push(local_dir: str | os.PathLike, push_to: str, version: str, retry_seconds: float = PUSH_RETRY_SECONDS) -> str:
-    """Copy `local_dir` to `<push_to>/<version>/`, then point `<push_to>/LATEST` at it. Returns the version URI.
-
-    gs://: each file upload retries transient errors for at most `retry_seconds`; a failure raises UserError
-    before LATEST is touched (the half-uploaded version folder stays, named in no pointer).
-    """
-    from components import gcs
-
-    if gcs.is_gcs(push_to):
-        from google.cloud.storage.retry import DEFAULT_RETRY
-
-        base = push_to.rstrip("/")
-        target = f"{base}/{version}"
-        if gcs.list_blobs(target):
-            raise UserError(f"--push-to: {target} already exists; give another --run-id")
-        try:
-            uris = gcs.upload_directory(local_dir, target, retry=DEFAULT_RETRY.with_timeout(retry_seconds))
-        except UserError as exc:
-            raise UserError(f"push to {target} failed, LATEST not changed: {exc}") from exc
-        log.info("pushed %d files to %s", len(uris), target)
-        gcs.write_text(f"{base}/{LATEST_FILE}", version + "\n")
-    else:
-        base_path = Path(push_to)
-        target_path = base_path / version
-        if target_path.exists():
-            raise UserError(f"--push-to: {target_path} already exists; give another --run-id")
-        base_path.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=base_path))
-        try:
-            shutil.copytree(local_dir, staging, dirs_exist_ok=True)
-            os.replace(staging, target_path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        latest_tmp = base_path / f".{LATEST_FILE}.tmp"
-        latest_tmp.write_text(version + "\n")
-        os.replace(latest_tmp, base_path / LATEST_FILE)
-        target = str(target_path)
-    log.info("LATEST -> %s", version)
-    return target
+    metrics = (evaluation or {}).get("metrics") or {}
+    record = {
+        "version": version,
+        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "model_sha256": model_sha,
+        "class_names": list(meta.get("class_names") or []),
+        "metrics": {k: metrics.get(k) for k in ("accuracy", "macro_f1", "num_examples") if k in metrics},
+        "data_fingerprint": config.fingerprint or (evaluation or {}).get("data_fingerprint")
+        or meta.get("data_fingerprint"),
+        "settings": canonical_settings(config.settings or {}),
+        "champion_before": ((evaluation or {}).get("champion") or {}).get("version"),
+        "lineage": lineage(meta, evaluation, config.pipeline_job),
+    }
+    parent = Path(config.output).parent
+    with tempfile.TemporaryDirectory(prefix=".push-", dir=parent) as staging:
+        stage = Path(staging) / version
+        shutil.copytree(config.output, stage)
+        (stage / registry.MODEL_DIR).mkdir()
+        for name in ("model.keras", "model.json"):
+            shutil.copy2(Path(config.model) / name, stage / registry.MODEL_DIR / name)
+        write_json(stage / "data_fingerprint.json", {"data_fingerprint": record["data_fingerprint"],
+                                                "source": record["lineage"]["source"]})
+        write_json(stage / registry.VERSION_FILE, record)
+        return registry.push(stage, config.push_to, version)
 
 
 # --- Vertex AI Model Registry ----------------------------------------------------------------------------------
@@ -295,6 +287,20 @@ def vertex_upload(vertex: VertexConfig, args: dict[str, Any], credentials: Any =
     return name
 
 
+def _duplicate_of_champion(config: "ExportConfig") -> str:
+    """Why this model must not be pushed again ('' when it may): the champion has the same model.keras SHA-256."""
+    from components import registry
+    from components.evaluate import file_sha256
+
+    champion = registry.resolve_champion(config.push_to)
+    if champion is None:
+        return ""
+    sha = file_sha256(Path(config.model) / "model.keras")
+    if champion.record.get("model_sha256") == sha:
+        return f"the champion {champion.version} at {config.push_to} is this very model (model.keras {sha[:12]})"
+    return ""
+
+
 # --- the step --------------------------------------------------------------------------------------------------
 
 
@@ -316,6 +322,7 @@ def export(config: ExportConfig) -> ExportResult:
     if evaluation is not None:
         _check_evaluation(evaluation, config.model, class_names, pushing=config.push_to is not None)
     version = new_version(config.run_id) if config.push_to else ""
+    duplicate = _duplicate_of_champion(config) if config.push_to else ""
 
     with atomic_directory(config.output) as tmp:
         write_saved_model(model, class_names, tmp)
@@ -333,8 +340,14 @@ def export(config: ExportConfig) -> ExportResult:
              config.output)
 
     result = ExportResult(saved_model_dir=str(config.output), version=version, class_names=class_names)
-    if config.push_to:
-        result.pushed_uri = push(config.output, config.push_to, version)
+    if config.push_to and duplicate:
+        result.skipped_push, result.version = duplicate, ""
+        log.warning("not pushed: %s", duplicate)
+    elif config.push_to:
+        from components.evaluate import file_sha256
+
+        result.pushed_uri = _push_version(config, meta, evaluation, version,
+                                          file_sha256(Path(config.model) / "model.keras"))
         if config.vertex is not None:
             args = vertex_upload_args(config.vertex, result.pushed_uri, version, class_names, evaluation)
             result.vertex_model = vertex_upload(config.vertex, args)
@@ -392,6 +405,9 @@ def export_op(
     exported_model: Output[Model],
     push_to: str = "",
     run_id: str = "",
+    fingerprint: str = "",
+    training_settings: dict = {},  # noqa: B006 (KFP reads the default from the signature)
+    pipeline_job: str = "",
 ) -> NamedTuple("ExportOutputs", [("pushed_uri", str)]):
     """Export a blessed classifier as a serving SavedModel and push a versioned copy.
 
@@ -402,6 +418,9 @@ def export_op(
             class_name), with model.json and evaluation.json beside it.
         push_to: Local folder or gs:// prefix to push a new version to (then LATEST is updated); "" for none.
         run_id: Name of the pushed version folder; "" for a UTC timestamp.
+        fingerprint: The data fingerprint (fingerprint step), recorded in the pushed version.
+        training_settings: The run's training settings, recorded so that the next run can skip unchanged data.
+        pipeline_job: The pipeline job name (dsl.PIPELINE_JOB_NAME_PLACEHOLDER), recorded in the lineage.
 
     Returns:
         pushed_uri: Where the version was pushed ("" when push_to is "").
@@ -411,8 +430,10 @@ def export_op(
     from components.export import ExportConfig, export
 
     result = export(ExportConfig(model=model.path, output=exported_model.path, evaluation=evaluation.path,
-                                 push_to=push_to or None, run_id=run_id or None))
+                                 push_to=push_to or None, run_id=run_id or None, fingerprint=fingerprint or None,
+                                 settings=training_settings or None, pipeline_job=pipeline_job or None))
     exported_model.metadata.update({"class_names": result.class_names, "signature": "serving_default",
-                                    "pushed_uri": result.pushed_uri, "version": result.version})
+                                    "pushed_uri": result.pushed_uri, "version": result.version,
+                                    "skipped_push": result.skipped_push})
     outputs = namedtuple("ExportOutputs", ["pushed_uri"])
     return outputs(result.pushed_uri)

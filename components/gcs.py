@@ -42,7 +42,17 @@ def client() -> storage.Client:
         from google.auth.credentials import AnonymousCredentials
 
         return storage.Client(project=settings.gcp_project() or "test", credentials=AnonymousCredentials())
-    return storage.Client(project=settings.gcp_project())
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+        return storage.Client(project=settings.gcp_project())
+    except DefaultCredentialsError:
+        raise UserError(NO_CREDENTIALS) from None
+
+
+NO_CREDENTIALS = ("no Google Cloud credentials for gs:// access: run `gcloud auth application-default login`, or set "
+                  "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file (on Vertex AI / GKE the job's "
+                  "service account is used)")
 
 
 def list_blobs(uri: str, gcs: storage.Client | None = None) -> list[storage.Blob]:
@@ -126,17 +136,41 @@ def upload_directory(
     return uris
 
 
-def _on_blob(uri: str, doing: str, call: Any) -> Any:
-    """`call(blob)` for the object at `uri`; a UserError "cannot DOING URI: ..." on any failure."""
+def _on_blob(uri: str, doing: str, call: Any, what: str = "") -> Any:
+    """`call(blob)` for the object at `uri`; a UserError "[WHAT: ]cannot DOING URI: ..." on any failure."""
     bucket, name = split_uri(uri)
+    gcs = client()  # no credentials: its own one-line UserError
     try:
-        return call(client().bucket(bucket).blob(name))
+        return call(gcs.bucket(bucket).blob(name))
     except Exception as exc:  # google.api_core errors, connection errors
-        raise UserError(f"cannot {doing} {uri}: {exc}") from exc
+        raise UserError(f"{what + ': ' if what else ''}cannot {doing} {uri}: {_short(exc)}") from exc
 
 
-def write_text(uri: str, text: str) -> None:
-    _on_blob(uri, "write", lambda blob: blob.upload_from_string(text))
+def _short(exc: Exception) -> str:
+    """The first line of an exception's message (google.api_core errors carry the whole response)."""
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def write_text(uri: str, text: str, what: str = "") -> None:
+    _on_blob(uri, "write", lambda blob: blob.upload_from_string(text), what)
+
+
+def read_text_if_exists(uri: str, what: str = "") -> str | None:
+    """The object's text, or None when it does not exist; UserError when it cannot be read."""
+    from google.api_core.exceptions import NotFound
+
+    def read(blob: Any) -> str | None:
+        try:
+            return blob.download_as_text()
+        except NotFound:
+            return None
+
+    return _on_blob(uri, "read", read, what)
+
+
+def delete(uri: str) -> None:
+    _on_blob(uri, "delete", lambda blob: blob.delete())
 
 
 def read_text(uri: str) -> str:

@@ -77,6 +77,7 @@ class IngestConfig:
     # with Beam pipeline options as KEY=VALUE strings.
     runner: str = "local"
     beam_options: tuple[str, ...] = ()
+    fingerprint: str | None = None  # the source's data fingerprint (components.fingerprint), recorded in the report
 
     def __post_init__(self) -> None:
         if not str(self.source).strip():
@@ -574,6 +575,7 @@ def _build(config: IngestConfig, listing: _Listing, out: Path, start: float) -> 
     seconds = time.perf_counter() - start
     report = {
         "source": config.source,
+        "data_fingerprint": config.fingerprint or None,
         "seed": config.seed,
         "fractions": config.fractions,
         "max_side": config.max_side,
@@ -669,6 +671,7 @@ def ingest_op(
     max_side: int = 0,
     max_corrupt_fraction: float = 0.01,
     num_shards: int = 0,
+    fingerprint: str = "",
 ) -> None:
     """Ingest images into a TFDS-format Dataset artifact with content-hash splits.
 
@@ -683,6 +686,8 @@ def ingest_op(
         max_side: downscale images whose longer side exceeds this many pixels; 0 keeps the bytes unchanged.
         max_corrupt_fraction: fail when more than this share of image files is unusable.
         num_shards: TFRecord shards per split; 0 picks about 64 MiB per shard.
+        fingerprint: the source's data fingerprint (fingerprint step): recorded in the Dataset, and part of this
+            task's inputs, so KFP's cache key changes exactly when the data does.
     """
     from components.ingest import IngestConfig, ingest
 
@@ -690,7 +695,9 @@ def ingest_op(
         IngestConfig(
             source=source, output=dataset.path, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
             max_side=max_side or None, max_corrupt_fraction=max_corrupt_fraction, num_shards=num_shards or None,
+            fingerprint=fingerprint or None,
         )
     )
     dataset.metadata["class_names"] = list(result.class_names)
     dataset.metadata["num_examples"] = dict(result.num_examples)
+    dataset.metadata["data_fingerprint"] = fingerprint

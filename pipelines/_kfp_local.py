@@ -9,7 +9,7 @@ import os
 import sys
 import warnings
 
-from components._compat import kfp_local_condition_resolution
+from components._compat import kfp_local_condition_resolution, kfp_local_oneof_artifacts
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ def init_local(pipeline_root: str, *, enable_caching: bool = False, raise_on_err
 
     python_first_on_path()
     kfp_local_condition_resolution()
+    kfp_local_oneof_artifacts()
     # Our image is the very environment we run in; kfp.local's per-task "custom base image" warning is noise here.
     warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom",
                             category=RuntimeWarning)

@@ -81,9 +81,15 @@ class RunSummary:
     comparison: Path | None = None
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    status: str = ""  # the fingerprint step's status: "no new data" ends the run before training
+    decision: str = ""  # evaluate's champion decision (evaluation.json `champion.decision`)
 
     def lines(self) -> list[str]:
         out = ["", "kfp-finetune run: summary"]
+        if self.status:
+            out.append(f"  {'status':<18} {self.status}")
+        if self.decision:
+            out.append(f"  {'decision':<18} {self.decision}")
         out += [f"  {k:<18} {format_value(v)}" for k, v in sorted(self.metrics.items())]
         out.append(f"  {'blessed':<18} {self.blessed}")
         if self.winner_recipe:
@@ -91,7 +97,8 @@ class RunSummary:
             out.append(f"  {'comparison':<18} {self.comparison}")
         for label, path in (("model", self.model), ("report", self.report), ("evaluation", self.evaluation),
                             ("export", self.export)):
-            shown = str(path) if path else ("(not exported: model not blessed)" if label == "export" else "-")
+            shown = str(path) if path else ("-" if label != "export" else "(nothing trained: no new data)"
+                                            if self.status == "no new data" else "(not exported: model not blessed)")
             out.append(f"  {label:<18} {shown}")
         out.append(f"  {'pipeline root':<18} {self.pipeline_root}")
         out.append(f"  {'wall time':<18} {self.seconds:.0f} s")
@@ -140,7 +147,7 @@ def run_local(
     # Compare mode: ingest, then per recipe 7 steps (settings, backbone, head, fine-tune, validate, candidate),
     # then pick-winner, evaluate, export.
     n = len(options.compare_recipes)
-    progress = StepProgress(total=6 if not n else 1 + 6 * n + 3)
+    progress = StepProgress(total=(6 if not n else 1 + 6 * n + 3) + 1)  # + the fingerprint step
     logging.getLogger().addFilter(progress)
     try:
         task = pipeline(**params)
@@ -211,9 +218,16 @@ def summarize(outputs: dict[str, Any], root: Path) -> RunSummary:
         exported = run_dir / "export" / "exported_model"
         if exported.exists():
             summary.export = exported
+    summary.status = str(outputs.get("status") or "")
     evaluation = outputs.get("evaluation")
     if evaluation is not None:
         summary.evaluation = Path(evaluation.path)
+        evaluation_file = summary.evaluation / "evaluation.json"
+        if summary.status != "no new data" and evaluation_file.is_file():
+            import json
+
+            summary.decision = str((json.loads(evaluation_file.read_text()).get("champion") or {})
+                                   .get("decision") or "")
     report = outputs.get("report")
     # The HTML artifact is a file named `report` (no extension); evaluate's folder has the same page as report.html,
     # which a browser opens by double-click.

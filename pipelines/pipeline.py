@@ -145,15 +145,19 @@ def _with_image(op: Any, image: str, name: str) -> Any:
 def build_pipeline(options: CompileOptions | None = None) -> Any:
     """The pipeline (a KFP GraphComponent) for the given compile-time options."""
     from kfp import dsl
-    from kfp.dsl import HTML, Artifact, Markdown, Metrics, Model
+    from kfp.dsl import HTML, Artifact, Markdown, Metrics, Model, pipeline_channel
 
     from components.backbone import backbone_op
     from components.evaluate import evaluate_op
     from components.export import export_op
+    from components.fingerprint import STATUS_NO_NEW_DATA, fingerprint_op
     from components.ingest import ingest_op
+    from components.registry import no_new_data_op
     from components.train import fine_tune_op, params, train_head_op
 
     options = options or CompileOptions()
+    fingerprint_c, no_new_data_c = (_with_image(op, options.image, name) for op, name in (
+        (fingerprint_op, "fingerprint"), (no_new_data_op, "no-new-data")))
     ingest_c, backbone_c, head_c, tune_c, evaluate_c, export_c = (
         _with_image(op, options.image, name)
         for op, name in ((ingest_op, "ingest"), (backbone_op, "backbone"), (train_head_op, "train-head"),
@@ -237,19 +241,58 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         winner.set_display_name("pick winner (validation)")
         model = winner.outputs["winner"]
 
+        evaluate, _ = evaluate_and_export(dataset, model, v)
+        return {"metrics": evaluate.outputs["metrics"], "report": evaluate.outputs["report"],
+                "evaluation": evaluate.outputs["evaluation"], "model": model,
+                "blessed": evaluate.outputs["blessed"], "accuracy": evaluate.outputs["accuracy"],
+                "comparison": winner.outputs["comparison"], "winner_recipe": winner.outputs["recipe"]}
+
+    def evaluate_and_export(dataset: Any, model: Any, v: dict[str, Any]) -> tuple[Any, Any]:
+        """evaluate on the test split against the champion (push_to/LATEST unless baseline_model says otherwise),
+        then export and push when blessed."""
         evaluate = evaluate_c(dataset=dataset, model=model, split="test", min_accuracy=v["min_accuracy"],
-                              baseline_model=v["baseline_model"], max_regression=v["max_regression"])
+                              baseline_model=v["baseline_model"], max_regression=v["max_regression"],
+                              champion_from=v["push_to"], class_change=v["class_change"],
+                              max_class_regression=v["max_class_regression"])
         evaluate.set_display_name("evaluate")
         with dsl.If(evaluate.outputs["blessed"] == True, name="blessed"):  # noqa: E712 (a KFP condition)
-            export = export_c(model=model, evaluation=evaluate.outputs["evaluation"], push_to=v["push_to"])
+            # No run_id: export then names the pushed version by UTC timestamp (digits), which TF Serving orders.
+            export = export_c(model=model, evaluation=evaluate.outputs["evaluation"], push_to=v["push_to"],
+                              fingerprint=v["fingerprint"], training_settings=v["training_settings"],
+                              pipeline_job=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+            # Pushing is a side effect: never satisfy it from the cache.
             export.set_display_name("export").set_caching_options(False)
-        return PipelineOutputs(metrics=evaluate.outputs["metrics"], report=evaluate.outputs["report"],
-                               evaluation=evaluate.outputs["evaluation"], model=model,
-                               blessed=evaluate.outputs["blessed"], accuracy=evaluate.outputs["accuracy"],
-                               comparison=winner.outputs["comparison"], winner_recipe=winner.outputs["recipe"])
+        return evaluate, export
+
+    def train_and_evaluate(v: dict[str, Any]) -> dict[str, Any]:
+        """The tasks of a run with new data (inside the `new-data` condition): the outputs, by name."""
+        ingest = ingest_c(source=v["source"], val_fraction=v["val_fraction"], test_fraction=v["test_fraction"],
+                          seed=v["seed"], max_side=v["max_side"], fingerprint=v["fingerprint"])
+        ingest.set_display_name("ingest").set_caching_options(True)
+
+        if options.compare_recipes:
+            return compare_branches(ingest, v)
+
+        backbone_task = backbone_c(name=v["backbone"], alpha=v["backbone_alpha"], image_size=v["image_size"],
+                                   weights=v["weights"], weights_sha256=v["weights_sha256"],
+                                   fallback_to_random=options.demo_fallback)
+        backbone_task.set_display_name("backbone").set_caching_options(True)
+
+        head = head_c(dataset=ingest.outputs["dataset"], backbone=backbone_task.outputs["model"],
+                      **params.step_arguments(params.HEAD, v))
+        training_resources(head, "train head")
+
+        tune = tune_c(dataset=ingest.outputs["dataset"], model=head.outputs["model"],
+                      **params.step_arguments(params.FINE_TUNE, v))
+        training_resources(tune, "fine-tune")
+
+        evaluate, _ = evaluate_and_export(ingest.outputs["dataset"], tune.outputs["tuned_model"], v)
+        return {"metrics": evaluate.outputs["metrics"], "report": evaluate.outputs["report"],
+                "evaluation": evaluate.outputs["evaluation"], "model": tune.outputs["tuned_model"],
+                "blessed": evaluate.outputs["blessed"], "accuracy": evaluate.outputs["accuracy"]}
 
     outputs_spec = [("metrics", Metrics), ("report", HTML), ("evaluation", Artifact), ("model", Model),
-                    ("blessed", bool), ("accuracy", float)]
+                    ("blessed", bool), ("accuracy", float), ("status", str)]
     if options.compare_recipes:
         outputs_spec += [("comparison", Markdown), ("winner_recipe", str)]
     PipelineOutputs = NamedTuple("Outputs", outputs_spec)  # noqa: UP014, N806 (KFP needs the functional form)
@@ -285,6 +328,9 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         baseline_model: str = "",
         max_regression: float = 0.0,
         push_to: str = "",
+        force_retrain: bool = False,
+        class_change: str = "bless",
+        max_class_regression: float = 1.0,
     ) -> PipelineOutputs:
         """Fine-tune a Keras image classifier: ingest ∥ backbone → train_head → fine_tune → evaluate → export.
 
@@ -328,47 +374,39 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
                 a /gcs/... path); empty uses AIP_CHECKPOINT_DIR when set (Vertex custom jobs), else no resume.
             seed: seed for splitting, shuffling, augmentation and initialisation.
             min_accuracy: the test accuracy a model needs to be blessed (and exported).
-            baseline_model: a Model artifact (local path or gs:// URI) the new model must not fall behind;
-                empty: no comparison.
+            baseline_model: a Model artifact or pushed version (local path or gs:// URI) the new model must not
+                fall behind; empty: the champion push_to/LATEST when push_to is set (none yet: thresholds only);
+                "none": no comparison.
             max_regression: how much test accuracy below the baseline is still tolerated (e.g. 0.01).
             push_to: where export pushes a versioned copy of the blessed SavedModel (local folder or gs:// prefix);
-                empty: the export stays in the pipeline's artifacts only.
+                empty: the export stays in the pipeline's artifacts only. Checked for writing before any training;
+                its LATEST is the champion, and a run whose data and training settings equal the champion's stops
+                after the fingerprint step with status "no new data".
+            force_retrain: train even when the data and the training settings equal the champion's.
+            class_change: when the champion's classes differ from the data's: "bless" (on thresholds alone) or
+                "refuse"; the decision and its reason are written to evaluation.json.
+            max_class_regression: how far any class's recall may drop against the champion (1 = no such rule).
         """
         values = dict(locals())  # the pipeline's parameters by name, for params.step_arguments / branch_arguments
-        ingest = ingest_c(source=source, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-                          max_side=max_side)
-        ingest.set_display_name("ingest").set_caching_options(True)
-
-        if options.compare_recipes:
-            return compare_branches(ingest, values)
-
-        backbone_task = backbone_c(name=backbone, alpha=backbone_alpha, image_size=image_size, weights=weights,
-                                   weights_sha256=weights_sha256, fallback_to_random=options.demo_fallback)
-        backbone_task.set_display_name("backbone").set_caching_options(True)
-
-        head = head_c(dataset=ingest.outputs["dataset"], backbone=backbone_task.outputs["model"],
-                      **params.step_arguments(params.HEAD, values))
-        training_resources(head, "train head")
-
-        tune = tune_c(dataset=ingest.outputs["dataset"], model=head.outputs["model"],
-                      **params.step_arguments(params.FINE_TUNE, values))
-        training_resources(tune, "fine-tune")
-
-        evaluate = evaluate_c(dataset=ingest.outputs["dataset"], model=tune.outputs["tuned_model"], split="test",
-                              min_accuracy=min_accuracy, baseline_model=baseline_model,
-                              max_regression=max_regression)
-        evaluate.set_display_name("evaluate")
-
-        with dsl.If(evaluate.outputs["blessed"] == True, name="blessed"):  # noqa: E712 (a KFP condition)
-            # No run_id: export then names the pushed version by UTC timestamp (digits), which TF Serving orders.
-            export = export_c(model=tune.outputs["tuned_model"], evaluation=evaluate.outputs["evaluation"],
-                              push_to=push_to)
-            # Pushing is a side effect: never satisfy it from the cache.
-            export.set_display_name("export").set_caching_options(False)
-
-        return PipelineOutputs(metrics=evaluate.outputs["metrics"], report=evaluate.outputs["report"],
-                       evaluation=evaluate.outputs["evaluation"], model=tune.outputs["tuned_model"],
-                       blessed=evaluate.outputs["blessed"], accuracy=evaluate.outputs["accuracy"])
+        # What the skip decision compares with the champion's: every parameter that shapes the model.
+        not_training = {"source", "checkpoint_dir", "min_accuracy", "baseline_model", "max_regression", "push_to",
+                        "force_retrain", "class_change", "max_class_regression"}
+        training_settings = {k: v for k, v in values.items()
+                             if isinstance(v, pipeline_channel.PipelineParameterChannel) and k not in not_training}
+        training_settings["compare_recipes"] = ",".join(options.compare_recipes)
+        fingerprint = fingerprint_c(source=source, push_to=push_to, training_settings=training_settings,
+                                    force_retrain=force_retrain)
+        # Listing the source is the point: never answer it from the cache.
+        fingerprint.set_display_name("fingerprint").set_caching_options(False)
+        status = fingerprint.outputs["status"]
+        values.update(fingerprint=fingerprint.outputs["fingerprint"], training_settings=training_settings)
+        with dsl.If(status != STATUS_NO_NEW_DATA, name="new-data"):
+            trained = train_and_evaluate(values)
+        with dsl.Else(name="no-new-data"):
+            skipped = no_new_data_c(push_to=push_to, status=status)
+            skipped.set_display_name("no new data: champion kept").set_caching_options(False)
+        names = [name for name, _ in outputs_spec if name != "status"]
+        return PipelineOutputs(status=status, **{k: dsl.OneOf(trained[k], skipped.outputs[k]) for k in names})
 
     return finetune_pipeline
 

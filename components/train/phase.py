@@ -47,6 +47,8 @@ def finish(
     )
     result.seconds = time.perf_counter() - started
     out["training"][phase]["seconds"] = round(result.seconds, 2)
+    # The data this model was trained on (the retraining loop's fingerprint, recorded by ingest).
+    out.update(data_fingerprint=info.report.get("data_fingerprint"), data_source=info.report.get("source"))
     _save(model, out, directory, mixed)
     return result
 

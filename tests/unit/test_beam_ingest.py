@@ -242,6 +242,7 @@ def test_dataflow_compile_golden_structure_and_job_arguments(tmp_path):
 
     from components.beam_ingest import compiled_dataflow_options
     from tests.pipeline_shape import pipeline_structure
+    from tests.unit.test_pipeline_compile import find_task
 
     package = compile_dataflow(tmp_path)
     ir = yaml.safe_load(package.read_text())
@@ -249,7 +250,7 @@ def test_dataflow_compile_golden_structure_and_job_arguments(tmp_path):
     if os.environ.get("KFP_FINETUNE_UPDATE_GOLDEN"):
         GOLDEN_DATAFLOW.write_text(json.dumps(actual, indent=2, sort_keys=True) + "\n")
     assert actual == json.loads(GOLDEN_DATAFLOW.read_text()), "regenerate with KFP_FINETUNE_UPDATE_GOLDEN=1"
-    ingest_task = actual["tasks"]["ingest"]
+    ingest_task = actual["tasks"][find_task(actual["tasks"], "ingest")]
     assert ingest_task["parameters"]["runner"] == "const:'dataflow'" and ingest_task["image"] == "<image>"
     options = compiled_dataflow_options(package)
     assert options == ["region=europe-west4", "temp_location=gs://b/tmp", "max_num_workers=20",

@@ -5,11 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +18,11 @@ from components.export import (
     ExportConfig,
     VertexConfig,
     export,
-    push,
     read_latest,
     vertex_upload,
     vertex_upload_args,
 )
 from tests import evalchain
-from tests.conftest import Emulator
 
 
 @pytest.fixture(scope="module")
@@ -109,20 +104,29 @@ def test_saved_model_cli_lists_the_signature(exported):
         assert f"outputs['{name}'] tensor_info:\n        dtype: {dtype}" in section
 
 
-def test_push_to_local_folder_versions_and_latest(exported, tmp_path):
+def test_push_is_a_complete_champion_and_never_a_duplicate(chain, blessed_eval, tmp_path):
     dest = tmp_path / "registry"
     assert read_latest(str(dest)) is None
-    first = push(exported, str(dest), "run-1")
-    assert read_latest(str(dest)) == "run-1" and Path(first) == dest / "run-1"
-    second = push(exported, str(dest), "run-2")
-    assert read_latest(str(dest)) == "run-2"
-    for version in (first, second):
-        assert {"saved_model.pb", "variables", "model.json", "evaluation.json"} <= {p.name for p in
-                                                                                   Path(version).iterdir()}
-    with pytest.raises(UserError, match="already exists"):
-        push(exported, str(dest), "run-1")
-    assert read_latest(str(dest)) == "run-2"
-    assert sorted(p.name for p in dest.iterdir()) == [LATEST_FILE, "run-1", "run-2"]  # no temp leftovers
+    first = export(ExportConfig(model=str(chain.strong), output=str(tmp_path / "e1"), evaluation=str(blessed_eval),
+                                push_to=str(dest), run_id="run-1", fingerprint="abc123",
+                                settings={"head_epochs": "6.0"}, pipeline_job="job-7"))
+    assert read_latest(str(dest)) == "run-1" and Path(first.pushed_uri) == dest / "run-1"
+    version = Path(first.pushed_uri)
+    assert {"saved_model.pb", "variables", "model.json", "evaluation.json", "data_fingerprint.json", "version.json",
+            "model"} <= {p.name for p in version.iterdir()}
+    assert (version / "model" / "model.keras").read_bytes() == (chain.strong / "model.keras").read_bytes()
+    record = json.loads((version / "version.json").read_text())
+    assert record["data_fingerprint"] == "abc123" and record["settings"] == {"head_epochs": "6"}
+    assert record["lineage"]["pipeline_job"] == "job-7" and record["lineage"]["kfp_finetune_version"]
+    assert len(record["lineage"]["weights_sha256"]) == 64
+    assert record["metrics"]["accuracy"] == json.loads((blessed_eval / "evaluation.json").read_text())[
+        "metrics"]["accuracy"]
+    # The same model again: not pushed, LATEST unchanged, no new folder.
+    again = export(ExportConfig(model=str(chain.strong), output=str(tmp_path / "e2"), evaluation=str(blessed_eval),
+                                push_to=str(dest), run_id="run-2"))
+    assert again.pushed_uri == "" and "run-1" in again.skipped_push
+    assert read_latest(str(dest)) == "run-1"
+    assert sorted(p.name for p in dest.iterdir()) == [LATEST_FILE, "run-1"]  # no temp leftovers
 
 
 def test_export_push_to_emulator_is_servable(chain, blessed_eval, gcs_bucket, tmp_path, flowers_dir):
@@ -141,8 +145,10 @@ def test_export_push_to_emulator_is_servable(chain, blessed_eval, gcs_bucket, tm
     local = tmp_path / "fetched"
     prefix = "models/flowers/run-7/"
     gcs.download_many([f"gs://{gcs_bucket.name}/{n}" for n in names], [local / n[len(prefix):] for n in names])
+    # The export, plus what makes it a complete champion: the Model artifact, the data fingerprint, version.json.
     assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()) == sorted(
-        p.relative_to(tmp_path / "export").as_posix() for p in (tmp_path / "export").rglob("*") if p.is_file())
+        [p.relative_to(tmp_path / "export").as_posix() for p in (tmp_path / "export").rglob("*") if p.is_file()]
+        + ["data_fingerprint.json", "model/model.json", "model/model.keras", "version.json"])
     serving = tf.saved_model.load(str(local)).signatures["serving_default"]
     out = serving(image_bytes=tf.constant(_flower_images(flowers_dir)[:2]))
     assert out["probabilities"].shape == (2, 3)
@@ -165,55 +171,6 @@ def test_export_refuses_unblessed_or_foreign_evaluation(chain, blessed_eval, tmp
         ExportConfig(model="m", output="o", push_to=str(tmp_path / "r"),
                      vertex=VertexConfig(project="p", region="us-central1", display_name="d"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["failed_eval"]
-
-
-def test_emulator_stopped_mid_push_leaves_latest_on_old_version(exported, tmp_path, monkeypatch):
-    from components import gcs
-
-    emulator = Emulator(storage=tmp_path / "gcs")  # on disk: it survives a stop
-    emulator.start()
-    try:
-        monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.host)
-        monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "test")
-        gcs.client().create_bucket("registry")
-        dest = "gs://registry/models"
-        push(exported, dest, "v1")
-        assert read_latest(dest) == "v1"
-
-        # A bigger version: the export's small files finish first while 8 large assets are still uploading.
-        big = tmp_path / "big"
-        shutil.copytree(exported, big)
-        (big / "assets").mkdir(exist_ok=True)
-        for i in range(8):
-            (big / "assets" / f"extra-{i}.bin").write_bytes(os.urandom(8 << 20))
-        total = sum(1 for p in big.rglob("*") if p.is_file())
-
-        seen: list[int] = []
-
-        def stop_when_some_uploaded() -> None:
-            watcher = gcs.client()
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                n = sum(1 for _ in watcher.list_blobs("registry", prefix="models/v2/"))
-                if n:
-                    seen.append(n)
-                    emulator.stop()
-                    return
-                time.sleep(0.02)
-
-        thread = threading.Thread(target=stop_when_some_uploaded)
-        thread.start()
-        with pytest.raises(UserError, match="LATEST not changed"):
-            push(big, dest, "v2", retry_seconds=3)
-        thread.join()
-        assert seen and seen[0] < total, "the emulator must stop part-way through the upload"
-
-        emulator.start()  # same port, same disk storage
-        assert read_latest(dest) == "v1"
-        uploaded = len(gcs.list_blobs(f"{dest}/v2"))
-        assert 0 < uploaded < total  # half a version exists, and no reader is pointed at it
-    finally:
-        emulator.stop()
 
 
 def test_vertex_upload_built_offline_and_stops_at_the_network(tmp_path):
@@ -255,11 +212,19 @@ def test_cli_and_component(chain, blessed_eval, tmp_path):
     assert read_latest(str(tmp_path / "reg")) == "cli-1"
     assert (tmp_path / "reg" / "cli-1" / "saved_model.pb").is_file()
 
+    # The component, to a fresh destination (to "reg" it would be a duplicate of the champion cli-1: not pushed).
     exported_model = dsl.Model(name="exported_model", uri=str(tmp_path / "component"))
     outputs = export_op.python_func(model=dsl.Model(uri=str(chain.strong)),
                                     evaluation=dsl.Artifact(uri=str(blessed_eval)), exported_model=exported_model,
-                                    push_to=str(tmp_path / "reg"), run_id="")
-    assert outputs.pushed_uri == str(tmp_path / "reg" / exported_model.metadata["version"])
-    assert read_latest(str(tmp_path / "reg")) == exported_model.metadata["version"]
+                                    push_to=str(tmp_path / "reg2"), run_id="", fingerprint="f00d",
+                                    pipeline_job="job-1")
+    assert outputs.pushed_uri == str(tmp_path / "reg2" / exported_model.metadata["version"])
+    assert read_latest(str(tmp_path / "reg2")) == exported_model.metadata["version"]
+    record = json.loads((Path(outputs.pushed_uri) / "version.json").read_text())
+    assert record["data_fingerprint"] == "f00d" and record["lineage"]["pipeline_job"] == "job-1"
+    duplicate = dsl.Model(name="exported_model", uri=str(tmp_path / "component2"))
+    assert export_op.python_func(model=dsl.Model(uri=str(chain.strong)), evaluation=dsl.Artifact(uri=str(blessed_eval)),
+                                 exported_model=duplicate, push_to=str(tmp_path / "reg"), run_id="").pushed_uri == ""
+    assert "cli-1" in duplicate.metadata["skipped_push"] and read_latest(str(tmp_path / "reg")) == "cli-1"
     assert exported_model.metadata["version"].isdigit() and len(exported_model.metadata["version"]) == 17
     assert (tmp_path / "component" / "saved_model.pb").is_file()

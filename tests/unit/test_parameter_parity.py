@@ -150,12 +150,16 @@ def irs(tmp_path_factory):
 @pytest.mark.parametrize("phase", list(PHASES))
 def test_standard_mode_wires_every_pipeline_parameter_to_its_step(irs, phase):
     ir, _ = irs
-    wired = ir["root"]["dag"]["tasks"][TASKS[phase]]["inputs"]["parameters"]
+    # The training steps sit inside the retraining loop's new-data condition: a sub-DAG, whose inputs carry the
+    # pipeline's parameters as pipelinechannel--NAME.
+    dags = [c["dag"]["tasks"] for c in ir["components"].values() if TASKS[phase] in c.get("dag", {}).get("tasks", {})]
+    assert len(dags) == 1
+    wired = dags[0][TASKS[phase]]["inputs"]["parameters"]
     for p in PHASES[phase]:
         if p.pipeline is None:
             assert p.name not in wired, f"{p.name} is not a pipeline parameter, yet wired"
         else:
-            assert wired[p.name] == {"componentInputParameter": p.pipeline}, p.name
+            assert wired[p.name] == {"componentInputParameter": f"pipelinechannel--{p.pipeline}"}, p.name
 
 
 @pytest.mark.parametrize("phase", list(PHASES))

@@ -34,6 +34,13 @@ def compiled(tmp_path: Path, *args: str) -> dict:
     return yaml.safe_load(out.read_text())
 
 
+def find_task(tasks: dict, name: str) -> str:
+    """The path of the one task called `name`, at whatever depth of conditions it sits (e.g. the new-data branch)."""
+    found = [path for path in tasks if path == name or path.endswith("/" + name)]
+    assert len(found) == 1, (name, found)
+    return found[0]
+
+
 def executor_images(ir: dict) -> dict[str, str]:
     return {name: e["container"]["image"] for name, e in ir["deploymentSpec"]["executors"].items()}
 
@@ -46,7 +53,7 @@ def test_compiled_pipeline_loads_back_with_every_executor_on_the_given_image(tmp
     assert component.name == "kfp-finetune"
     assert "source" in component.component_spec.inputs
     images = executor_images(ir)
-    assert len(images) == 6
+    assert len(images) == 8  # fingerprint, ingest, backbone, train-head, fine-tune, evaluate, export, no-new-data
     assert set(images.values()) == {IMAGE}
 
 
@@ -93,13 +100,13 @@ def test_gpu_goes_to_the_training_steps_only(tmp_path):
     ir = compiled(tmp_path, "--image", IMAGE, "--gpu", "NVIDIA_TESLA_T4:2", "--cpu", "8", "--memory", "32G")
     tasks = pipeline_structure(ir)["tasks"]
     for name in ("train-head", "fine-tune"):
-        resources = tasks[name]["resources"]
+        resources = tasks[find_task(tasks, name)]["resources"]
         assert resources["accelerator"]["resourceCount"] == "2"
         assert resources["accelerator"]["resourceType"] == "NVIDIA_TESLA_T4"
         assert resources["cpuRequest"] == 8.0 and resources["memoryRequest"] == 32.0
-        assert tasks[name]["retries"] == 2
-    for name in ("ingest", "backbone", "evaluate", "condition-1/export"):
-        assert "resources" not in tasks[name]
+        assert tasks[find_task(tasks, name)]["retries"] == 2
+    for name in ("fingerprint", "ingest", "backbone", "evaluate", "export", "no-new-data"):
+        assert "resources" not in tasks[find_task(tasks, name)]
 
 
 def test_custom_job_wraps_both_training_steps_with_the_given_image(tmp_path):
@@ -122,15 +129,33 @@ def test_custom_job_wraps_both_training_steps_with_the_given_image(tmp_path):
 
 def test_export_runs_only_when_blessed(tmp_path):
     tasks = pipeline_structure(compiled(tmp_path, "--image", IMAGE))["tasks"]
-    condition = tasks["condition-1"]["condition"]
+    export = find_task(tasks, "export")
+    condition = tasks[export.rsplit("/", 1)[0]]["condition"]
     assert "evaluate-blessed" in condition and condition.endswith("== true")
-    assert tasks["condition-1/export"]["artifacts"] == {
+    assert tasks[export]["artifacts"] == {
         "evaluation": "param:pipelinechannel--evaluate-evaluation",
         "model": "param:pipelinechannel--fine-tune-tuned_model",
     }
-    assert not tasks["condition-1/export"]["caching"]
-    assert tasks["ingest"]["caching"] and tasks["backbone"]["caching"]
-    assert tasks["ingest"]["after"] == [] and tasks["backbone"]["after"] == []  # they run in parallel
+    assert not tasks[export]["caching"]
+    ingest, backbone = find_task(tasks, "ingest"), find_task(tasks, "backbone")
+    assert tasks[ingest]["caching"] and tasks[backbone]["caching"]
+    assert tasks[ingest]["after"] == [] and tasks[backbone]["after"] == []  # they run in parallel
+
+
+def test_training_runs_only_with_new_data_and_ingest_takes_the_fingerprint(tmp_path):
+    """The retraining loop: fingerprint first (never cached); everything else only when its status is not
+    "no new data"; otherwise the no-new-data branch; ingest's cache key includes the fingerprint."""
+    tasks = pipeline_structure(compiled(tmp_path, "--image", IMAGE))["tasks"]
+    assert not tasks["fingerprint"]["caching"] and tasks["fingerprint"]["after"] == []
+    ingest, skip = find_task(tasks, "ingest"), find_task(tasks, "no-new-data")
+    train_branch, skip_branch = ingest.rsplit("/", 1)[0], skip.rsplit("/", 1)[0]
+    assert tasks[train_branch]["condition"].endswith("fingerprint-status'] != 'no new data'")
+    assert tasks[skip_branch]["condition"].startswith("!(")
+    for name in ("backbone", "train-head", "fine-tune", "evaluate", "export"):
+        assert find_task(tasks, name).startswith(train_branch + "/")
+    assert tasks[ingest]["parameters"]["fingerprint"] == "param:pipelinechannel--fingerprint-fingerprint"
+    evaluate = tasks[find_task(tasks, "evaluate")]["parameters"]
+    assert evaluate["champion_from"] == "param:pipelinechannel--push_to"
 
 
 def test_docstring_documents_every_parameter(tmp_path):
@@ -191,6 +216,7 @@ def test_custom_job_settings_are_validated():
 def test_weights_fallback_is_compiled_in_only_for_the_demo(demo, tmp_path):
     """Missing weights are an error everywhere but the no-argument demo (`run` without --source)."""
     out = compile_pipeline(tmp_path / "p.yaml", CompileOptions(image=IMAGE, demo_fallback=demo))
-    params = pipeline_structure(yaml.safe_load(out.read_text()))["tasks"]["backbone"]["parameters"]
+    tasks = pipeline_structure(yaml.safe_load(out.read_text()))["tasks"]
+    params = tasks[find_task(tasks, "backbone")]["parameters"]
     assert params["fallback_to_random"] == f"const:{demo}"
     assert "fallback" not in " ".join(pipeline_structure(yaml.safe_load(out.read_text()))["parameters"])
