@@ -38,6 +38,8 @@ from components.fsutil import atomic_directory, check_output_dir, read_json, wri
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
+    from components import serving
+
 log = logging.getLogger("kfp_finetune.export")
 
 LATEST_FILE = "LATEST"
@@ -87,6 +89,8 @@ class ExportConfig:
     push_to: str | None = None
     run_id: str | None = None
     vertex: VertexConfig | None = None
+    # Where the serving check takes one test image per class from (default: the evaluation's dataset).
+    dataset: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("model", "output"):
@@ -118,6 +122,7 @@ class ExportResult:
     vertex_model: str = ""
     class_names: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    serving_check: dict[str, Any] = field(default_factory=dict)
 
 
 # --- the serving SavedModel ------------------------------------------------------------------------------------
@@ -154,6 +159,29 @@ def write_saved_model(model: "keras.Model", class_names: list[str], directory: s
     archive.track(model)
     archive.add_endpoint(name=SIGNATURE, fn=serve)
     archive.write_out(str(directory), verbose=False)
+
+
+def _serving_check(saved_model_dir: Path, model: "keras.Model", class_names: list[str], config: ExportConfig,
+                   evaluation: dict[str, Any] | None) -> "serving.ServingCheck":
+    """components.serving's check with one test image per class (synthetic images when no dataset is at hand)."""
+    from components import serving
+
+    dataset = config.dataset or (evaluation or {}).get("dataset")
+    if dataset and Path(dataset).is_dir():
+        samples = serving.sample_images(dataset, class_names)
+    else:
+        log.warning("serving check: no dataset at hand (--dataset, or the evaluation's dataset %r): sending "
+                    "synthetic images instead of real ones", dataset)
+        samples = serving.synthetic_images(len(class_names))
+    return serving.check_saved_model(saved_model_dir, model, class_names, samples)
+
+
+def _serving_requirements(saved_model_dir: Path) -> dict[str, Any]:
+    """TF version and op list of the SavedModel: what a serving image must support."""
+    from components import serving
+
+    info = serving.saved_model_requirements(saved_model_dir)
+    return {"tensorflow_version": info["tensorflow_version"], "op_count": len(info["ops"]), "ops": info["ops"]}
 
 
 # --- evaluation checks -----------------------------------------------------------------------------------------
@@ -320,6 +348,7 @@ def export(config: ExportConfig) -> ExportResult:
 
     with atomic_directory(config.output) as tmp:
         write_saved_model(model, class_names, tmp)
+        check = _serving_check(tmp, model, class_names, config, evaluation)
         write_json(tmp / modelio.META_FILE, meta)
         if evaluation is not None:
             write_json(tmp / "evaluation.json", evaluation)
@@ -329,11 +358,16 @@ def export(config: ExportConfig) -> ExportResult:
                         "class_name": "string [None]"},
             "class_names": class_names, "input_size": _input_size(model), "source_model": str(config.model),
             "version": version or None,
+            "serving_check": check.as_dict(), "serving_requirements": _serving_requirements(tmp),
         })
     log.info("exported SavedModel (%s: %s -> %s) to %s", SIGNATURE, INPUT_NAME, ", ".join(OUTPUT_NAMES),
              config.output)
 
-    result = ExportResult(saved_model_dir=str(config.output), version=version, class_names=class_names)
+    result = ExportResult(saved_model_dir=str(config.output), version=version, class_names=class_names,
+                          serving_check=check.as_dict())
+    if not check.passed:
+        raise UserError(f"serving check failed, so nothing was pushed: {check.reason} (details in "
+                        f"{Path(config.output) / EXPORT_FILE})")
     if config.push_to:
         result.pushed_uri = push(config.output, config.push_to, version)
         if config.vertex is not None:
@@ -360,6 +394,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--push-to", default=None, metavar="DIR_OR_GS_URI",
                    help="copy the export to PUSH_TO/<version>/ and then point PUSH_TO/LATEST at it")
     p.add_argument("--run-id", default=None, help="version folder name (default: UTC timestamp in ms)")
+    p.add_argument("--dataset", default=None,
+                   help="Dataset artifact for the serving check's test images (default: the evaluation's dataset)")
     v = p.add_argument_group("Vertex AI Model Registry (optional)")
     v.add_argument("--vertex-upload", action="store_true", help="register the pushed gs:// version in Vertex AI")
     v.add_argument("--vertex-project", default=None, help="GCP project (default: $GOOGLE_CLOUD_PROJECT)")
@@ -377,7 +413,8 @@ def _run(args: argparse.Namespace) -> int:
                               display_name=args.vertex_display_name, parent_model=args.vertex_parent_model,
                               serving_image=args.vertex_serving_image)
     result = export(ExportConfig(model=args.model, output=args.output, evaluation=args.evaluation,
-                                 push_to=args.push_to, run_id=args.run_id, vertex=vertex))
+                                 push_to=args.push_to, run_id=args.run_id, vertex=vertex,
+                                 dataset=args.dataset))
     if result.pushed_uri:
         log.info("pushed version %s to %s", result.version, result.pushed_uri)
     return 0
