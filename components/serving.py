@@ -9,12 +9,14 @@ it, and
      (`{"b64": ...}` -> the raw bytes of a DT_STRING element; the instances are stacked into one batch);
   2. replays every record of `assets.extra/tf_serving_warmup_requests` through the signature it names, as TF
      Serving does at load time with `--enable_model_warmup`;
-  3. returns the outputs, which are compared here with the Keras model's probabilities on the same bytes
-     (decoded with `components.dataset.decode_image`): max |difference| <= `TOLERANCE`, and class_name must be
-     the class names' entry at argmax.
+  3. returns the outputs (and its TensorFlow version), which are compared here with the Keras model's
+     probabilities on the same bytes (decoded with `components.dataset.decode_image`): max |difference| <=
+     `TOLERANCE`, and class_name must be the class names' entry at argmax.
 
-A failing check returns `ServingCheck(passed=False, reason=...)`; export records it in export.json and refuses to
-push.
+The server side runs with this interpreter's TensorFlow, or with the Python named by KFP_FINETUNE_SERVING_PYTHON
+(e.g. a venv with tensorflow-cpu 2.15, the TF of Vertex AI's tf2-cpu.2-15 image) to check the SavedModel against
+the serving image's TensorFlow. A failing check returns `ServingCheck(passed=False, reason=...)`; export records it
+in export.json and refuses to push.
 
 The warmup file is a TFRecord file of `tensorflow.serving.PredictionLog` records, each a `predict_log` whose
 `request` is a PredictRequest for `serving_default` with `image_bytes` = a 1-D DT_STRING tensor. The classes come
@@ -316,6 +318,9 @@ def run_server(saved_model_dir: str | os.PathLike, body: dict[str, Any], warmup:
                timeout: float = CHECK_TIMEOUT_S, python: str | None = None) -> dict[str, Any]:
     """Run SERVER_SCRIPT on the SavedModel in a fresh interpreter; its JSON result. RuntimeError with the
     subprocess's last stderr lines when it fails."""
+    from components import settings
+
+    python = python or settings.serving_python() or sys.executable
     with tempfile.TemporaryDirectory(prefix="serving-check-") as tmp:
         request = Path(tmp) / "request.json"
         request.write_text(json.dumps(body))
@@ -325,7 +330,7 @@ def run_server(saved_model_dir: str | os.PathLike, body: dict[str, Any], warmup:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         try:
-            done = subprocess.run([python or sys.executable, "-c", SERVER_SCRIPT, str(Path(tmp) / "job.json")],
+            done = subprocess.run([python, "-c", SERVER_SCRIPT, str(Path(tmp) / "job.json")],
                                   cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             raise RuntimeError(f"the server process did not answer within {timeout:g} s") from exc

@@ -156,3 +156,34 @@ def test_server_process_failure_is_reported(tmp_path):
     check = serving.check_saved_model(tmp_path / "sm", model=None, class_names=["a"],  # type: ignore[arg-type]
                                       samples=serving.synthetic_images(1), write_warmup_file=False)
     assert not check.passed and check.reason
+
+
+def test_saved_model_needs_only_ops_the_vertex_tf215_image_has(pushed):
+    """The default --vertex-serving-image is tf2-cpu.2-15: every op of the export must exist in TF 2.15
+    (tests/golden/tf2.15_ops.txt, dumped from tensorflow-cpu 2.15.1's op registry)."""
+    from components.export import DEFAULT_SERVING_IMAGE
+
+    exported, _ = pushed
+    golden = Path(__file__).resolve().parents[1] / "golden" / "tf2.15_ops.txt"
+    available = {line for line in golden.read_text().splitlines() if line and not line.startswith("#")}
+    info = serving.saved_model_requirements(exported)
+    assert info["tensorflow_version"] and info["tags"] == ["serve"]
+    assert len(info["ops"]) > 20 and {"DecodeImage", "ResizeBilinear", "Softmax"} <= set(info["ops"])
+    assert sorted(set(info["ops"]) - available) == []
+    assert "tf2-cpu.2-15" in DEFAULT_SERVING_IMAGE
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("KFP_FINETUNE_SERVING_PYTHON"),
+                    reason="KFP_FINETUNE_SERVING_PYTHON (a Python with the serving image's TF) is not set")
+def test_serving_check_with_the_serving_images_tensorflow(pushed, chain):
+    """With KFP_FINETUNE_SERVING_PYTHON pointing at e.g. a tensorflow-cpu 2.15 venv, the same check passes there."""
+    from components import modelio
+
+    exported, _ = pushed
+    model, meta = modelio.load_model(chain.strong)
+    check = serving.check_saved_model(exported, model, meta["class_names"],
+                                      serving.sample_images(chain.dataset, meta["class_names"]))
+    assert check.passed, check.reason
+    import tensorflow as tf
+
+    assert check.server_tensorflow != tf.__version__
