@@ -140,3 +140,11 @@ def read_text(uri: str) -> str:
         return client().bucket(bucket).blob(name).download_as_text()
     except Exception as exc:
         raise UserError(f"cannot read {uri}: {exc}") from exc
+
+
+def exists(uri: str) -> bool:
+    bucket, name = split_uri(uri)
+    try:
+        return client().bucket(bucket).blob(name).exists()
+    except Exception as exc:
+        raise UserError(f"cannot reach {uri}: {exc}") from exc

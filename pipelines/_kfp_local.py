@@ -1,48 +1,17 @@
-"""Setting up kfp.local for this project, and one fix for kfp 2.17's local runner.
+"""Setting up kfp.local for this project (with the fix for kfp 2.17's local runner from components/_compat.py).
 
-kfp.local (2.17.3) cannot evaluate a `dsl.If` on a named output of a task with several outputs: the condition's
-channel is `pipelinechannel--<task>-<output>` and its resolver only understands `<task>--<output>` and
-`<task>-Output`, so `dsl.If(evaluate.outputs["blessed"] == True)` is always False locally (it logs "Could not
-resolve parent input"). `fix_condition_resolution` teaches the resolver the `<task>-<output>` form by looking the
-name up among the outputs the tasks actually produced. KFP and Vertex backends are unaffected: they never see this.
+The fix, `components._compat.kfp_local_condition_resolution`, is needed only by kfp.local: KFP and Vertex backends
+never see it.
 """
 
 import logging
 import os
 import sys
 import warnings
-from typing import Any
+
+from components._compat import kfp_local_condition_resolution
 
 log = logging.getLogger(__name__)
-_PATCHED = "_kfp_finetune_patched"
-
-
-def fix_condition_resolution() -> bool:
-    """Install the resolver fix (idempotent). Returns False when this kfp has no such resolver to fix."""
-    try:
-        from kfp.local.orchestrator import enhanced_dag_orchestrator as orch
-    except ImportError:  # a kfp without the enhanced orchestrator
-        return False
-    evaluator = getattr(orch, "ConditionEvaluator", None)
-    original = getattr(evaluator, "_resolve_pipeline_channel", None)
-    if original is None:
-        return False
-    if getattr(original, _PATCHED, False):
-        return True
-
-    def resolve(channel_ref: str, io_store: Any) -> Any:
-        name = channel_ref.replace("pipelinechannel--", "", 1)
-        store = io_store
-        while store is not None:
-            for task, outputs in getattr(store, "_task_output_data", {}).items():
-                if name.startswith(task + "-") and name[len(task) + 1 :] in outputs:
-                    return outputs[name[len(task) + 1 :]]
-            store = getattr(store, "_parent", None)
-        return original(channel_ref, io_store)
-
-    setattr(resolve, _PATCHED, True)
-    evaluator._resolve_pipeline_channel = staticmethod(resolve)
-    return True
 
 
 def python_first_on_path() -> None:
@@ -61,7 +30,7 @@ def init_local(pipeline_root: str, *, enable_caching: bool = False, raise_on_err
     from kfp import local
 
     python_first_on_path()
-    fix_condition_resolution()
+    kfp_local_condition_resolution()
     # Our image is the very environment we run in; kfp.local's per-task "custom base image" warning is noise here.
     warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom",
                             category=RuntimeWarning)
