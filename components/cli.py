@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "components.train",
     "components.evaluate",
     "components.export",
+    "components.predict",
     "components.compare",
     "pipelines.commands",
 )

@@ -154,9 +154,15 @@ def write_saved_model(model: "keras.Model", class_names: list[str], directory: s
         class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
         return {"probabilities": probabilities, "class_id": class_id, "class_name": tf.gather(names, class_id)}
 
+    # For batch prediction (components.predict): decoded pixels in, probabilities out, no string handling.
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
+    def predict_pixels(pixels: tf.Tensor) -> tf.Tensor:
+        return tf.cast(model(pixels, training=False), tf.float32)
+
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(name=SIGNATURE, fn=serve)
+    archive.add_endpoint(name="predict_pixels", fn=predict_pixels)
     archive.write_out(str(directory), verbose=False)
 
 

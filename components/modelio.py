@@ -117,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-
 def input_size(model: keras.Model, what: str | None = None) -> int:
     """S of a model taking square RGB images [None, S, S, 3]; a UserError naming `what` (or the model) otherwise."""
     shape = model.input_shape
