@@ -7,6 +7,12 @@ and evaluation used) and returns `probabilities` [batch, classes] float32, `clas
 `{"image_bytes": {"b64": ...}}`). The output directory is the SavedModel itself, with model.json and
 evaluation.json beside saved_model.pb.
 
+A second endpoint, `predict_pixels` (decoded pixels [batch, S, S, 3] float32 in, probabilities out), serves batch
+prediction (components.predict). Before anything is pushed, components.serving checks the SavedModel in a fresh
+TensorFlow-only process the way a model server loads it (one test image per class, sent as Vertex JSON b64
+instances, plus a replay of the `assets.extra/tf_serving_warmup_requests` file it writes); a failing check is
+recorded in export.json and nothing is pushed.
+
 Push (`push_to`): the exported folder is copied to `<push_to>/<version>/` (version = UTC timestamp in
 milliseconds, digits only so TF Serving orders it, or the run id), and only then is `<push_to>/LATEST` rewritten
 to name the new version. A push that fails part-way leaves LATEST on the previous version. gs:// goes through
@@ -48,7 +54,9 @@ SIGNATURE = "serving_default"
 INPUT_NAME = "image_bytes"
 OUTPUT_NAMES = ("probabilities", "class_id", "class_name")
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# Vertex AI's prebuilt TensorFlow prediction image (the newest TF 2 CPU line it offers).
+# Vertex AI's prebuilt TensorFlow prediction image: 2.15 is the newest TF line Vertex offers, and it loads this
+# SavedModel (checked: every op of the export is in TF 2.15.1's registry, tests/golden/tf2.15_ops.txt, and the
+# serving check passes with tensorflow-cpu 2.15.1 as the server; docs/serving.md).
 DEFAULT_SERVING_IMAGE = "us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-15:latest"
 VERTEX_REGION_PATTERN = re.compile(r"^[a-z]+-[a-z]+\d+$")
 # How long one file upload of a push keeps retrying transient errors (the library's default is 120 s).
