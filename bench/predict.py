@@ -156,11 +156,15 @@ def main() -> int:
             times["predict_export"].append(ours(export_dir, listing, work / f"e{r}.jsonl"))
         med = {k: statistics.median(v) for k, v in times.items()}
         ips = {k: round(len(files) / v, 1) for k, v in med.items()}
+        # On a shared machine the fastest run is the least disturbed one: reported beside the median.
+        best = {k: round(len(files) / min(v), 1) for k, v in times.items()}
         result: dict = {
             "images": len(files), "image_size": SIZE, "model": "MobileNet alpha 0.25, 160 px, 5 classes",
             "repeats": args.repeats, "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
             "images_per_second": ips,
             "ratio_vs_bare": {k: round(ips[k] / ips["bare"], 3) for k in ("predict_model", "predict_export")},
+            "best_images_per_second": best,
+            "best_ratio_vs_bare": {k: round(best[k] / best["bare"], 3) for k in ("predict_model", "predict_export")},
             "goal_ratio": 0.9,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                         "note": "2 cores shared with other jobs: numbers are noisy"},
@@ -177,11 +181,14 @@ def main() -> int:
         "# Batch prediction benchmark", "",
         f"{result['images']} flower photos, {result['model']}; decode + resize included everywhere; median of "
         f"{args.repeats} interleaved runs on a {os.cpu_count()}-core machine shared with other jobs.", "",
-        "| run | images/s | vs bare forward pass |", "|---|---|---|",
-        f"| bare forward pass (tf.data decode map + batched model call) | {ips['bare']} | 1.0 |",
-        f"| `predict` with the Model artifact | {ips['predict_model']} | {result['ratio_vs_bare']['predict_model']} |",
+        "| run | images/s (median) | vs bare | images/s (best run) | vs bare |", "|---|---|---|---|---|",
+        f"| bare forward pass (tf.data decode map + batched model call) | {ips['bare']} | 1.0 | {best['bare']} | 1.0 |",
+        f"| `predict` with the Model artifact | {ips['predict_model']} | {result['ratio_vs_bare']['predict_model']} | "
+        f"{best['predict_model']} | {result['best_ratio_vs_bare']['predict_model']} |",
         f"| `predict` with the export (SavedModel) | {ips['predict_export']} | "
-        f"{result['ratio_vs_bare']['predict_export']} |", "",
+        f"{result['ratio_vs_bare']['predict_export']} | {best['predict_export']} | "
+        f"{result['best_ratio_vs_bare']['predict_export']} |", "",
+        f"Seconds per run: {result['seconds']}.", "",
         "Goal: >= 0.9x the bare forward pass.",
     ]
     if "rss" in result:

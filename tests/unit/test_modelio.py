@@ -78,19 +78,10 @@ def chain(tmp_path_factory, synthetic_folder, weights_mirror) -> evalchain.Chain
     return evalchain.get(tmp_path_factory, synthetic_folder, weights_mirror)
 
 
-@pytest.mark.slow  # trains the session's chain head (~20 s) and starts TensorFlow in a subprocess (~15 s)
-def test_plain_keras_loads_every_family_and_the_trained_head(chain, tmp_path):
+def _load_plain_and_compare(models: dict, tmp_path: Path) -> None:
+    """Save inputs, load each model.keras in the plain-Keras subprocess, compare with the in-process outputs."""
     rng = np.random.default_rng(3)
     jobs, expected = [], {}
-    trained, _ = modelio.load_model(chain.strong)
-    models = {"strong": (str(chain.strong), trained, evalchain.IMAGE_SIZE)}
-    for mode in layers.PREPROCESSING_MODES:
-        model = _tiny_classifier(mode, compiled=True)
-        (tmp_path / mode).mkdir()
-        modelio.save_model(model, {"class_names": ["a", "b", "c"]}, tmp_path / mode)
-        models[mode] = (str(tmp_path / mode), model, 16)
-    # the training loss is the project's custom class: it must not be in the file
-    assert b"SparseCategoricalCrossentropyWithSmoothing" not in (chain.strong / "model.keras").read_bytes()
     for name, (path, model, size) in models.items():
         x = rng.uniform(0, 255, (4, size, size, 3)).astype("float32")
         np.save(tmp_path / f"{name}-x.npy", x)
@@ -103,6 +94,29 @@ def test_plain_keras_loads_every_family_and_the_trained_head(chain, tmp_path):
         np.testing.assert_allclose(np.load(tmp_path / f"{name}-y.npy"), expected[name], atol=1e-5, rtol=0)
 
 
+def test_plain_keras_loads_every_preprocessing_family(tmp_path):
+    """tf / torch / caffe / none blocks, each in a classifier compiled and fitted with the project's custom loss,
+    saved by modelio: plain Keras (compile=True, safe mode) loads them and predicts the same."""
+    models = {}
+    for mode in layers.PREPROCESSING_MODES:
+        model = _tiny_classifier(mode, compiled=True)
+        (tmp_path / mode).mkdir()
+        modelio.save_model(model, {"class_names": ["a", "b", "c"]}, tmp_path / mode)
+        assert b"SparseCategoricalCrossentropyWithSmoothing" not in (tmp_path / mode / "model.keras").read_bytes()
+        models[mode] = (str(tmp_path / mode), model, 16)
+    _load_plain_and_compare(models, tmp_path)
+
+
+@pytest.mark.slow  # trains the session's chain head (~20 s) and starts TensorFlow in a subprocess (~15 s)
+def test_plain_keras_loads_the_trained_head(chain, tmp_path):
+    """The real train-head output (MobileNet backbone with ImageNet weights, trained with label smoothing)."""
+    # the training loss is the project's custom class: it must not be in the file
+    assert b"SparseCategoricalCrossentropyWithSmoothing" not in (chain.strong / "model.keras").read_bytes()
+    trained, _ = modelio.load_model(chain.strong)
+    _load_plain_and_compare({"strong": (str(chain.strong), trained, evalchain.IMAGE_SIZE)}, tmp_path)
+
+
+@pytest.mark.slow  # one more TensorFlow start-up in a subprocess
 def test_the_blocker_really_blocks(tmp_path):
     """The plain-Keras subprocess fails when it is asked to rebuild our legacy custom layer."""
     import keras
