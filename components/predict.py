@@ -11,13 +11,13 @@ names. A gs:// model is copied to a temporary folder first (models are small; im
 downloaded when its turn comes), or a .csv file whose column `file` (or `path`, `uri`, `image`; else the first
 column) names local paths (relative to the CSV's folder) or gs:// URIs.
 
-Each image is read, checked cheaply (Pillow reads the header: format and pixel count, against the ingest step's
-decompression-bomb limit) and decoded + resized by `components.dataset.decode_image`, the same decode training,
-evaluation and the serving signature use. A file TensorFlow cannot decode goes through `components.imagecheck`
-(ingest's full decode): when Pillow can read it (TIFF, 16-bit PNG, CMYK JPEG, ...) its RGB re-encoding is used,
-otherwise the row gets `skip_reason` (corrupt / too_large / unreadable, with the detail). Reading and decoding run
-on a thread pool while the model works on the previous batch; at most `window` files are in flight, so memory
-does not grow with the input.
+Each file is read and its header checked by Pillow (format, and the pixel count against the ingest step's
+decompression-bomb limit) on a thread pool, at most `window` files in flight, so memory does not grow with the
+input. Decode + resize (`components.dataset.decode_image`, the one training, evaluation and the serving signature
+use) then run in a tf.data parallel map feeding the model batch by batch, as a hand-written tf.data loop would. A
+file TensorFlow cannot decode goes through `components.imagecheck` (ingest's full decode): when Pillow can read it
+(TIFF, 16-bit PNG, CMYK JPEG, ...) its RGB re-encoding is predicted, otherwise the row gets `skip_reason` (corrupt /
+too_large / unreadable, with the detail).
 
 Output rows, in input order. JSON Lines: {"file", "classes": [top-k names], "probabilities": [...], "skip_reason"}.
 CSV: file, class_1, probability_1, ..., class_K, probability_K, skip_reason. The file is written to a temporary
@@ -325,15 +325,49 @@ def load_item(file: str, size: int, want_bytes: bool, gcs_client: Any = None) ->
     raise AssertionError("unreachable")
 
 
-def iter_items(files: Iterator[str], size: int, want_bytes: bool, workers: int, window: int) -> Iterator[Item]:
-    """load_item over `files` on a thread pool, in input order, with at most `window` files in flight."""
+# Formats tf.io.decode_image reads itself; others (TIFF, WebP, ...) are converted by imagecheck in the thread.
+TF_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP", "WEBP"})
+
+
+def read_item(file: str, gcs_client: Any = None) -> Item:
+    """Read one file and check its header; `data` = bytes TensorFlow can decode (converted when needed)."""
+    from components import imagecheck
+
+    try:
+        data = _read(file, gcs_client)
+    except Exception as exc:  # OSError locally, google.api_core errors for gs://
+        return Item(file, skip_reason=f"{imagecheck.UNREADABLE}: {type(exc).__name__}: {exc}"[:300])
+    problem = _header_problem(data)
+    if problem:
+        return Item(file, skip_reason=problem)
+    if _format(data) not in TF_FORMATS:
+        converted, reason = _full_check(file, data)
+        return Item(file, skip_reason=reason) if reason else Item(file, data=converted)
+    return Item(file, data=data)
+
+
+def _format(data: bytes) -> str | None:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.format
+    except Exception:  # checked by _header_problem already
+        return None
+
+
+def iter_items(files: Iterator[str], size: int, want_bytes: bool, workers: int, window: int,
+               decode: bool = True) -> Iterator[Item]:
+    """load_item (or read_item when not `decode`) over `files` on a thread pool, in input order, with at most
+    `window` files in flight."""
     gcs_client = None
     pending: deque[Future] = deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict-read") as pool:
         for file in files:
             if gcs_client is None and gcs.is_gcs(file):
                 gcs_client = gcs.client()
-            pending.append(pool.submit(load_item, file, size, want_bytes, gcs_client))
+            pending.append(pool.submit(load_item, file, size, want_bytes, gcs_client) if decode
+                           else pool.submit(read_item, file, gcs_client))
             if len(pending) >= window:
                 yield pending.popleft().result()
         while pending:
@@ -393,6 +427,78 @@ class RowWriter:
 # --- the step --------------------------------------------------------------------------------------------------
 
 
+def _predict_pixels(classifier: Classifier, items: Iterator[Item], batch_size: int, k: int, writer: RowWriter,
+                    result: PredictResult, skip: Callable[[str, str], None], bar: Any) -> None:
+    """The fast path: the threads read and check the files; decode + resize run in a tf.data parallel map (C++
+    threads, as a hand-written tf.data loop would), batched into the model. An image TensorFlow fails to decode
+    is dropped there (ignore_errors) and noticed by its missing index: it goes through `load_item` (imagecheck's
+    full decode) for its skip reason or a converted copy. Rows are written in input order."""
+    import numpy as np
+    import tensorflow as tf
+
+    from components.dataset import decode_image
+
+    names = classifier.class_names
+    files: dict[int, str] = {}  # index -> file, for the files in flight
+    skips: dict[int, str] = {}  # index -> skip reason found by the threads
+    produced = [0]
+    failure: list[BaseException] = []
+
+    def generate() -> Iterator[tuple[int, bytes]]:
+        try:
+            for i, item in enumerate(items):
+                files[i] = item.file
+                produced[0] = i + 1
+                if item.skip_reason:
+                    skips[i] = item.skip_reason
+                else:
+                    yield i, item.data
+        except BaseException as exc:  # ignore_errors below would swallow it: kept and re-raised after the loop
+            failure.append(exc)
+
+    size = classifier.size
+    ds = (tf.data.Dataset.from_generator(generate, output_signature=(tf.TensorSpec([], tf.int64),
+                                                                     tf.TensorSpec([], tf.string)))
+          .map(lambda i, b: (i, decode_image(b, size)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+          .ignore_errors()
+          .batch(batch_size)
+          .prefetch(2))
+    next_index = 0
+
+    def write(file: str, probs: Any) -> None:
+        top = np.argsort(-probs, kind="stable")[:k]
+        writer.write(file, [names[j] for j in top], [float(probs[j]) for j in top], None)
+        result.predicted += 1
+
+    def settle(limit: int) -> None:
+        """Rows for the indices below `limit` that did not come out of tf.data: skipped or dropped."""
+        nonlocal next_index
+        while next_index < limit:
+            file = files.pop(next_index)
+            reason = skips.pop(next_index, None)
+            if reason is None:  # dropped by TensorFlow's decode: the full check says why, or converts it
+                item = load_item(file, size, False)
+                if item.skip_reason:
+                    reason = item.skip_reason
+                else:
+                    write(file, classifier.probabilities(item.data[None])[0])
+            if reason is not None:
+                skip(file, reason)
+            next_index += 1
+            bar.update(1)
+
+    for indices, pixels in ds:
+        probs = classifier.probabilities(pixels)
+        for i, p in zip(indices.numpy().tolist(), probs, strict=True):
+            settle(i)
+            write(files.pop(i), p)
+            next_index = i + 1
+            bar.update(1)
+    if failure:
+        raise failure[0]
+    settle(produced[0])
+
+
 def predict(config: PredictConfig, progress: bool = True) -> PredictResult:
     """Predict every image of `config.input` and write one row per file to `config.output`."""
     import numpy as np
@@ -421,22 +527,30 @@ def predict(config: PredictConfig, progress: bool = True) -> PredictResult:
             result.predicted += len(batch)
             batch.clear()
 
+        def skip(file: str, reason: str) -> None:
+            writer.write(file, [], [], reason)
+            result.skipped += 1
+            kind = reason.split(":", 1)[0]
+            result.skip_counts[kind] = result.skip_counts.get(kind, 0) + 1
+
         try:
             with tqdm(total=total, unit="img", desc="predict", disable=not progress, mininterval=1.0) as bar:
-                for item in iter_items(files, classifier.size, classifier.wants_bytes, workers,
-                                       window=max(2 * config.batch_size, 4 * workers)):
-                    if item.skip_reason:
-                        flush()  # keep the rows in input order
-                        writer.write(item.file, [], [], item.skip_reason)
-                        result.skipped += 1
-                        reason = item.skip_reason.split(":", 1)[0]
-                        result.skip_counts[reason] = result.skip_counts.get(reason, 0) + 1
-                    else:
-                        batch.append(item)
-                        if len(batch) >= config.batch_size:
-                            flush()
-                    bar.update(1)
-                flush()
+                window = max(2 * config.batch_size, 4 * workers)
+                if classifier.wants_bytes:  # an export without predict_pixels: decode in the threads
+                    for item in iter_items(files, classifier.size, True, workers, window):
+                        if item.skip_reason:
+                            flush()  # keep the rows in input order
+                            skip(item.file, item.skip_reason)
+                        else:
+                            batch.append(item)
+                            if len(batch) >= config.batch_size:
+                                flush()
+                        bar.update(1)
+                    flush()
+                else:
+                    _predict_pixels(classifier, iter_items(files, classifier.size, False, workers, window,
+                                                           decode=False),
+                                    config.batch_size, k, writer, result, skip, bar)
         except BaseException:
             writer.abort()
             raise
