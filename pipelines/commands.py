@@ -25,11 +25,12 @@ from pipelines.local import (  # noqa: F401 (re-exported: the public names of `r
     LOCAL_DEFAULTS,
     RunSummary,
     _local_or_uri,
+    local_options,
     run_local,
     summarize,
     write_demo_dataset,
 )
-from pipelines.params import PipelineInput, check_values, parse_params, pipeline_inputs  # noqa: F401
+from pipelines.params import PipelineInput, check_values, parse_params, pipeline_inputs, spec_inputs  # noqa: F401
 from pipelines.pipeline import CompileOptions, CustomJob, Gpu, compile_pipeline, mutable_tag_warning
 from pipelines.remote import (  # noqa: F401 (re-exported: the public names of `submit` / `schedule`)
     Request,
@@ -62,8 +63,7 @@ def compile_options(args: argparse.Namespace) -> CompileOptions:
         cpu=args.cpu,
         memory=args.memory,
         retries=args.retries,
-        compare_recipes=tuple((getattr(args, "compare_recipes", None) or "").split(",")) if getattr(
-            args, "compare_recipes", None) else (),
+        compare_recipes=getattr(args, "compare_recipes", None) or (),  # CompileOptions parses "a,b" or "all"
     )
 
 
@@ -89,13 +89,14 @@ def compile_command(args: argparse.Namespace) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from pipelines.pipeline import build_pipeline
+
     output = Path(args.output)
     demo = not args.source
     defaults = dict(DEMO_DEFAULTS if demo else LOCAL_DEFAULTS)
-    with tempfile.TemporaryDirectory(prefix="kfp-finetune-") as tmp:
-        compare = tuple(args.compare_recipes.split(",")) if args.compare_recipes else ()
-        package = compile_pipeline(Path(tmp) / "pipeline.yaml", CompileOptions(compare_recipes=compare))
-        inputs = pipeline_inputs(package)
+    options = local_options(demo_fallback=demo, compare_recipes=args.compare_recipes or ())
+    pipeline = build_pipeline(options)
+    inputs = spec_inputs(pipeline)
     overrides = parse_params(args.param or [], inputs)
     if demo:
         source = output / "sample_digits"
@@ -108,7 +109,7 @@ def run_command(args: argparse.Namespace) -> int:
     params = check_values({**defaults, **overrides}, inputs)
     log.info("parameters: %s", ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
     summary = run_local(params, output / "pipeline_root", demo_fallback=demo, enable_caching=args.cache,
-                        compare_recipes=compare)
+                        compare_recipes=options.compare_recipes, pipeline=pipeline)
     for line in summary.lines():
         print(line)
     return 0

@@ -106,16 +106,24 @@ def _failed_step(message: str) -> str:
     return found[-1] if found else "unknown"
 
 
+def local_options(*, demo_fallback: bool = False, compare_recipes: Sequence[str] | str = ()) -> CompileOptions:
+    """The compile options of a local run: no retries (a failure is reported at once; retries are for preempted
+    cloud machines)."""
+    return CompileOptions(demo_fallback=demo_fallback, retries=0, compare_recipes=compare_recipes or ())
+
+
 def run_local(
     params: dict[str, Any],
     pipeline_root: str | os.PathLike,
     *,
     demo_fallback: bool = False,
     enable_caching: bool = False,
-    compare_recipes: Sequence[str] = (),
+    compare_recipes: Sequence[str] | str = (),
+    pipeline: Any = None,
 ) -> RunSummary:
     """Run the whole pipeline locally with kfp.local (subprocesses, this interpreter's environment).
 
+    `pipeline`: the pipeline already built with `local_options(...)` of the same arguments (built here otherwise).
     Raises UserError naming the failed step.
     """
     from pipelines._kfp_local import init_local
@@ -125,9 +133,8 @@ def run_local(
     if root.exists() and not root.is_dir():
         raise UserError(f"--output {root} exists and is not a directory")
     root.mkdir(parents=True, exist_ok=True)
-    # No retries locally: a failure is reported at once (retries are for preempted cloud machines).
-    options = CompileOptions(demo_fallback=demo_fallback, retries=0, compare_recipes=tuple(compare_recipes))
-    pipeline = build_pipeline(options)
+    options = local_options(demo_fallback=demo_fallback, compare_recipes=compare_recipes)
+    pipeline = pipeline or build_pipeline(options)
     init_local(str(root), enable_caching=enable_caching)
     log.info("running the pipeline locally; artifacts under %s", root)
     # Compare mode: ingest, then per recipe 7 steps (settings, backbone, head, fine-tune, validate, candidate),

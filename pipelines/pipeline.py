@@ -94,7 +94,7 @@ class CompileOptions:
     memory: str = "16G"
     retries: int = 2
     demo_fallback: bool = False
-    compare_recipes: tuple[str, ...] = ()
+    compare_recipes: tuple[str, ...] | str = ()  # names, or "a,b" / "all" as the CLI takes them
 
     def __post_init__(self) -> None:
         if self.compare_recipes:

@@ -96,3 +96,8 @@ class TrainResult:
     replicas: int = 1
     seconds: float = 0.0
     epoch_seconds: list[float] = field(default_factory=list)
+
+    def artifact_metadata(self) -> dict[str, Any]:
+        """What the KFP components copy into their output Model artifact's metadata."""
+        return {"phase": self.phase, "class_names": self.class_names,
+                **{k: float(v) for k, v in self.metrics.items()}}

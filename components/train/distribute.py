@@ -97,6 +97,15 @@ def with_policy(model: "keras.Model", policy: str) -> "keras.Model":
     return copy
 
 
+def to_mixed_precision(model: "keras.Model") -> "keras.Model":
+    """Switch Keras to mixed_float16 and return a copy of `model` computing in it (the softmax stays float32)."""
+    import keras
+
+    log.info("mixed precision: on (GPU compute capability ≥ 7)")
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    return with_policy(model, "mixed_float16")
+
+
 def fit_scope(model: "keras.Model", cluster: Cluster) -> Any:
     """Around `model.fit`: the multi-worker fixes of components/_compat.py with several workers, else nothing."""
     import contextlib

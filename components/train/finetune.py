@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict
 from typing import Any
 
 from components import settings
@@ -16,8 +15,6 @@ from components.train.callbacks import (
     HistoryFile,
     _checkpoint_subdir,
     _epoch_logger,
-    _final_metrics,
-    _format_logs,
     _tensorboard,
     _verbose,
     epochs_run,
@@ -29,17 +26,16 @@ from components.train.distribute import (
     fit_scope,
     mixed_precision_wanted,
     pick_strategy,
-    with_policy,
+    to_mixed_precision,
 )
 from components.train.model import (
     _backbone_size,
     _compile,
     _feature_extractor,
     _input_size,
-    _save,
-    trainable_layer_names,
     unfreeze,
 )
+from components.train.phase import finish, log_done
 
 log = logging.getLogger("kfp_finetune.train")
 
@@ -91,9 +87,7 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
             raise UserError(f"--model outputs {model.output_shape[-1]} classes, the dataset has {info.num_classes}")
         unfrozen = unfreeze(model, config.unfreeze_top, config.unfreeze_from, config.batch_norm)
         if mixed:
-            log.info("mixed precision: on (GPU compute capability ≥ 7)")
-            keras.mixed_precision.set_global_policy("mixed_float16")
-            model = with_policy(model, "mixed_float16")
+            model = to_mixed_precision(model)
         size = _input_size(model)
         steps_per_epoch = math.ceil(n_train / config.batch_size)
         warmup = config.warmup_epochs * steps_per_epoch
@@ -142,28 +136,12 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
             model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
                       class_weight=class_weight, callbacks=callbacks, verbose=_verbose(), shuffle=False)
 
-        result = TrainResult(
-            phase="fine_tune", output=config.output if cluster.is_chief else "", class_names=list(info.class_names),
-            history=history, epochs_run=epochs_run(history, initial_epoch), initial_epoch=initial_epoch,
-            metrics=_final_metrics(history), trainable_layers=trainable_layer_names(model), strategy=cluster.name,
-            replicas=cluster.strategy.num_replicas_in_sync, epoch_seconds=epoch_seconds,
-        )
-        out_meta = dict(meta)
-        out_meta.update(
-            phase="fine_tune",
-            class_names=list(info.class_names),
-            trainable_layers=result.trainable_layers,
-            history={**(meta.get("history") or {}), "fine_tune": history},
-            training={**(meta.get("training") or {}), "fine_tune": {
-                **asdict(config), "unfrozen_layers": len(unfrozen), "class_weight": class_weight,
-                "strategy": cluster.name, "replicas": result.replicas, "mixed_precision": mixed,
-                "resumed_from_epoch": initial_epoch, "dataset_examples": info.num_examples}},
-        )
-        result.seconds = time.perf_counter() - started
-        out_meta["training"]["fine_tune"]["seconds"] = round(result.seconds, 2)
-        _save(model, out_meta, tmp, mixed)
-    log.info("fine_tune done in %.1fs: %s%s", result.seconds, _format_logs(result.metrics),
-             f" -> {config.output}" if cluster.is_chief else " (not the chief: nothing written)")
+        result = finish("fine_tune", config, model, info=info, cluster=cluster, history=history,
+                        epoch_seconds=epoch_seconds, started=started, mixed=mixed, meta=meta, directory=tmp,
+                        training={"unfrozen_layers": len(unfrozen), "class_weight": class_weight,
+                                  "resumed_from_epoch": initial_epoch},
+                        epochs_run=epochs_run(history, initial_epoch), initial_epoch=initial_epoch)
+    log_done(result, config.output, cluster)
     return result
 
 

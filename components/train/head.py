@@ -2,12 +2,11 @@
 
 import logging
 import time
-from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from components.errors import UserError
 from components.fsutil import check_output_dir
-from components.train.callbacks import _epoch_logger, _final_metrics, _format_logs, _tensorboard, _verbose
+from components.train.callbacks import _epoch_logger, _tensorboard, _verbose
 from components.train.config import HeadConfig, TrainResult
 from components.train.data import _split_sizes, class_weights_from_counts, make_dataset
 from components.train.distribute import (
@@ -15,14 +14,16 @@ from components.train.distribute import (
     fit_scope,
     mixed_precision_wanted,
     pick_strategy,
-    with_policy,
+    to_mixed_precision,
 )
-from components.train.model import _compile, _input_size, _save, build_classifier, trainable_layer_names
+from components.train.model import _compile, _input_size, build_classifier
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
     import tensorflow as tf
 
+
+from components.train.phase import finish, log_done
 
 log = logging.getLogger("kfp_finetune.train")
 
@@ -74,9 +75,7 @@ def train_head(config: HeadConfig) -> TrainResult:
                             f"(a model named feature_extractor), got a model named {extractor.name!r}")
         size = _input_size(extractor)
         if mixed:
-            log.info("mixed precision: on (GPU compute capability ≥ 7)")
-            keras.mixed_precision.set_global_policy("mixed_float16")
-            extractor = with_policy(extractor, "mixed_float16")
+            extractor = to_mixed_precision(extractor)
         model = build_classifier(extractor, info.num_classes, config.dropout, config.augment, config.seed)
         _compile(model, keras.optimizers.Adam(config.learning_rate), label_smoothing=config.label_smoothing)
 
@@ -123,25 +122,10 @@ def train_head(config: HeadConfig) -> TrainResult:
                 model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, class_weight=class_weight,
                           callbacks=callbacks, verbose=_verbose(), shuffle=False)
 
-        result = TrainResult(
-            phase="train_head", output=config.output if cluster.is_chief else "", class_names=list(info.class_names),
-            history=history, epochs_run=len(history.get("loss", [])), metrics=_final_metrics(history),
-            trainable_layers=trainable_layer_names(model), feature_cache=use_cache, strategy=cluster.name,
-            replicas=cluster.strategy.num_replicas_in_sync, epoch_seconds=epoch_seconds,
-        )
         meta = {k: v for k, v in backbone_meta.items() if k not in ("history", "training", "trainable_layers")}
-        meta.update(
-            phase="train_head",
-            class_names=list(info.class_names),
-            trainable_layers=result.trainable_layers,
-            history={"train_head": history},
-            training={"train_head": {**asdict(config), "feature_cache": use_cache, "class_weight": class_weight,
-                                     "strategy": cluster.name, "replicas": result.replicas,
-                                     "mixed_precision": mixed, "dataset_examples": info.num_examples}},
-        )
-        result.seconds = time.perf_counter() - started
-        meta["training"]["train_head"]["seconds"] = round(result.seconds, 2)
-        _save(model, meta, tmp, mixed)
-    log.info("train_head done in %.1fs: %s%s", result.seconds, _format_logs(result.metrics),
-             f" -> {config.output}" if cluster.is_chief else " (not the chief: nothing written)")
+        result = finish("train_head", config, model, info=info, cluster=cluster, history=history,
+                        epoch_seconds=epoch_seconds, started=started, mixed=mixed, meta=meta, directory=tmp,
+                        training={"feature_cache": use_cache, "class_weight": class_weight},
+                        epochs_run=len(history.get("loss", [])), feature_cache=use_cache)
+    log_done(result, config.output, cluster)
     return result

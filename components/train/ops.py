@@ -47,9 +47,7 @@ def train_head_op(
 
     paths = {"dataset": dataset.path, "backbone": backbone.path, "output": model.path}
     result = train_head(HeadConfig.from_step(**{**arguments, **paths}))
-    model.metadata["phase"] = result.phase
-    model.metadata["class_names"] = result.class_names
-    model.metadata.update({k: float(v) for k, v in result.metrics.items()})
+    model.metadata.update(result.artifact_metadata())
 
 
 @dsl.component(base_image=settings.component_image(), install_kfp_package=False)
@@ -92,6 +90,4 @@ def fine_tune_op(
 
     paths = {"dataset": dataset.path, "model": model.path, "output": tuned_model.path}
     result = fine_tune(FineTuneConfig.from_step(**{**arguments, **paths}))
-    tuned_model.metadata["phase"] = result.phase
-    tuned_model.metadata["class_names"] = result.class_names
-    tuned_model.metadata.update({k: float(v) for k, v in result.metrics.items()})
+    tuned_model.metadata.update(result.artifact_metadata())
