@@ -4,7 +4,8 @@
                           [--weights-sha256 HEX] --output DIR
 
 The output model (`feature_extractor`) takes raw RGB pixels (0..255) of the chosen size, applies the family's
-preprocessing (`components.layers.Preprocess`, layer `preprocess`), runs the keras.applications model without its
+preprocessing (`components.layers.preprocessing_block`: built-in Keras layers in the nested model `preprocess`, so
+model.keras loads with plain Keras), runs the keras.applications model without its
 top (the nested model `backbone`, Keras's own layer names inside) and pools to a vector (layer `pool`).
 
 The registry of backbones is derived from `keras.applications` itself: every public constructor taking
@@ -526,7 +527,7 @@ def build_backbone(config: BackboneConfig) -> BackboneResult:
     import keras
 
     from components import modelio
-    from components.layers import Preprocess
+    from components.layers import preprocessing_block
 
     spec = config.spec
     size = config.image_size
@@ -567,7 +568,7 @@ def build_backbone(config: BackboneConfig) -> BackboneResult:
             resolved.append(hit)
 
         pixels = keras.Input(shape=(size, size, 3), dtype="float32", name="pixels")
-        x = Preprocess(mode=preprocessing, name="preprocess")(pixels)
+        x = preprocessing_block(preprocessing, size)(pixels)
         x = base(x)
         features = keras.layers.GlobalAveragePooling2D(name="pool")(x)
         model = keras.Model(pixels, features, name="feature_extractor")

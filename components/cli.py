@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "components.evaluate",
     "components.export",
     "components.registry",
+    "components.predict",
     "components.compare",
     "pipelines.commands",
 )

@@ -7,6 +7,12 @@ and evaluation used) and returns `probabilities` [batch, classes] float32, `clas
 `{"image_bytes": {"b64": ...}}`). The output directory is the SavedModel itself, with model.json and
 evaluation.json beside saved_model.pb.
 
+A second endpoint, `predict_pixels` (decoded pixels [batch, S, S, 3] float32 in, probabilities out), serves batch
+prediction (components.predict). Before anything is pushed, components.serving checks the SavedModel in a fresh
+TensorFlow-only process the way a model server loads it (one test image per class, sent as Vertex JSON b64
+instances, plus a replay of the `assets.extra/tf_serving_warmup_requests` file it writes); a failing check is
+recorded in export.json and nothing is pushed.
+
 Push (`push_to`, components.registry): a complete champion goes to `<push_to>/<version>/` (version = UTC timestamp
 in milliseconds, digits only so TF Serving orders it, or the run id): the SavedModel folder, the Model artifact
 (`model/model.keras` + `model/model.json`), the data fingerprint and `version.json` (fingerprint, training settings,
@@ -41,6 +47,8 @@ from components.registry import PUSH_RETRY_SECONDS, new_version, push, read_late
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
+    from components import serving
+
 log = logging.getLogger("kfp_finetune.export")
 
 LATEST_FILE = "LATEST"
@@ -49,7 +57,9 @@ SIGNATURE = "serving_default"
 INPUT_NAME = "image_bytes"
 OUTPUT_NAMES = ("probabilities", "class_id", "class_name")
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# Vertex AI's prebuilt TensorFlow prediction image (the newest TF 2 CPU line it offers).
+# Vertex AI's prebuilt TensorFlow prediction image: 2.15 is the newest TF line Vertex offers, and it loads this
+# SavedModel (checked: every op of the export is in TF 2.15.1's registry, tests/golden/tf2.15_ops.txt, and the
+# serving check passes with tensorflow-cpu 2.15.1 as the server; docs/serving.md).
 DEFAULT_SERVING_IMAGE = "us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-15:latest"
 VERTEX_REGION_PATTERN = re.compile(r"^[a-z]+-[a-z]+\d+$")
 
@@ -91,6 +101,8 @@ class ExportConfig:
     fingerprint: str | None = None  # the data fingerprint, recorded in the pushed version
     settings: dict[str, Any] | None = None  # the training settings, compared by the next run's skip decision
     pipeline_job: str | None = None  # the KFP pipeline job / run name, recorded in the lineage
+    # Where the serving check takes one test image per class from (default: the evaluation's dataset).
+    dataset: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("model", "output"):
@@ -126,6 +138,7 @@ class ExportResult:
     vertex_model: str = ""
     class_names: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    serving_check: dict[str, Any] = field(default_factory=dict)
 
 
 # --- the serving SavedModel ------------------------------------------------------------------------------------
@@ -157,10 +170,39 @@ def write_saved_model(model: "keras.Model", class_names: list[str], directory: s
         class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
         return {"probabilities": probabilities, "class_id": class_id, "class_name": tf.gather(names, class_id)}
 
+    # For batch prediction (components.predict): decoded pixels in, probabilities out, no string handling.
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
+    def predict_pixels(pixels: tf.Tensor) -> tf.Tensor:
+        return tf.cast(model(pixels, training=False), tf.float32)
+
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(name=SIGNATURE, fn=serve)
+    archive.add_endpoint(name="predict_pixels", fn=predict_pixels)
     archive.write_out(str(directory), verbose=False)
+
+
+def _serving_check(saved_model_dir: Path, model: "keras.Model", class_names: list[str], config: ExportConfig,
+                   evaluation: dict[str, Any] | None) -> "serving.ServingCheck":
+    """components.serving's check with one test image per class (synthetic images when no dataset is at hand)."""
+    from components import serving
+
+    dataset = config.dataset or (evaluation or {}).get("dataset")
+    if dataset and Path(dataset).is_dir():
+        samples = serving.sample_images(dataset, class_names)
+    else:
+        log.warning("serving check: no dataset at hand (--dataset, or the evaluation's dataset %r): sending "
+                    "synthetic images instead of real ones", dataset)
+        samples = serving.synthetic_images(len(class_names))
+    return serving.check_saved_model(saved_model_dir, model, class_names, samples)
+
+
+def _serving_requirements(saved_model_dir: Path) -> dict[str, Any]:
+    """TF version and op list of the SavedModel: what a serving image must support."""
+    from components import serving
+
+    info = serving.saved_model_requirements(saved_model_dir)
+    return {"tensorflow_version": info["tensorflow_version"], "op_count": len(info["ops"]), "ops": info["ops"]}
 
 
 # --- evaluation checks -----------------------------------------------------------------------------------------
@@ -326,6 +368,7 @@ def export(config: ExportConfig) -> ExportResult:
 
     with atomic_directory(config.output) as tmp:
         write_saved_model(model, class_names, tmp)
+        check = _serving_check(tmp, model, class_names, config, evaluation)
         write_json(tmp / modelio.META_FILE, meta)
         if evaluation is not None:
             write_json(tmp / "evaluation.json", evaluation)
@@ -335,11 +378,16 @@ def export(config: ExportConfig) -> ExportResult:
                         "class_name": "string [None]"},
             "class_names": class_names, "input_size": _input_size(model), "source_model": str(config.model),
             "version": version or None,
+            "serving_check": check.as_dict(), "serving_requirements": _serving_requirements(tmp),
         })
     log.info("exported SavedModel (%s: %s -> %s) to %s", SIGNATURE, INPUT_NAME, ", ".join(OUTPUT_NAMES),
              config.output)
 
-    result = ExportResult(saved_model_dir=str(config.output), version=version, class_names=class_names)
+    result = ExportResult(saved_model_dir=str(config.output), version=version, class_names=class_names,
+                          serving_check=check.as_dict())
+    if not check.passed:
+        raise UserError(f"serving check failed, so nothing was pushed: {check.reason} (details in "
+                        f"{Path(config.output) / EXPORT_FILE})")
     if config.push_to and duplicate:
         result.skipped_push, result.version = duplicate, ""
         log.warning("not pushed: %s", duplicate)
@@ -372,6 +420,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--push-to", default=None, metavar="DIR_OR_GS_URI",
                    help="copy the export to PUSH_TO/<version>/ and then point PUSH_TO/LATEST at it")
     p.add_argument("--run-id", default=None, help="version folder name (default: UTC timestamp in ms)")
+    p.add_argument("--dataset", default=None,
+                   help="Dataset artifact for the serving check's test images (default: the evaluation's dataset)")
     v = p.add_argument_group("Vertex AI Model Registry (optional)")
     v.add_argument("--vertex-upload", action="store_true", help="register the pushed gs:// version in Vertex AI")
     v.add_argument("--vertex-project", default=None, help="GCP project (default: $GOOGLE_CLOUD_PROJECT)")
@@ -389,7 +439,8 @@ def _run(args: argparse.Namespace) -> int:
                               display_name=args.vertex_display_name, parent_model=args.vertex_parent_model,
                               serving_image=args.vertex_serving_image)
     result = export(ExportConfig(model=args.model, output=args.output, evaluation=args.evaluation,
-                                 push_to=args.push_to, run_id=args.run_id, vertex=vertex))
+                                 push_to=args.push_to, run_id=args.run_id, vertex=vertex,
+                                 dataset=args.dataset))
     if result.pushed_uri:
         log.info("pushed version %s to %s", result.version, result.pushed_uri)
     return 0

@@ -75,3 +75,9 @@ def tf_config() -> dict:
         from components.errors import UserError
 
         raise UserError(f"TF_CONFIG is not valid JSON ({exc}); unset it or fix it") from exc
+
+
+def serving_python() -> str | None:
+    """KFP_FINETUNE_SERVING_PYTHON: the Python (with the serving image's TensorFlow, e.g. 2.15) that export's
+    serving check runs the model server side with; unset = this interpreter."""
+    return _get("KFP_FINETUNE_SERVING_PYTHON")

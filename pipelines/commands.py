@@ -108,7 +108,12 @@ def compile_command(args: argparse.Namespace) -> int:
         log.warning(warning)
     if options.gpu and options.custom_job:
         log.warning("--gpu is ignored with --custom-job; the custom job's --accelerator-type decides")
-    path = compile_pipeline(args.output, options)
+    if getattr(args, "batch_predict", False):
+        from pipelines.batch_predict import compile_batch_predict
+
+        path = compile_batch_predict(args.output, options)
+    else:
+        path = compile_pipeline(args.output, options)
     log.info("compiled %s (image %s) in %.1f s", path, options.image, time.perf_counter() - started)
     return 0
 
@@ -198,6 +203,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="compare these recipes (comma-separated names from components/recipes.py, or 'all') as "
                         "parallel branches; the best on the validation split goes on to test and export")
     _add_dataflow_args(p)
+    p.add_argument("--batch-predict", action="store_true",
+                   help="compile the batch-prediction pipeline instead (predict with push_to/LATEST or model_uri)")
     p.set_defaults(func=compile_command)
 
     p = subparsers.add_parser(

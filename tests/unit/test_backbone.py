@@ -60,15 +60,17 @@ EXPECTED_PREPROCESSING = {
 
 @pytest.mark.parametrize("keras_name, mode", sorted(EXPECTED_PREPROCESSING.items()))
 def test_preprocessing_per_family_matches_keras(keras_name, mode):
-    """Our layer computes exactly what the family's own keras.applications preprocess_input computes."""
-    from components.layers import Preprocess
+    """Our built-in block (and the legacy layer) compute what the family's own keras.applications preprocess_input
+    computes."""
+    from components.layers import Preprocess, preprocessing_block
 
     spec = backbone.lookup(keras_name)
     assert spec.preprocessing == mode
     x = np.random.default_rng(1).uniform(0, 255, size=(2, 5, 7, 3)).astype("float32")
-    ours = np.asarray(Preprocess(mode=spec.preprocessing)(x))
+    ours = np.asarray(preprocessing_block(spec.preprocessing)(x))
     theirs = np.asarray(spec.module.preprocess_input(x.copy()))
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(Preprocess(mode=spec.preprocessing)(x)), theirs, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize(
