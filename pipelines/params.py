@@ -1,0 +1,110 @@
+"""Pipeline parameters as operators give them: `--param NAME=VALUE` strings checked against a compiled pipeline's
+inputs (names, types, required ones) before anything runs or is sent.
+"""
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from components.errors import UserError
+
+_TYPES = {
+    "STRING": "str",
+    "NUMBER_INTEGER": "int",
+    "NUMBER_DOUBLE": "float",
+    "BOOLEAN": "bool",
+    "LIST": "list",
+    "STRUCT": "dict",
+}
+
+
+@dataclass(frozen=True)
+class PipelineInput:
+    """One input parameter of a compiled pipeline."""
+
+    name: str
+    type: str  # str | int | float | bool | list | dict
+    optional: bool
+    default: Any = None
+
+
+def pipeline_inputs(package: str | os.PathLike) -> dict[str, PipelineInput]:
+    """The input parameters declared in a compiled pipeline (IR YAML)."""
+    import yaml
+
+    path = Path(package)
+    if not path.is_file():
+        raise UserError(f"--package {path} not found; create it with `kfp-finetune compile --output {path}`")
+    try:
+        spec = yaml.safe_load(path.read_text())
+        params = spec["root"].get("inputDefinitions", {}).get("parameters", {})
+    except (yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"--package {path} is not a compiled KFP pipeline ({exc})") from exc
+    return {
+        name: PipelineInput(name, _TYPES.get(p.get("parameterType", "STRING"), "str"), bool(p.get("isOptional")),
+                            p.get("defaultValue"))
+        for name, p in params.items()
+    }
+
+
+def _convert(raw: str, kind: str, name: str) -> Any:
+    import json
+
+    try:
+        if kind == "str":
+            return raw
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered in ("true", "1", "yes"):
+                return True
+            if lowered in ("false", "0", "no"):
+                return False
+            raise ValueError(raw)
+        value = json.loads(raw)
+        if not isinstance(value, list if kind == "list" else dict):
+            raise ValueError(raw)
+        return value
+    except ValueError:
+        raise UserError(f"--param {name}={raw!r}: {name} takes a {kind}") from None
+
+
+def parse_params(pairs: Iterable[str], inputs: dict[str, PipelineInput]) -> dict[str, Any]:
+    """`NAME=VALUE` strings -> typed values, checked against the pipeline's inputs (names and types)."""
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise UserError(f"--param {pair!r}: expected NAME=VALUE, e.g. --param head_epochs=5")
+        if name not in inputs:
+            raise UserError(f"--param {name}: the pipeline has no such parameter; it has {', '.join(sorted(inputs))}")
+        values[name] = _convert(raw, inputs[name].type, name)
+    return values
+
+
+def check_values(values: dict[str, Any], inputs: dict[str, PipelineInput]) -> dict[str, Any]:
+    """Check already-typed values (e.g. from Python) against the inputs; every required input must be given."""
+    for name, value in values.items():
+        if name not in inputs:
+            raise UserError(f"parameter {name}: the pipeline has no such parameter; it has {', '.join(sorted(inputs))}")
+        kind = inputs[name].type
+        ok = {
+            "str": isinstance(value, str),
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "bool": isinstance(value, bool),
+            "list": isinstance(value, list),
+            "dict": isinstance(value, dict),
+        }[kind]
+        if not ok:
+            raise UserError(f"parameter {name}={value!r}: {name} takes a {kind}")
+    missing = sorted(n for n, i in inputs.items() if not i.optional and n not in values)
+    if missing:
+        raise UserError(f"missing required parameter(s) {', '.join(missing)}; add --param NAME=VALUE for each")
+    return values
