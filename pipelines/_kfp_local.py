@@ -5,6 +5,11 @@ channel is `pipelinechannel--<task>-<output>` and its resolver only understands 
 `<task>-Output`, so `dsl.If(evaluate.outputs["blessed"] == True)` is always False locally (it logs "Could not
 resolve parent input"). `fix_condition_resolution` teaches the resolver the `<task>-<output>` form by looking the
 name up among the outputs the tasks actually produced. KFP and Vertex backends are unaffected: they never see this.
+
+kfp.local's DockerRunner (2.17.3) starts each step with `auto_remove=True` and then asks the container for its exit
+code. podman removes an auto-removed container as soon as it exits, before `wait()` reads the code; kfp then takes
+the NotFound for success, so a failed step is reported as SUCCESS and the run goes on. `fix_docker_exit_code` runs
+the container without auto-remove, waits for its exit code, then removes it: the same behaviour on Docker and podman.
 """
 
 import logging
@@ -56,14 +61,68 @@ def python_first_on_path() -> None:
     os.environ["PATH"] = os.pathsep.join([here] + [p for p in parts if p and p != here])
 
 
-def init_local(pipeline_root: str, *, enable_caching: bool = False, raise_on_error: bool = True) -> None:
-    """`kfp.local.init` with SubprocessRunner(use_venv=False) in this interpreter's environment."""
+def init_local(pipeline_root: str, *, enable_caching: bool = False, raise_on_error: bool = True,
+               runner: Any = None) -> None:
+    """`kfp.local.init` with SubprocessRunner(use_venv=False) in this interpreter's environment, or `runner` (a
+    `kfp.local.DockerRunner`, with the exit-code fix installed)."""
     from kfp import local
 
     python_first_on_path()
     fix_condition_resolution()
+    if isinstance(runner, local.DockerRunner):
+        fix_docker_exit_code()
     # Our image is the very environment we run in; kfp.local's per-task "custom base image" warning is noise here.
     warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom",
                             category=RuntimeWarning)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
+    local.init(runner=runner or local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                raise_on_error=raise_on_error, enable_caching=enable_caching)
+
+
+# kfp releases whose docker_task_handler.run_docker_container this fix was written against (and read).
+DOCKER_FIX_KFP_VERSIONS = ("2.17.3",)
+
+
+def fix_docker_exit_code() -> bool:
+    """Make kfp.local's DockerRunner report a step's real exit code on podman too (idempotent).
+
+    Returns False, with a warning, on a kfp this fix was not written for: that kfp's own code then runs.
+    """
+    import kfp
+
+    try:
+        from kfp.local import docker_task_handler as handler
+    except ImportError:  # the `docker` package is missing: DockerRunner cannot run at all
+        return False
+    original = getattr(handler, "run_docker_container", None)
+    if original is None or kfp.__version__ not in DOCKER_FIX_KFP_VERSIONS:
+        log.warning("kfp %s: DockerRunner exit-code fix not applied (written for kfp %s); on podman a failed step "
+                    "may be reported as SUCCESS", kfp.__version__, ", ".join(DOCKER_FIX_KFP_VERSIONS))
+        return False
+    if getattr(original, _PATCHED, False):
+        return True
+
+    def run_docker_container(client: Any, image: str, command: list[str], volumes: dict[str, Any],
+                             **container_run_args: Any) -> int:
+        import docker
+
+        image = handler.add_latest_tag_if_not_present(image=image)
+        known = any(image in (found.tags + found.attrs.get("RepoDigests", [])) for found in client.images.list())
+        if not known:
+            print(f"Pulling image {image!r}")
+            client.images.pull(image)
+        container_run_args.pop("auto_remove", None)
+        container = client.containers.run(image=image, command=command, detach=True, stdout=True, stderr=True,
+                                          volumes=volumes, auto_remove=False, **container_run_args)
+        try:
+            for line in container.logs(stream=True, follow=True):
+                print(line.decode(errors="replace"), end="")
+            return int(container.wait()["StatusCode"])
+        finally:
+            try:
+                container.remove(force=True)
+            except docker.errors.APIError as exc:  # already gone: nothing left to clean
+                log.debug("could not remove container %s: %s", getattr(container, "id", "?"), exc)
+
+    setattr(run_docker_container, _PATCHED, True)
+    handler.run_docker_container = run_docker_container
+    return True
