@@ -74,6 +74,10 @@ def init_local(pipeline_root: str, *, enable_caching: bool = False, raise_on_err
     # Our image is the very environment we run in; kfp.local's per-task "custom base image" warning is noise here.
     warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom",
                             category=RuntimeWarning)
+    # CPU/memory requests, retries' display names: compile options for KFP and Vertex, which kfp.local ignores.
+    warnings.filterwarnings("ignore", message=r"Task '.*': settings \[.*\] have no effect in the current local runner",
+                            category=UserWarning)
+    logging.getLogger("kfp.local.pip_install_manager").setLevel(logging.WARNING)
     local.init(runner=runner or local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                raise_on_error=raise_on_error, enable_caching=enable_caching)
 
@@ -107,7 +111,9 @@ def fix_docker_exit_code() -> bool:
 
         image = handler.add_latest_tag_if_not_present(image=image)
         known = any(image in (found.tags + found.attrs.get("RepoDigests", [])) for found in client.images.list())
-        if not known:
+        if known:
+            print(f"Found image {image!r}\n")
+        else:
             print(f"Pulling image {image!r}")
             client.images.pull(image)
         container_run_args.pop("auto_remove", None)
