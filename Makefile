@@ -83,6 +83,9 @@ endef
 image: ## build the images locally with Docker buildx or podman (TARGETS=cpu, PYTHON_IMAGE=, EXTRA_CA_CERTS=FILE)
 	$(foreach t,$(TARGETS),$(call image_build,$(t)))
 
+test-container: ## the CI container stage: build the cpu image with podman, run the demo in it (root; apt-get)
+	.ci/container-test.sh
+
 base-image: ## build a Python base image from Debian packages when no registry is reachable (images/base.sh; root)
 	images/base.sh $(BASE_TAG)
 
