@@ -61,8 +61,8 @@ steps = {}
 def artifact(cls, step, name):
     (out / step).mkdir(parents=True, exist_ok=True)
     return cls(name=name, uri=str(out / step / name))
-def step(name, op, **kwargs):
-    t = time.perf_counter(); result = op.python_func(**kwargs); steps[name] = round(time.perf_counter() - t, 2)
+def step(label, op, /, **kwargs):
+    t = time.perf_counter(); result = op.python_func(**kwargs); steps[label] = round(time.perf_counter() - t, 2)
     return result
 dataset = artifact(dsl.Dataset, "ingest", "dataset")
 step("ingest", ingest_op, source=source, dataset=dataset, seed=p["seed"])

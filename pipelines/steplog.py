@@ -110,7 +110,7 @@ class StepLogs(io.TextIOBase):
         self.steps: list[Step] = []
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._pipeline_log = (self.logs_dir / "pipeline.log").open("w", encoding="utf-8")
+        self._pipeline_log = (self.logs_dir / "pipeline.log").open("w", encoding="utf-8", buffering=1)
         self.started = time.perf_counter()
 
     # --- the stream ---------------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ class StepLogs(io.TextIOBase):
             while log.name in taken:
                 log, n = self.logs_dir / f"{stem}-{n}.log", n + 1
             step = Step(number=len(self.steps) + 1, name=name, log=log, started=time.perf_counter())
-            step.file = log.open("w", encoding="utf-8")
+            step.file = log.open("w", encoding="utf-8", buffering=1)  # line-buffered: `tail -f` works
             self.steps.append(step)
         return step
 
