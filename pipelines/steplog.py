@@ -29,7 +29,8 @@ EXECUTING = re.compile(r"Executing task '([^']+)'")
 FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
 CACHED = re.compile(r"Task (\S+) cache hit")
 SKIPPED = re.compile(r"Skipping (?:conditional )?task (\S+)(?::| \()\s*(.*)")
-OUTPUT_FILE = re.compile(r'"outputFile":\s*"([^"]+)"')
+# The executor input names one outputFile per output parameter too; the step's own file is executor_output.json.
+OUTPUT_FILE = re.compile(r'"outputFile":\s*"([^"]+/executor_output\.json)"')
 TAIL_LINES = 30
 
 

@@ -24,6 +24,7 @@ def _step_lines(name: str, output_file: Path | None, body: list[str], status: st
         "04:10:32.200 - INFO - Streamed logs:",
         "",
         "    {",
+        f'        "outputFile": "{output_file.parent / "blessed"}"' if output_file else "",  # an output parameter's
         f'        "outputFile": "{output_file}"' if output_file else '        "outputFile": ""',
         "    }",
         *[f"    {b}" for b in body],
