@@ -183,7 +183,8 @@ def main() -> None:
     parser.add_argument("--no-docker", action="store_true", help="leave the --runner docker row out")
     args = parser.parse_args()
     python = sys.executable
-    env = {**os.environ, "PYTHONPATH": str(REPO), "KFP_FINETUNE_WEIGHTS_MIRROR": str(Path(args.weights).resolve()),
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": pythonpath, "KFP_FINETUNE_WEIGHTS_MIRROR": str(Path(args.weights).resolve()),
            "PATH": os.path.dirname(python) + os.pathsep + os.environ.get("PATH", "")}
     cli = [python, "-m", "components.cli"]
     param_args = [a for k, v in PARAMS.items() for a in ("--param", f"{k}={v}")]
