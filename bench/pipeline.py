@@ -105,6 +105,7 @@ def pipeline_steps(out: str) -> dict[str, float]:
 
 def docker_image(image: str | None) -> str | None:
     """The image to bench `--runner docker` with, when an engine answers and has it; else None."""
+    sys.path.insert(0, str(REPO))  # this checkout's pipelines/, as the child processes get it
     from components import settings
 
     image = image or settings.component_image()
