@@ -183,8 +183,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "run", help="run the whole pipeline locally (kfp.local); no --source: the embedded demo",
-        description="Run the whole pipeline locally through kfp.local, offline. Without --source it runs on "
-                    "scikit-learn's handwritten digits. Local defaults (override with --param): "
+        description="Compile the pipeline to OUTPUT/pipeline.yaml (or take --package) and run that YAML locally "
+                    "through kfp.local, offline: one line per step, full logs in OUTPUT/logs. Without --source it "
+                    "runs on scikit-learn's handwritten digits. Local defaults (override with --param): "
                     + ", ".join(f"{k}={v}" for k, v in LOCAL_DEFAULTS.items()),
     )
     p.add_argument("--source", help="images: a class-per-folder directory, a CSV manifest, or a gs:// URI")
