@@ -189,7 +189,6 @@ def run_package(
     to LOGS/STEP.log (default: `logs` beside the pipeline root); `verbose` streams the logs to the terminal too.
     On failure: the last lines of the failed step's log, then a UserError naming the step and its log.
     """
-    import contextlib
     import sys
 
     from kfp import components as kfp_components
@@ -216,7 +215,7 @@ def run_package(
     log.info("running %s locally (%s runner); artifacts under %s, step logs under %s", package, runner, root, logs)
     steps = StepLogs(logs, terminal, total=count_steps(package), verbose=verbose)
     try:
-        with contextlib.redirect_stdout(steps):
+        with steps.capturing():
             task = pipeline(**params)
     except RuntimeError as exc:
         name = _failed_step(str(exc))

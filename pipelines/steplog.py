@@ -14,12 +14,15 @@ The key result comes from the step's executor_output.json (its path is in the st
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import re
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -113,6 +116,7 @@ class StepLogs(io.TextIOBase):
         self._local = threading.local()
         self._pipeline_log = (self.logs_dir / "pipeline.log").open("w", encoding="utf-8", buffering=1)
         self.started = time.perf_counter()
+        self._formatter = logging.Formatter("%(asctime)s - %(levelname)s - %(message)s", "%H:%M:%S")
 
     # --- the stream ---------------------------------------------------------------------------------------------
 
@@ -149,6 +153,29 @@ class StepLogs(io.TextIOBase):
             if not self._pipeline_log.closed:
                 self._pipeline_log.close()
         super().close()
+
+    # --- kfp.local's own log records ----------------------------------------------------------------------------
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """A root-logger filter: files kfp.local's records (`logging.info(...)`) here, in the thread that logs them.
+
+        kfp.local swaps the root logger's handlers for each task, and branches of a ParallelFor swap them from several
+        threads, so a record may reach a stdout handler, the CLI's stderr handler, or none; a filter sees every
+        record logged on the root logger, whatever its handlers. Records are dropped after filing (returns False).
+        """
+        self.write(self._formatter.format(record) + "\n")
+        return False
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[StepLogs]:
+        """While the pipeline runs: stdout (steps' output) and the root logger's records (kfp.local's) come here."""
+        root = logging.getLogger()
+        root.addFilter(self)
+        try:
+            with contextlib.redirect_stdout(self):
+                yield self
+        finally:
+            root.removeFilter(self)
 
     # --- following kfp.local ------------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import threading
 from pathlib import Path
 
@@ -139,3 +140,37 @@ def test_key_results_of_the_later_steps():
     assert key_result("export", export) == "pushed /srv/models/digits/20261130041500"
     export["parameterValues"]["pushed_uri"] = ""
     assert "not pushed" in key_result("export", export)
+
+
+def test_kfp_records_are_followed_whatever_the_root_handlers(tmp_path):
+    """ParallelFor branches swap the root logger's handlers from several threads (kfp.local's
+    local_logger_context), so a record may reach stderr instead of stdout: the root-logger filter still files it."""
+    terminal = io.StringIO()
+    steps = StepLogs(tmp_path / "logs", terminal, total=2)
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    stray = io.StringIO()
+    root.handlers[:] = [logging.StreamHandler(stray)]  # what a racing branch may leave behind
+    root.setLevel(logging.INFO)
+    try:
+        with steps.capturing():
+            def branch(name: str) -> None:
+                logging.info(f"Executing task \x1b[96m'{name}'\x1b[0m")
+                print(f"{name} output")
+                logging.info(f"Task \x1b[96m'{name}'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m")
+
+            threads = [threading.Thread(target=branch, args=(n,)) for n in ("fine-tune", "fine-tune")]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+    steps.close()
+    lines = terminal.getvalue().splitlines()
+    assert sorted(line.split()[0] for line in lines) == ["[1/2]", "[2/2]"] and all("SUCCESS" in x for x in lines)
+    assert stray.getvalue() == ""  # filed, not printed
+    for log in ("fine-tune.log", "fine-tune-2.log"):
+        text = (tmp_path / "logs" / log).read_text()
+        assert text.count("fine-tune output") == 1 and "finished with status SUCCESS" in text
