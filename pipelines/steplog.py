@@ -205,8 +205,10 @@ class StepLogs(io.TextIOBase):
             return
         skipped = SKIPPED.search(plain)
         if skipped:
-            why = skipped.group(2).strip().rstrip(".")
-            self._report_other(skipped.group(1), "SKIPPED", why.strip("()"))
+            why = skipped.group(2).strip().rstrip(".").strip("()")
+            if why == "condition evaluated to False":
+                why = "its condition is false (e.g. the model is not blessed): the steps under it did not run"
+            self._report_other(skipped.group(1), "SKIPPED", why)
 
     def _start(self, name: str) -> Step:
         with self._lock:
