@@ -36,7 +36,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from components.recipes import DEFAULT_RECIPE, RECIPES, FineTuneSettings, Recipe  # noqa: E402
+from components.recipes import DEFAULT_RECIPE, PLAIN_FINE_TUNE, PLAIN_HEAD, RECIPES, Recipe  # noqa: E402
 
 SHARED = Path(os.environ.get("KFP_FINETUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
 RESULTS = REPO / "bench" / "results"
@@ -47,33 +47,37 @@ log = logging.getLogger("bench.quality")
 
 # Candidates tried on one seed while looking for the default (kept so the search can be reproduced and extended).
 _TWO_PHASE_TRAIN_1E3 = Recipe(
-    name="x_bn_train_lr1e-3", description="two-phase, BN training, fine-tune lr 1e-3",
-    fine_tune=FineTuneSettings(learning_rate=1e-3, batch_norm="train"))
+    name="x_bn_train_lr1e-3", description="two-phase, BN training, fine-tune lr 1e-3", head=PLAIN_HEAD,
+    fine_tune={**PLAIN_FINE_TUNE, "learning_rate": 1e-3, "batch_norm": "train"})
 EXPLORE: dict[str, Recipe] = {r.name: r for r in (
     replace(_TWO_PHASE_TRAIN_1E3, name="x_bn_train_lr3e-4", description="two-phase, BN training, lr 3e-4",
-            fine_tune=FineTuneSettings(learning_rate=3e-4, batch_norm="train")),
+            fine_tune={**PLAIN_FINE_TUNE, "learning_rate": 3e-4, "batch_norm": "train"}),
     replace(_TWO_PHASE_TRAIN_1E3, name="x_bn_frozen_lr1e-3", description="two-phase, BN frozen, lr 1e-3",
-            fine_tune=FineTuneSettings(learning_rate=1e-3, batch_norm="frozen")),
+            fine_tune={**PLAIN_FINE_TUNE, "learning_rate": 1e-3, "batch_norm": "frozen"}),
     replace(_TWO_PHASE_TRAIN_1E3, name="x_no_aug",
             description="the default without augmentation and label smoothing (head on cached features)"),
     replace(_TWO_PHASE_TRAIN_1E3, name="x_224", description="two-phase, BN training, lr 1e-3, 224 px",
             image_size=224),
     replace(_TWO_PHASE_TRAIN_1E3, name="x_top_half", description="two-phase, BN training, lr 1e-3, top 40 layers",
-            fine_tune=FineTuneSettings(learning_rate=1e-3, batch_norm="train", unfreeze_top=40)),
+            fine_tune={**PLAIN_FINE_TUNE, "learning_rate": 1e-3, "batch_norm": "train", "unfreeze_top": 40}),
     replace(_TWO_PHASE_TRAIN_1E3, name="x_early_stop3", description="x_no_aug with early stopping (patience 3)",
-            fine_tune=FineTuneSettings(learning_rate=1e-3, batch_norm="train", early_stopping_patience=3)),
+            fine_tune={**PLAIN_FINE_TUNE, "learning_rate": 1e-3, "batch_norm": "train", "early_stopping_patience": 3}),
     replace(_TWO_PHASE_TRAIN_1E3, name="x_lr1e-4_early_stop3",
             description="two_phase_bn_train with early stopping (patience 3)",
-            fine_tune=FineTuneSettings(learning_rate=1e-4, batch_norm="train", early_stopping_patience=3)),
+            fine_tune={**PLAIN_FINE_TUNE, "learning_rate": 1e-4, "batch_norm": "train", "early_stopping_patience": 3}),
     replace(_TWO_PHASE_TRAIN_1E3, name="x_15_epochs", description="two-phase, BN training, lr 1e-3, 15 epochs",
-            fine_tune=FineTuneSettings(learning_rate=1e-3, batch_norm="train", epochs=15)),
+            fine_tune={**PLAIN_FINE_TUNE, "learning_rate": 1e-3, "batch_norm": "train", "epochs": 15}),
 )}
 ALL = {**RECIPES, **EXPLORE}
 
 
 def recipe_key(recipe: Recipe, image_size: int) -> str:
     """A digest of everything that decides a run's outcome apart from the seed (recipe settings, size, data)."""
-    data = {"recipe": {**recipe.to_dict(), "name": None, "description": None}, "image_size": image_size,
+    settings = recipe.to_dict()
+    for phase in ("head", "fine_tune"):  # recipes held the batch size (always 32) when the stored runs were keyed
+        if settings[phase] is not None:
+            settings[phase]["batch_size"] = 32
+    data = {"recipe": {**settings, "name": None, "description": None}, "image_size": image_size,
             "backbone": BACKBONE, "alpha": ALPHA, "split": [VAL_FRACTION, TEST_FRACTION, SPLIT_SEED]}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -52,11 +52,12 @@ def bare_fine_tune_epoch_seconds(head_dir: Path, x, y, xv, yv, epochs: int) -> l
     """The baseline: the same model, unfrozen the same way, plain model.fit on in-memory tensors."""
     import keras
 
-    from components import modelio, train
+    from components import modelio
+    from components.train import model as train_model
 
     model, _ = modelio.load_model(head_dir)
-    train.unfreeze(model, None, None, "frozen")
-    train._compile(model, keras.optimizers.AdamW(1e-4))
+    train_model.unfreeze(model, None, None, "frozen")
+    train_model._compile(model, keras.optimizers.AdamW(1e-4))
     seconds: list[float] = []
 
     class Timer(keras.callbacks.Callback):

@@ -16,7 +16,6 @@ the mirror (KFP_FINETUNE_WEIGHTS_MIRROR) and the public URL (with a short timeou
 
 # No `from __future__ import annotations`: KFP reads backbone_op's annotations as real types.
 import argparse
-import contextlib
 import functools
 import hashlib
 import inspect
@@ -26,7 +25,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -463,18 +462,12 @@ def resolve_imagenet(
     return hit
 
 
-@contextlib.contextmanager
-def _answer_get_file(handler: Callable[..., str]) -> Iterator[None]:
+def _answer_get_file(handler: Callable[..., str]) -> Any:
     """While building, answer keras.applications' requests for weights files with `handler` instead of Keras's
-    downloader (which has no timeout, no mirror and no sha256 check of ours)."""
-    from keras.src.utils import file_utils
+    downloader (which has no timeout, no mirror and no sha256 check of ours): components/_compat.py's patch."""
+    from components import _compat
 
-    original = file_utils.get_file
-    file_utils.get_file = handler
-    try:
-        yield
-    finally:
-        file_utils.get_file = original
+    return _compat.keras_get_file(handler)
 
 
 def resolve_uri(uri: str, workdir: Path, user_sha256: str | None) -> WeightsFile:

@@ -16,14 +16,13 @@ Three doors: these functions, `kfp-finetune pick-winner`, and the KFP components
 """
 
 import argparse
-import hashlib
 import html
 import json
 import logging
 import math
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, List, NamedTuple  # noqa: UP035 (KFP reads typing.List in component signatures)
 
@@ -32,7 +31,8 @@ from kfp.dsl import HTML, Artifact, Input, Markdown, Metrics, Model, Output
 
 from components import settings
 from components.errors import UserError
-from components.fsutil import atomic_directory, check_output_dir, write_json
+from components.fsutil import atomic_directory, check_output_dir, file_sha256, write_json
+from components.train.params import FINE_TUNE, branch_outputs, defaults
 
 log = logging.getLogger(__name__)
 
@@ -47,25 +47,14 @@ WIN_CLASS = ' class="win"'
 # --- one branch's settings ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class BranchSettings:
-    """The step arguments of one compare branch (0 / "" mean "not set", as in the KFP component signatures)."""
-
-    recipe: str
-    weights: str
-    image_size: int
-    head_epochs: int
-    head_learning_rate: float
-    dropout: float
-    augment: bool
-    class_weights: str
-    fine_tune_epochs: int  # 0: a head-only recipe (fine_tune passes the head model through)
-    fine_tune_learning_rate: float
-    warmup_epochs: int
-    unfreeze_top: int
-    unfreeze_from: str
-    batch_norm: str
-    early_stopping_patience: int
+# The step arguments of one compare branch: the backbone's weights and size, then every recipe setting of both phases
+# (components/train/params.py `branch_outputs`; 0 / "" mean "not set", as in the KFP component signatures).
+BranchSettings = make_dataclass(
+    "BranchSettings",
+    [("recipe", str), ("weights", str), ("image_size", int),
+     *[(name, p.type) for _, p, name in branch_outputs()]],
+    frozen=True,
+)
 
 
 def parse_recipe_names(spec: str | Sequence[str]) -> tuple[str, ...]:
@@ -105,24 +94,24 @@ def branch_settings(recipe: str, *, weights: str = "imagenet", image_size: int =
             raise UserError(f"epoch caps must be 0 (no cap) or more (got {most})")
         return min(epochs, most) if most else epochs
 
-    head, tune = r.head, r.fine_tune
-    tune_epochs = cap(tune.epochs, max_fine_tune_epochs) if tune else 0
+    head = r.head_kwargs()
+    head["epochs"] = cap(head["epochs"], max_head_epochs)
+    tune = r.fine_tune_kwargs()
+    if tune is None:  # head-only: fine_tune passes the head model through
+        tune = {**defaults(FINE_TUNE, recipe_only=True), "epochs": 0, "warmup_epochs": 0}
+    else:
+        tune["epochs"] = cap(tune["epochs"], max_fine_tune_epochs)
+        tune["warmup_epochs"] = min(tune["warmup_epochs"], tune["epochs"])
+    chosen = {"train_head": head, "fine_tune": tune}
+    values = {}
+    for phase, p, name in branch_outputs():
+        value = chosen[phase][p.name]
+        values[name] = p.unset if value is None else value
     return BranchSettings(
         recipe=r.name,
         weights="none" if r.weights == "none" else weights,
         image_size=int(r.image_size or image_size or 0),
-        head_epochs=cap(head.epochs, max_head_epochs),
-        head_learning_rate=float(head.learning_rate),
-        dropout=float(head.dropout),
-        augment=bool(head.augment),
-        class_weights=head.class_weights,
-        fine_tune_epochs=tune_epochs,
-        fine_tune_learning_rate=float(tune.learning_rate) if tune else 1e-4,
-        warmup_epochs=min(tune.warmup_epochs, tune_epochs) if tune else 0,
-        unfreeze_top=int(tune.unfreeze_top or 0) if tune else 0,
-        unfreeze_from=(tune.unfreeze_from or "") if tune else "",
-        batch_norm=tune.batch_norm if tune else "frozen",
-        early_stopping_patience=int(tune.early_stopping_patience) if tune else 0,
+        **values,
     )
 
 
@@ -270,19 +259,12 @@ class CompareResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def winner_model_dir(winner: Candidate, models: Sequence[str]) -> str:
     """The model directory that `winner` evaluated, matched by model.keras's SHA-256 (not by list position)."""
     for model in models:
         path = Path(model) / "model.keras"
-        if path.is_file() and _sha256(path) == winner.model_sha256:
+        if path.is_file() and file_sha256(path) == winner.model_sha256:
             return str(model)
     raise UserError(f"no model among {len(models)} matches the evaluation of recipe {winner.recipe} "
                     f"(model.keras sha256 {winner.model_sha256[:12]}...)")
@@ -354,10 +336,12 @@ def recipe_op(
     max_fine_tune_epochs: int = 0,
 ) -> NamedTuple(  # noqa: UP014 (KFP needs the functional form)
     "RecipeOutputs",
+    # BranchSettings' fields in order (KFP reads this list from the source; the parity test holds it to them).
     [("weights", str), ("image_size", int), ("head_epochs", int), ("head_learning_rate", float),
-     ("dropout", float), ("augment", bool), ("class_weights", str), ("fine_tune_epochs", int),
-     ("fine_tune_learning_rate", float), ("warmup_epochs", int), ("unfreeze_top", int), ("unfreeze_from", str),
-     ("batch_norm", str), ("early_stopping_patience", int)],
+     ("dropout", float), ("augment", bool), ("class_weights", str), ("head_label_smoothing", float),
+     ("unfreeze_top", int), ("unfreeze_from", str), ("fine_tune_epochs", int), ("fine_tune_learning_rate", float),
+     ("warmup_epochs", int), ("batch_norm", str), ("early_stopping_patience", int),
+     ("fine_tune_label_smoothing", float)],
 ):
     """One compare branch's step arguments: the recipe's settings, with the pipeline's epoch budget as a cap.
 

@@ -1,6 +1,6 @@
 """Reading the Dataset artifact (written by `components.ingest`), shared by training, evaluation and export.
 
-On-disk contract (a TFDS-format directory, see DESIGN.md):
+On-disk contract (a TFDS-format directory; docs/interfaces.md lists every artifact):
     DIR/dataset_info.json, DIR/features.json, ...   what `tfds.builder_from_directory(DIR)` needs
     DIR/<name>-<split>.tfrecord-NNNNN-of-MMMMM      tf.train.Example records:
                                                     image: bytes (encoded JPEG/PNG), label: int64

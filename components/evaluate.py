@@ -14,7 +14,6 @@ empty; the baseline's class names differ.
 """
 
 import argparse
-import hashlib
 import logging
 import math
 import os
@@ -96,10 +95,9 @@ class Predictions(NamedTuple):
 
 
 def input_size(model: "keras.Model", what: str) -> int:
-    shape = model.input_shape
-    if not (isinstance(shape, tuple) and len(shape) == 4 and shape[1] and shape[1] == shape[2] and shape[3] == 3):
-        raise UserError(f"{what}: expected a classifier taking [None, S, S, 3] pixels, got input shape {shape}")
-    return int(shape[1])
+    from components import modelio
+
+    return modelio.input_size(model, what)
 
 
 def split_dataset(info: "DatasetInfo", split: str, size: int, batch_size: int = BATCH_SIZE) -> Any:
@@ -239,11 +237,9 @@ def _local_model_dir(uri: str, staging: Path) -> str:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    from components.fsutil import file_sha256
+
+    return file_sha256(path)
 
 
 # --- blessing --------------------------------------------------------------------------------------------------

@@ -124,10 +124,9 @@ class ExportResult:
 
 
 def _input_size(model: "keras.Model") -> int:
-    shape = model.input_shape
-    if not (isinstance(shape, tuple) and len(shape) == 4 and shape[1] and shape[1] == shape[2]):
-        raise UserError(f"model {model.name}: expected a square image input [None, S, S, 3], got {shape}")
-    return int(shape[1])
+    from components import modelio
+
+    return modelio.input_size(model)
 
 
 def write_saved_model(model: "keras.Model", class_names: list[str], directory: str | os.PathLike) -> None:

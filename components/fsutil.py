@@ -65,3 +65,14 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{what}: {path} is not valid JSON ({exc})") from exc
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

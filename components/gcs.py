@@ -126,17 +126,22 @@ def upload_directory(
     return uris
 
 
-def write_text(uri: str, text: str) -> None:
+def _on_blob(uri: str, doing: str, call: Any) -> Any:
+    """`call(blob)` for the object at `uri`; a UserError "cannot DOING URI: ..." on any failure."""
     bucket, name = split_uri(uri)
     try:
-        client().bucket(bucket).blob(name).upload_from_string(text)
-    except Exception as exc:
-        raise UserError(f"cannot write {uri}: {exc}") from exc
+        return call(client().bucket(bucket).blob(name))
+    except Exception as exc:  # google.api_core errors, connection errors
+        raise UserError(f"cannot {doing} {uri}: {exc}") from exc
+
+
+def write_text(uri: str, text: str) -> None:
+    _on_blob(uri, "write", lambda blob: blob.upload_from_string(text))
 
 
 def read_text(uri: str) -> str:
-    bucket, name = split_uri(uri)
-    try:
-        return client().bucket(bucket).blob(name).download_as_text()
-    except Exception as exc:
-        raise UserError(f"cannot read {uri}: {exc}") from exc
+    return _on_blob(uri, "read", lambda blob: blob.download_as_text())
+
+
+def exists(uri: str) -> bool:
+    return _on_blob(uri, "reach", lambda blob: blob.exists())

@@ -49,3 +49,11 @@ def save_model(model: keras.Model, meta: dict[str, Any], directory: str | os.Pat
     directory = Path(directory)
     model.save(directory / MODEL_FILE)
     write_json(directory / META_FILE, meta)
+
+
+def input_size(model: keras.Model, what: str | None = None) -> int:
+    """S of a model taking square RGB images [None, S, S, 3]; a UserError naming `what` (or the model) otherwise."""
+    shape = model.input_shape
+    if not (isinstance(shape, tuple) and len(shape) == 4 and shape[1] and shape[1] == shape[2] and shape[3] == 3):
+        raise UserError(f"{what or 'model ' + model.name}: expected a square image input [None, S, S, 3], got {shape}")
+    return int(shape[1])

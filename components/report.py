@@ -177,11 +177,12 @@ background:#eee;border:1px solid #ccc}
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{escape(format_value(v))}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A metric as shown in reports and summaries: floats with 4 decimals."""
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
@@ -214,7 +215,9 @@ def render(
     verdict = ('<b class="ok">blessed</b>' if blessing["blessed"] else '<b class="bad">not blessed</b>')
     cards = [("accuracy", m["accuracy"]), ("loss", m["loss"]), (f"top-{m['top_k']} accuracy", m["top_k_accuracy"]),
              ("macro F1", m["macro_f1"]), ("weighted F1", m["weighted_f1"]), ("examples", m["num_examples"])]
-    cards_html = "".join(f'<div class="card">{escape(label)}<b>{escape(_fmt(v))}</b></div>' for label, v in cards)
+    cards_html = "".join(
+        f'<div class="card">{escape(label)}<b>{escape(format_value(v))}</b></div>' for label, v in cards
+    )
     rules = "".join(
         f'<li class="{"ok" if r["passed"] else "bad"}">{escape(r["rule"])}: {escape(r["detail"])}</li>'
         for r in blessing["rules"])

@@ -27,12 +27,13 @@ from pipelines.local import (  # noqa: F401 (re-exported: the public names of `r
     LOCAL_DEFAULTS,
     RunSummary,
     _local_or_uri,
+    local_options,
     run_local,
     run_package,
     summarize,
     write_demo_dataset,
 )
-from pipelines.params import PipelineInput, check_values, parse_params, pipeline_inputs  # noqa: F401
+from pipelines.params import PipelineInput, check_values, parse_params, pipeline_inputs, spec_inputs  # noqa: F401
 from pipelines.pipeline import CompileOptions, CustomJob, Gpu, compile_pipeline, mutable_tag_warning
 from pipelines.remote import (  # noqa: F401 (re-exported: the public names of `submit` / `schedule`)
     Request,
@@ -65,8 +66,7 @@ def compile_options(args: argparse.Namespace) -> CompileOptions:
         cpu=args.cpu,
         memory=args.memory,
         retries=args.retries,
-        compare_recipes=tuple((getattr(args, "compare_recipes", None) or "").split(",")) if getattr(
-            args, "compare_recipes", None) else (),
+        compare_recipes=getattr(args, "compare_recipes", None) or (),  # CompileOptions parses "a,b" or "all"
     )
 
 
@@ -88,11 +88,12 @@ def compile_command(args: argparse.Namespace) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     """Compile (as `compile --image IMAGE --retries 0` does), or take --package, and run that YAML locally."""
+    import dataclasses
+
     output = Path(args.output)
     demo = not args.source
-    compare = tuple(args.compare_recipes.split(",")) if args.compare_recipes else ()
     if args.package:
-        if compare or args.image:
+        if args.compare_recipes or args.image:
             raise UserError("--compare-recipes and --image are compiled into the package: "
                             "give them to `kfp-finetune compile`, or drop --package")
         package = Path(args.package)
@@ -100,8 +101,8 @@ def run_command(args: argparse.Namespace) -> int:
     else:
         # Retries are for preempted cloud machines: locally a failure is reported at once. The no-argument demo's
         # backbone may fall back to random weights when no ImageNet weights can be had.
-        options = CompileOptions(image=args.image or settings.component_image(), retries=0, demo_fallback=demo,
-                                 compare_recipes=compare)
+        options = dataclasses.replace(local_options(demo_fallback=demo, compare_recipes=args.compare_recipes or ()),
+                                      image=args.image or settings.component_image())
         output.mkdir(parents=True, exist_ok=True)
         package = compile_pipeline(output / "pipeline.yaml", options)
         inputs = pipeline_inputs(package)

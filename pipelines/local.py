@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from components.errors import UserError
+from components.report import format_value
 from pipelines.pipeline import CompileOptions
 
 log = logging.getLogger("kfp_finetune.pipelines")
@@ -84,7 +85,7 @@ class RunSummary:
 
     def lines(self) -> list[str]:
         out = ["", "kfp-finetune run: summary"]
-        out += [f"  {k:<18} {_fmt(v)}" for k, v in sorted(self.metrics.items())]
+        out += [f"  {k:<18} {format_value(v)}" for k, v in sorted(self.metrics.items())]
         out.append(f"  {'blessed':<18} {self.blessed}")
         if self.winner_recipe:
             out.append(f"  {'winner recipe':<18} {self.winner_recipe} (picked on the validation split)")
@@ -101,14 +102,17 @@ class RunSummary:
         return out
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
 
 def _failed_step(message: str) -> str:
     plain = re.sub(r"\x1b\[[0-9;]*m", "", message)
     found = re.findall(r"'([^']+)'", plain.split("Inner task failed:")[-1])
     return found[-1] if found else "unknown"
+
+
+def local_options(*, demo_fallback: bool = False, compare_recipes: Sequence[str] | str = ()) -> CompileOptions:
+    """The compile options of a local run: no retries (a failure is reported at once; retries are for preempted
+    cloud machines)."""
+    return CompileOptions(demo_fallback=demo_fallback, retries=0, compare_recipes=compare_recipes or ())
 
 
 def run_local(
@@ -117,26 +121,31 @@ def run_local(
     *,
     demo_fallback: bool = False,
     enable_caching: bool = False,
-    compare_recipes: Sequence[str] = (),
+    compare_recipes: Sequence[str] | str = (),
+    pipeline: Any = None,
     runner: str = "subprocess",
     image: str | None = None,
     verbose: bool = False,
     terminal: IO[str] | None = None,
 ) -> RunSummary:
-    """Compile the pipeline (retries 0 locally), then run the compiled YAML with kfp.local: see run_package.
+    """Compile the pipeline with `local_options(...)` (or compile `pipeline`, one already built with them), then run
+    the compiled YAML with kfp.local: see run_package.
 
     Raises UserError naming the failed step.
     """
+    import dataclasses
     import tempfile
 
-    from components import settings
-    from pipelines.pipeline import compile_pipeline
+    from kfp import compiler
 
-    # No retries locally: a failure is reported at once (retries are for preempted cloud machines).
-    options = CompileOptions(image=image or settings.component_image(), demo_fallback=demo_fallback, retries=0,
-                             compare_recipes=tuple(compare_recipes))
+    from components import settings
+    from pipelines.pipeline import build_pipeline
+
+    options = dataclasses.replace(local_options(demo_fallback=demo_fallback, compare_recipes=compare_recipes),
+                                  image=image or settings.component_image())
     with tempfile.TemporaryDirectory(prefix="kfp-finetune-") as tmp:
-        package = compile_pipeline(Path(tmp) / "pipeline.yaml", options)
+        package = Path(tmp) / "pipeline.yaml"
+        compiler.Compiler().compile(pipeline or build_pipeline(options), package_path=str(package))
         return run_package(package, params, pipeline_root, enable_caching=enable_caching, runner=runner,
                            verbose=verbose, terminal=terminal)
 

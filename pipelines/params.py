@@ -49,6 +49,18 @@ def pipeline_inputs(package: str | os.PathLike) -> dict[str, PipelineInput]:
     }
 
 
+_SPEC_TYPES = {"String": "str", "Integer": "int", "Float": "float", "Boolean": "bool", "List": "list", "Dict": "dict"}
+
+
+def spec_inputs(pipeline: Any) -> dict[str, PipelineInput]:
+    """The input parameters of a built pipeline (a KFP GraphComponent), read from its own component spec."""
+    return {
+        name: PipelineInput(name, _SPEC_TYPES.get(str(spec.type), "str"), bool(spec.optional), spec.default)
+        for name, spec in pipeline.component_spec.inputs.items()
+        if not str(spec.type).startswith("system.")
+    }
+
+
 def _convert(raw: str, kind: str, name: str) -> Any:
     import json
 

@@ -94,7 +94,7 @@ class CompileOptions:
     memory: str = "16G"
     retries: int = 2
     demo_fallback: bool = False
-    compare_recipes: tuple[str, ...] = ()
+    compare_recipes: tuple[str, ...] | str = ()  # names, or "a,b" / "all" as the CLI takes them
 
     def __post_init__(self) -> None:
         if self.compare_recipes:
@@ -148,7 +148,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
     from components.evaluate import evaluate_op
     from components.export import export_op
     from components.ingest import ingest_op
-    from components.train import fine_tune_op, train_head_op
+    from components.train import fine_tune_op, params, train_head_op
 
     options = options or CompileOptions()
     ingest_c, backbone_c, head_c, tune_c, evaluate_c, export_c = (
@@ -193,33 +193,29 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
                              (evaluate_op, "evaluate-validation"))
         )
 
-    def compare_branches(ingest: Any, *, backbone: Any, backbone_alpha: Any, image_size: Any, weights: Any,
-                         weights_sha256: Any, head_epochs: Any, fine_tune_epochs: Any, batch_size: Any,
-                         checkpoint_dir: Any, seed: Any, min_accuracy: Any, baseline_model: Any,
-                         max_regression: Any, push_to: Any) -> Any:
-        """Compare mode: one branch per recipe (ParallelFor), the winner on validation, then test → export."""
+    def compare_branches(ingest: Any, values: dict[str, Any]) -> Any:
+        """Compare mode: one branch per recipe (ParallelFor), the winner on validation, then test → export.
+
+        Each branch trains with every setting of its recipe (params.branch_arguments); of the pipeline's training
+        parameters only the run's own (batch_size, seed, checkpoint_dir) and the epoch caps apply.
+        """
         dataset = ingest.outputs["dataset"]
+        v = values
         with dsl.ParallelFor(items=list(options.compare_recipes), name="recipes") as recipe:
-            plan = recipe_c(recipe=recipe, weights=weights, image_size=image_size, max_head_epochs=head_epochs,
-                            max_fine_tune_epochs=fine_tune_epochs)
+            plan = recipe_c(recipe=recipe, weights=v["weights"], image_size=v["image_size"],
+                            max_head_epochs=v["head_epochs"], max_fine_tune_epochs=v["fine_tune_epochs"])
             plan.set_display_name("recipe settings").set_caching_options(True)
             s = plan.outputs
             # Per branch, so that a recipe can start from other weights (scratch: none). Branches asking for the
             # same weights get the same inputs, so KFP's cache builds that backbone once.
-            branch_backbone = backbone_c(name=backbone, alpha=backbone_alpha, image_size=s["image_size"],
-                                         weights=s["weights"], weights_sha256=weights_sha256,
+            branch_backbone = backbone_c(name=v["backbone"], alpha=v["backbone_alpha"], image_size=s["image_size"],
+                                         weights=s["weights"], weights_sha256=v["weights_sha256"],
                                          fallback_to_random=options.demo_fallback)
             branch_backbone.set_display_name("backbone").set_caching_options(True)
-            head = head_c(dataset=dataset, backbone=branch_backbone.outputs["model"], epochs=s["head_epochs"],
-                          learning_rate=s["head_learning_rate"], batch_size=batch_size, dropout=s["dropout"],
-                          augment=s["augment"], class_weights=s["class_weights"], seed=seed)
+            head = head_c(dataset=dataset, backbone=branch_backbone.outputs["model"],
+                          **params.branch_arguments("train_head", s, v))
             training_resources(head, "train head")
-            tune = tune_c(dataset=dataset, model=head.outputs["model"], unfreeze_top=s["unfreeze_top"],
-                          unfreeze_from=s["unfreeze_from"], epochs=s["fine_tune_epochs"],
-                          learning_rate=s["fine_tune_learning_rate"], warmup_epochs=s["warmup_epochs"],
-                          batch_size=batch_size, batch_norm=s["batch_norm"],
-                          early_stopping_patience=s["early_stopping_patience"], checkpoint_dir=checkpoint_dir,
-                          seed=seed)
+            tune = tune_c(dataset=dataset, model=head.outputs["model"], **params.branch_arguments("fine_tune", s, v))
             training_resources(tune, "fine-tune")
             validate = validate_c(dataset=dataset, model=tune.outputs["tuned_model"], split="validation")
             validate.set_display_name("evaluate on validation")
@@ -231,11 +227,11 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         winner.set_display_name("pick winner (validation)")
         model = winner.outputs["winner"]
 
-        evaluate = evaluate_c(dataset=dataset, model=model, split="test", min_accuracy=min_accuracy,
-                              baseline_model=baseline_model, max_regression=max_regression)
+        evaluate = evaluate_c(dataset=dataset, model=model, split="test", min_accuracy=v["min_accuracy"],
+                              baseline_model=v["baseline_model"], max_regression=v["max_regression"])
         evaluate.set_display_name("evaluate")
         with dsl.If(evaluate.outputs["blessed"] == True, name="blessed"):  # noqa: E712 (a KFP condition)
-            export = export_c(model=model, evaluation=evaluate.outputs["evaluation"], push_to=push_to)
+            export = export_c(model=model, evaluation=evaluate.outputs["evaluation"], push_to=v["push_to"])
             export.set_display_name("export").set_caching_options(False)
         return PipelineOutputs(metrics=evaluate.outputs["metrics"], report=evaluate.outputs["report"],
                                evaluation=evaluate.outputs["evaluation"], model=model,
@@ -282,6 +278,11 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
     ) -> PipelineOutputs:
         """Fine-tune a Keras image classifier: ingest ∥ backbone → train_head → fine_tune → evaluate → export.
 
+        Compiled with --compare-recipes, each recipe's own settings replace the training parameters below (its
+        weights choice, learning rates, dropout, augmentation, class weights, label smoothing, unfreezing, BN
+        policy, warmup, patience); head_epochs and fine_tune_epochs then cap each phase, and batch_size, seed and
+        checkpoint_dir still apply.
+
         Args:
             source: the images: a class-per-folder directory (local or gs://), a CSV manifest, or a TFDS name.
             backbone: the keras.applications backbone, e.g. mobilenet_v2, mobilenet, efficientnet_b0, resnet50.
@@ -323,32 +324,24 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
             push_to: where export pushes a versioned copy of the blessed SavedModel (local folder or gs:// prefix);
                 empty: the export stays in the pipeline's artifacts only.
         """
+        values = dict(locals())  # the pipeline's parameters by name, for params.step_arguments / branch_arguments
         ingest = ingest_c(source=source, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                           max_side=max_side)
         ingest.set_display_name("ingest").set_caching_options(True)
 
         if options.compare_recipes:
-            return compare_branches(ingest, weights=weights, weights_sha256=weights_sha256,
-                                    backbone=backbone, backbone_alpha=backbone_alpha, image_size=image_size,
-                                    head_epochs=head_epochs, fine_tune_epochs=fine_tune_epochs,
-                                    batch_size=batch_size, checkpoint_dir=checkpoint_dir, seed=seed,
-                                    min_accuracy=min_accuracy, baseline_model=baseline_model,
-                                    max_regression=max_regression, push_to=push_to)
+            return compare_branches(ingest, values)
 
         backbone_task = backbone_c(name=backbone, alpha=backbone_alpha, image_size=image_size, weights=weights,
                                    weights_sha256=weights_sha256, fallback_to_random=options.demo_fallback)
         backbone_task.set_display_name("backbone").set_caching_options(True)
 
-        head = head_c(dataset=ingest.outputs["dataset"], backbone=backbone_task.outputs["model"], epochs=head_epochs,
-                      learning_rate=head_learning_rate, batch_size=batch_size, dropout=dropout, augment=augment,
-                      class_weights=class_weights, label_smoothing=label_smoothing, seed=seed)
+        head = head_c(dataset=ingest.outputs["dataset"], backbone=backbone_task.outputs["model"],
+                      **params.step_arguments(params.HEAD, values))
         training_resources(head, "train head")
 
-        tune = tune_c(dataset=ingest.outputs["dataset"], model=head.outputs["model"], unfreeze_top=unfreeze_top,
-                      unfreeze_from=unfreeze_from, epochs=fine_tune_epochs, learning_rate=fine_tune_learning_rate,
-                      warmup_epochs=warmup_epochs, batch_size=batch_size, batch_norm=batch_norm,
-                      early_stopping_patience=early_stopping_patience, checkpoint_dir=checkpoint_dir,
-                      label_smoothing=label_smoothing, seed=seed)
+        tune = tune_c(dataset=ingest.outputs["dataset"], model=head.outputs["model"],
+                      **params.step_arguments(params.FINE_TUNE, values))
         training_resources(tune, "fine-tune")
 
         evaluate = evaluate_c(dataset=ingest.outputs["dataset"], model=tune.outputs["tuned_model"], split="test",
@@ -391,70 +384,3 @@ def compile_pipeline(output: str | Path, options: CompileOptions | None = None) 
         Path(tmp).unlink(missing_ok=True)
         raise
     return output
-
-
-def pipeline_structure(ir: dict[str, Any], image: str | None = None) -> dict[str, Any]:
-    """The reviewable shape of a compiled pipeline: parameters, tasks with their edges and inputs, executor images.
-
-    Used by the golden test (tests/golden/pipeline_structure.json). `image`, when given, is written as "<image>" so
-    the golden file does not change with each release's version.
-    """
-
-    def img(value: str) -> str:
-        return "<image>" if image and value == image else value
-
-    def source(spec: dict[str, Any]) -> str:
-        if "componentInputParameter" in spec:
-            return f"param:{spec['componentInputParameter']}"
-        if "componentInputArtifact" in spec:
-            return f"param:{spec['componentInputArtifact']}"
-        if "taskOutputParameter" in spec:
-            out = spec["taskOutputParameter"]
-            return f"{out['producerTask']}.{out['outputParameterKey']}"
-        if "taskOutputArtifact" in spec:
-            out = spec["taskOutputArtifact"]
-            return f"{out['producerTask']}.{out['outputArtifactKey']}"
-        if "runtimeValue" in spec:
-            return f"const:{spec['runtimeValue'].get('constant')!r}"
-        return "?"
-
-    components = ir.get("components", {})
-    executors = ir.get("deploymentSpec", {}).get("executors", {})
-    tasks: dict[str, Any] = {}
-
-    def walk(dag: dict[str, Any], prefix: str) -> None:
-        for name, task in sorted(dag.get("tasks", {}).items()):
-            path = f"{prefix}{name}"
-            ref = task["componentRef"]["name"]
-            inputs = task.get("inputs", {})
-            entry: dict[str, Any] = {
-                "display_name": task.get("taskInfo", {}).get("name"),
-                "after": sorted(task.get("dependentTasks", [])),
-                "parameters": {k: source(v) for k, v in sorted(inputs.get("parameters", {}).items())},
-                "artifacts": {k: source(v) for k, v in sorted(inputs.get("artifacts", {}).items())},
-                "caching": bool(task.get("cachingOptions", {}).get("enableCache", False)),
-            }
-            if "retryPolicy" in task:
-                entry["retries"] = task["retryPolicy"].get("maxRetryCount", 0)
-            if "triggerPolicy" in task:
-                entry["condition"] = " ".join(task["triggerPolicy"].get("condition", "").split())
-            component = components.get(ref, {})
-            if "dag" in component:
-                walk(component["dag"], f"{path}/")
-            else:
-                executor = executors.get(component.get("executorLabel", ""), {})
-                container = executor.get("container", {})
-                entry["image"] = img(container.get("image", ""))
-                if container.get("resources"):
-                    entry["resources"] = container["resources"]
-            tasks[path] = entry
-
-    walk(ir.get("root", {}).get("dag", {}), "")
-    parameters = {
-        name: {"type": p.get("parameterType"), "default": p.get("defaultValue"),
-               "optional": bool(p.get("isOptional", False))}
-        for name, p in sorted(ir.get("root", {}).get("inputDefinitions", {}).get("parameters", {}).items())
-    }
-    images = sorted({img(e.get("container", {}).get("image", "")) for e in executors.values()})
-    return {"pipeline": ir.get("pipelineInfo", {}).get("name"), "parameters": parameters, "tasks": tasks,
-            "images": images}

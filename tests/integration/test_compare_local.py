@@ -44,6 +44,11 @@ def test_compare_two_recipes_locally(synthetic_folder, weights_mirror, tmp_path,
         assert data["split"] == "validation"
         candidates[data["model_sha256"]] = data["metrics"]["accuracy"]
     assert len(candidates) == 2, candidates  # two distinct models: head-only passed through, the other fine-tuned
+    # Each branch trained at its recipe's settings: both recipes train without label smoothing (the step default
+    # is 0.1, which the branches used to get whatever the recipe said).
+    heads = list(root.glob("for-loop-*-iteration-*/train-head/model/model.json"))
+    assert len(heads) == 2 and all(
+        json.loads(h.read_text())["training"]["train_head"]["label_smoothing"] == 0.0 for h in heads), heads
 
     # The winner (a copy of its branch's model) went on to the test split, and was exported (min_accuracy 0).
     model = Path(summary_value(summary, "model"))

@@ -240,3 +240,15 @@ def test_demo_dataset_is_ten_digit_folders_of_pngs(tmp_path):
     with Image.open(files[0]) as image:
         assert image.size == (32, 32)
         assert image.getextrema()[1] > 200  # strokes stretched to near white
+
+
+@pytest.mark.parametrize("compare", [(), ("head_only", "default")])
+def test_run_reads_the_parameters_from_the_pipelines_own_spec_as_compile_writes_them(tmp_path, compare):
+    from pipelines.params import spec_inputs
+    from pipelines.pipeline import CompileOptions, build_pipeline, compile_pipeline
+
+    from_spec = spec_inputs(build_pipeline(CompileOptions(compare_recipes=compare)))
+    from_yaml = pipeline_inputs(compile_pipeline(tmp_path / "p.yaml", CompileOptions(compare_recipes=compare)))
+    assert {n: (i.type, i.optional) for n, i in from_spec.items()} == {
+        n: (i.type, i.optional) for n, i in from_yaml.items()}
+    assert all(from_spec[n].default == pytest.approx(i.default) for n, i in from_yaml.items() if i.optional)

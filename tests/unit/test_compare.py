@@ -8,7 +8,8 @@ import yaml
 from components.cli import main
 from components.compare import Candidate, branch_settings, comparison_table, parse_recipe_names, pick_winner
 from components.errors import UserError
-from pipelines.pipeline import CompileOptions, compile_pipeline, pipeline_structure
+from pipelines.pipeline import CompileOptions, compile_pipeline
+from tests.pipeline_shape import pipeline_structure
 
 IMAGE = "registry.example.com/team/kfp-finetune:1.2.3"
 

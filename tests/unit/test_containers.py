@@ -8,11 +8,11 @@ import pytest
 
 docker = pytest.importorskip("docker", reason="the dev extra installs the docker package")
 
-import kfp  # noqa: E402
 from kfp.local import docker_task_handler  # noqa: E402
 
+from components import _compat  # noqa: E402
 from components.errors import UserError  # noqa: E402
-from pipelines import _kfp_local, containers  # noqa: E402
+from pipelines import containers  # noqa: E402
 
 
 class FakeContainer:
@@ -66,8 +66,8 @@ def test_kfp_unpatched_reports_a_failed_step_as_success_on_podman(original_handl
 
 
 def test_fixed_runner_reports_the_exit_code_and_removes_the_container(original_handler):
-    assert _kfp_local.fix_docker_exit_code()
-    assert _kfp_local.fix_docker_exit_code()  # idempotent
+    assert _compat.kfp_local_docker_exit_code()
+    assert _compat.kfp_local_docker_exit_code()  # idempotent
     run = docker_task_handler.run_docker_container
     failing = FakeClient(code=3)
     assert run(failing, "localhost/kfp-finetune:0.1.0", ["false"], {}, auto_remove=True) == 3
@@ -77,11 +77,11 @@ def test_fixed_runner_reports_the_exit_code_and_removes_the_container(original_h
     assert run(ok, "localhost/kfp-finetune:0.1.0", ["true"], {}) == 0 and ok.events[-1] == "remove"
 
 
-def test_fix_refuses_a_kfp_it_was_not_written_for(original_handler, monkeypatch, caplog):
-    monkeypatch.setattr(kfp, "__version__", "2.99.0")
-    assert not _kfp_local.fix_docker_exit_code()
+def test_fix_refuses_a_kfp_it_was_not_written_for(original_handler, monkeypatch):
+    monkeypatch.setattr(_compat, "KFP_VERSION", "2.99.")
+    with pytest.raises(RuntimeError, match="kfp_local_docker_exit_code was written for kfp 2.99.x"):
+        _compat.kfp_local_docker_exit_code()
     assert docker_task_handler.run_docker_container is original_handler
-    assert "not applied" in caplog.text
 
 
 def test_engine_names_podman_and_docker():

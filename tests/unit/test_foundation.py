@@ -60,6 +60,8 @@ def test_gcs_missing_object_is_a_user_error(gcs_bucket, tmp_path: Path) -> None:
 def test_cli_reports_user_errors_on_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     from components import cli
 
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["no-such-command"])
-    assert exit_info.value.code == 2
+    code = cli.main(["train-head", "--dataset", "d", "--backbone", "b", "--output", "o", "--epochs", "-1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.endswith("\n") and err.count("\n") == 1, err  # one line, no traceback
+    assert err.startswith("kfp-finetune: error: --epochs must be an integer ≥ 0 (got -1)"), err

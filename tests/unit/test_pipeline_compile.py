@@ -20,7 +20,8 @@ import yaml
 from components import settings
 from components.cli import main
 from components.errors import UserError
-from pipelines.pipeline import CompileOptions, CustomJob, Gpu, compile_pipeline, mutable_tag_warning, pipeline_structure
+from pipelines.pipeline import CompileOptions, CustomJob, Gpu, compile_pipeline, mutable_tag_warning
+from tests.pipeline_shape import pipeline_structure
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "pipeline_structure.json"
 IMAGE = "registry.example.com/team/kfp-finetune:1.2.3"

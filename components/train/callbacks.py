@@ -1,0 +1,127 @@
+"""Callbacks and history: one log line per epoch, TensorBoard, and the history kept beside the checkpoint so that a
+resumed run keeps its earlier epochs.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from components import gcs, settings
+from components.train.config import FineTuneConfig
+from components.train.distribute import Cluster
+
+log = logging.getLogger("kfp_finetune.train")
+
+
+HISTORY_FILE = "history.json"
+
+
+def _format_logs(logs: dict[str, Any]) -> str:
+    return " ".join(f"{k}={float(v):.4g}" for k, v in sorted(logs.items()))
+
+
+def _epoch_logger(
+    phase: str, epochs: int, history_file: "HistoryFile | None", history: dict[str, list[float]],
+    seconds: list[float] | None = None,
+) -> Any:
+    """A callback logging one line per epoch and keeping the history (persisted to `history_file` for resume)."""
+    import keras
+
+    class EpochLogger(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self._start = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            logs = dict(logs or {})
+            elapsed = time.perf_counter() - self._start
+            if seconds is not None:
+                seconds.append(elapsed)
+            optimizer = self.model.optimizer
+            if optimizer is not None:
+                logs.setdefault("learning_rate", float(keras.ops.convert_to_numpy(optimizer.learning_rate)))
+            for key, value in logs.items():
+                history.setdefault(key, []).append(float(value))
+            # Resumed runs keep every list the same length as the epochs done.
+            if history_file is not None:
+                history_file.write(history)
+            log.info("%s epoch %d/%d (%.1fs): %s", phase, epoch + 1, epochs, elapsed, _format_logs(logs))
+
+    return EpochLogger()
+
+
+def _verbose() -> int:
+    """Keras's progress bar only when a person is watching."""
+    return 1 if sys.stdout.isatty() else 0
+
+
+def _tensorboard(phase: str, output_tmp: Path, is_chief: bool) -> list[Any]:
+    """[a TensorBoard callback], or [] when the `tensorboard` package (which tf.summary needs) is absent."""
+    import importlib.util
+
+    import keras
+
+    if importlib.util.find_spec("tensorboard") is None:
+        log.warning("TensorBoard logs off: the `tensorboard` package is not installed (pip install tensorboard)")
+        return []
+    root = settings.vertex_tensorboard_dir() if is_chief else None
+    log_dir = f"{root.rstrip('/')}/{phase}" if root else str(output_tmp / "tensorboard" / phase)
+    return [keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False, profile_batch=0)]
+
+
+def _final_metrics(history: dict[str, list[float]]) -> dict[str, float]:
+    return {k: v[-1] for k, v in history.items() if v}
+
+
+def _checkpoint_subdir(config: FineTuneConfig, root: str, cluster: Cluster) -> str:
+    """A folder per (arguments, worker): the same command resumes; a different one never picks up a stale state."""
+    key = {k: v for k, v in asdict(config).items() if k != "checkpoint_dir"}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    sub = f"{root.rstrip('/')}/fine_tune-{digest}"
+    return sub if cluster.is_chief else f"{sub}/worker-{cluster.worker_index}"
+
+
+class HistoryFile:
+    """The history kept beside the checkpoint, so that a resumed run keeps its earlier epochs.
+
+    Local paths are written atomically; gs:// ones (AIP_CHECKPOINT_DIR on Vertex) through google-cloud-storage
+    (components/gcs.py: an object write is atomic, and it honours STORAGE_EMULATOR_HOST).
+    """
+
+    def __init__(self, checkpoint: str) -> None:
+        self.uri = f"{checkpoint.rstrip('/')}/{HISTORY_FILE}"
+
+    def write(self, history: dict[str, list[float]]) -> None:
+        text = json.dumps(history)
+        if gcs.is_gcs(self.uri):
+            gcs.write_text(self.uri, text)
+            return
+        file = Path(self.uri)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, file)
+
+    def read(self, initial_epoch: int) -> dict[str, list[float]]:
+        """The first `initial_epoch` epochs of the stored history ({} when starting afresh or none is stored)."""
+        if initial_epoch <= 0:
+            return {}
+        if gcs.is_gcs(self.uri):
+            if not gcs.exists(self.uri):
+                return {}
+            text = gcs.read_text(self.uri)
+        else:
+            if not Path(self.uri).is_file():
+                return {}
+            text = Path(self.uri).read_text()
+        return {k: v[:initial_epoch] for k, v in json.loads(text).items()}
+
+
+def epochs_run(history: dict[str, list[float]], initial_epoch: int) -> int:
+    """Epochs this run trained: the history holds the resumed epochs too."""
+    return len(history.get("loss", [])) - initial_epoch

@@ -1,0 +1,156 @@
+"""fine_tune: unfreeze the top of the backbone and train at a low learning rate (AdamW, warmup then cosine decay),
+checkpointing every epoch and resuming.
+"""
+
+import json
+import logging
+import math
+import time
+from typing import Any
+
+from components import settings
+from components.errors import UserError
+from components.fsutil import atomic_directory, check_output_dir
+from components.train.callbacks import (
+    HistoryFile,
+    _checkpoint_subdir,
+    _epoch_logger,
+    _tensorboard,
+    _verbose,
+    epochs_run,
+)
+from components.train.config import FineTuneConfig, TrainResult
+from components.train.data import _split_sizes, class_weights_from_counts, make_dataset
+from components.train.distribute import (
+    _output_scope,
+    fit_scope,
+    mixed_precision_wanted,
+    pick_strategy,
+    to_mixed_precision,
+)
+from components.train.model import (
+    _backbone_size,
+    _compile,
+    _feature_extractor,
+    _input_size,
+    unfreeze,
+)
+from components.train.phase import finish, log_done
+
+log = logging.getLogger("kfp_finetune.train")
+
+# What keras.callbacks.BackupAndRestore writes beside its weights: {"epoch": N, "batch": ...} of the last backup.
+BACKUP_METADATA = "training_metadata.json"
+
+
+def _pass_through(config: FineTuneConfig) -> TrainResult:
+    """fine_tune with epochs=0: copy the train_head model to the output as it is."""
+    import shutil
+
+    from components import modelio
+
+    meta = modelio.read_meta(config.model)
+    with atomic_directory(config.output) as tmp:
+        shutil.copytree(config.model, tmp, dirs_exist_ok=True)
+    log.info("fine_tune: epochs=0, the model passes through unchanged to %s", config.output)
+    return TrainResult(phase=str(meta.get("phase", "train_head")), output=str(config.output),
+                       class_names=list(meta.get("class_names") or []), history={}, epochs_run=0)
+
+
+def fine_tune(config: FineTuneConfig) -> TrainResult:
+    """Unfreeze the top of the backbone and train at a low learning rate; write a Model artifact.
+
+    With `epochs=0` nothing trains: the input model is copied to the output unchanged (phase stays train_head).
+    """
+    from components import dataset, modelio
+
+    if config.epochs == 0:
+        return _pass_through(config)
+    started = time.perf_counter()
+    info = dataset.load_info(config.dataset)
+    n_train, _ = _split_sizes(info)
+    check_output_dir(config.output)
+    checkpoint_root = config.checkpoint_dir or settings.vertex_checkpoint_dir()
+    cluster = pick_strategy()
+
+    import keras
+
+    keras.utils.set_random_seed(config.seed)
+    mixed = mixed_precision_wanted()
+    with cluster.strategy.scope():
+        model, meta = modelio.load_model(config.model)
+        _feature_extractor(model, f"--model {config.model}")
+        if meta.get("class_names") is not None and list(meta["class_names"]) != list(info.class_names):
+            raise UserError(f"class names differ: the dataset has {list(info.class_names)}, the model "
+                            f"{config.model} was trained on {list(meta['class_names'])}; use the same dataset")
+        if model.output_shape[-1] != info.num_classes:
+            raise UserError(f"--model outputs {model.output_shape[-1]} classes, the dataset has {info.num_classes}")
+        unfrozen = unfreeze(model, config.unfreeze_top, config.unfreeze_from, config.batch_norm)
+        if mixed:
+            model = to_mixed_precision(model)
+        size = _input_size(model)
+        steps_per_epoch = math.ceil(n_train / config.batch_size)
+        warmup = config.warmup_epochs * steps_per_epoch
+        total = config.epochs * steps_per_epoch
+        if warmup:
+            schedule = keras.optimizers.schedules.CosineDecay(
+                0.0, decay_steps=max(1, total - warmup), warmup_target=config.learning_rate, warmup_steps=warmup)
+        else:
+            schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=max(1, total))
+        _compile(model, keras.optimizers.AdamW(learning_rate=schedule), label_smoothing=config.label_smoothing)
+
+    head_training = (meta.get("training") or {}).get("train_head") or {}
+    class_weight = class_weights_from_counts(info) if head_training.get("class_weights", "auto") == "auto" else None
+    history: dict[str, list[float]] = {}
+    backup = None
+    initial_epoch = 0
+    ckpt = _checkpoint_subdir(config, checkpoint_root, cluster) if checkpoint_root else None
+    if ckpt:
+        backup = keras.callbacks.BackupAndRestore(ckpt, save_freq="epoch", double_checkpoint=True)
+        backup.set_model(model)
+        backup.on_train_begin()  # restores weights, optimizer state (and so the LR schedule) and the epoch
+        initial_epoch = _restored_epoch(ckpt)
+        history.update(HistoryFile(ckpt).read(initial_epoch))
+        if initial_epoch:
+            log.info("resuming fine_tune from %s at epoch %d/%d", ckpt, initial_epoch + 1, config.epochs)
+        else:
+            log.info("fine_tune checkpoints every epoch to %s", ckpt)
+
+    epoch_seconds: list[float] = []
+    with _output_scope(config.output, cluster) as tmp:
+        callbacks: list[Any] = [
+            _epoch_logger("fine_tune", config.epochs, HistoryFile(ckpt) if ckpt else None, history, epoch_seconds),
+            *_tensorboard("fine_tune", tmp, cluster.is_chief),
+        ]
+        if config.early_stopping_patience:
+            callbacks.append(keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=config.early_stopping_patience, restore_best_weights=True))
+        if backup is not None:
+            callbacks.append(backup)  # after the logger: the history is on disk before the epoch counts as done
+        log.info("fine_tune: top %d of %d backbone layers unfrozen, batch norm %s, lr %.3g (warmup %d epochs), "
+                 "%d epochs", len(unfrozen), _backbone_size(model), config.batch_norm,
+                 config.learning_rate, config.warmup_epochs, config.epochs)
+        train_ds = make_dataset(info, "train", size, config.batch_size, training=True, seed=config.seed)
+        val_ds = make_dataset(info, "validation", size, config.batch_size, training=False)
+        with fit_scope(model, cluster):
+            model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
+                      class_weight=class_weight, callbacks=callbacks, verbose=_verbose(), shuffle=False)
+
+        result = finish("fine_tune", config, model, info=info, cluster=cluster, history=history,
+                        epoch_seconds=epoch_seconds, started=started, mixed=mixed, meta=meta, directory=tmp,
+                        training={"unfrozen_layers": len(unfrozen), "class_weight": class_weight,
+                                  "resumed_from_epoch": initial_epoch},
+                        epochs_run=epochs_run(history, initial_epoch), initial_epoch=initial_epoch)
+    log_done(result, config.output, cluster)
+    return result
+
+
+def _restored_epoch(checkpoint: str) -> int:
+    """The epoch BackupAndRestore restored: read from the metadata file it writes beside its weights (0: none)."""
+    import tensorflow as tf
+
+    file = f"{checkpoint.rstrip('/')}/{BACKUP_METADATA}"
+    if not tf.io.gfile.exists(file):
+        return 0
+    with tf.io.gfile.GFile(file) as f:
+        return int(json.loads(f.read()).get("epoch", 0) or 0)

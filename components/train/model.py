@@ -1,0 +1,197 @@
+"""The classifier and its loss: build the head on a frozen feature extractor, unfreeze the backbone for fine-tuning,
+compile with (smoothed) sparse cross-entropy, save in float32.
+"""
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from components.errors import UserError
+from components.train.distribute import with_policy
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+
+def sparse_crossentropy(label_smoothing: float = 0.0) -> Any:
+    """Cross-entropy on sparse integer labels, with optional label smoothing.
+
+    Keras's SparseCategoricalCrossentropy has no `label_smoothing`; with smoothing the labels are one-hot encoded
+    inside the loss (the dataset keeps sparse labels, so `class_weight` still indexes them).
+    """
+    import keras
+
+    if not label_smoothing:
+        return keras.losses.SparseCategoricalCrossentropy()
+    return _smoothed_loss_class()(label_smoothing=float(label_smoothing))
+
+
+def _smoothed_loss_class() -> type:
+    import keras
+
+    registered = keras.saving.get_registered_object("kfp_finetune>SparseCategoricalCrossentropyWithSmoothing")
+    if registered is not None:
+        return registered
+
+    @keras.saving.register_keras_serializable(package="kfp_finetune")
+    class SparseCategoricalCrossentropyWithSmoothing(keras.losses.Loss):
+        def __init__(self, label_smoothing: float = 0.0, name: str = "sparse_categorical_crossentropy_ls",
+                     **kwargs: Any) -> None:
+            super().__init__(name=name, **kwargs)
+            self.label_smoothing = label_smoothing
+
+        def call(self, y_true: Any, y_pred: Any) -> Any:
+            ops = keras.ops
+            labels = ops.cast(ops.reshape(y_true, (-1,)), "int32")
+            one_hot = ops.one_hot(labels, ops.shape(y_pred)[-1], dtype=y_pred.dtype)
+            return keras.losses.categorical_crossentropy(one_hot, y_pred, label_smoothing=self.label_smoothing)
+
+        def get_config(self) -> dict[str, Any]:
+            return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+    return SparseCategoricalCrossentropyWithSmoothing
+
+
+def _compile(model: "keras.Model", optimizer: Any, steps_per_execution: int = 1, label_smoothing: float = 0.0) -> None:
+    import keras
+
+    model.compile(
+        optimizer=optimizer,
+        loss=sparse_crossentropy(label_smoothing),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        steps_per_execution=steps_per_execution,
+    )
+
+
+def trainable_layer_names(model: "keras.Model") -> list[str]:
+    """Names (nested as `outer/inner`) of the layers whose weights train, in model order."""
+    import keras
+
+    names: list[str] = []
+
+    def walk(layer: "keras.layers.Layer", prefix: str) -> None:
+        if isinstance(layer, keras.Model):
+            for sub in layer.layers:
+                walk(sub, f"{prefix}{layer.name}/" if layer is not model else prefix)
+        elif layer.trainable and layer.trainable_weights:
+            names.append(prefix + layer.name)
+
+    walk(model, "")
+    return names
+
+
+def _feature_extractor(model: "keras.Model", what: str) -> "keras.Model":
+    try:
+        return model.get_layer("feature_extractor")
+    except ValueError as exc:
+        raise UserError(f"{what}: the model has no `feature_extractor` layer; pass the output of train-head") from exc
+
+
+def _input_size(model: "keras.Model") -> int:
+    from components import modelio
+
+    return modelio.input_size(model)
+
+
+def _augmentation(seed: int) -> "keras.Sequential":
+    """Flip, rotation, zoom, contrast: Keras preprocessing layers that act only when training=True."""
+    import keras
+
+    return keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal", seed=seed),
+            keras.layers.RandomRotation(0.1, seed=seed + 1),
+            keras.layers.RandomZoom(0.1, seed=seed + 2),
+            keras.layers.RandomContrast(0.1, value_range=(0, 255), seed=seed + 3),
+        ],
+        name="augment",
+    )
+
+
+def build_classifier(
+    extractor: "keras.Model", num_classes: int, dropout: float, augment: bool, seed: int = 0,
+) -> "keras.Model":
+    """pixels -> [augment] -> feature_extractor (frozen) -> Dropout `dropout` -> Dense softmax `head`.
+
+    The head starts at zero, so the untrained classifier predicts the uniform distribution (loss ln k). A random
+    (Glorot) head on these un-normalised pooled features (ReLU6 outputs, L2 norm ~25 for MobileNet) starts with
+    logits of standard deviation ~2 and a loss of 3-4 on 5 classes, which Adam at 1e-3 needs dozens of steps to
+    undo: on a 100-photo set (3 steps an epoch) the head was still worse than chance after 2 epochs.
+    """
+    import keras
+
+    extractor.trainable = False
+    size = _input_size(extractor)
+    inputs = keras.Input(shape=(size, size, 3), name="pixels")
+    x = _augmentation(seed)(inputs) if augment else inputs
+    x = extractor(x, training=False)
+    x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", kernel_initializer="zeros",
+                                 name="head")(x)
+    return keras.Model(inputs, outputs, name="classifier")
+
+
+def _save(model: "keras.Model", meta: dict[str, Any], directory: Path, mixed: bool) -> None:
+    """Save the model in float32 (the policy evaluation and serving on CPUs want)."""
+    import keras
+
+    from components import modelio
+
+    if mixed:
+        keras.mixed_precision.set_global_policy("float32")
+        model = with_policy(model, "float32")
+    modelio.save_model(model, meta, directory)
+
+
+def unfreeze(model: "keras.Model", unfreeze_top: int | None, unfreeze_from: str | None, batch_norm: str) -> list[str]:
+    """Make the top of the nested `backbone` trainable (the rest frozen) and apply the BN policy.
+
+    Returns the names of the backbone layers made trainable.
+    """
+    import keras
+
+    extractor = _feature_extractor(model, "--model")
+    try:
+        backbone = extractor.get_layer("backbone")
+    except ValueError as exc:
+        raise UserError("--model: the feature_extractor has no nested `backbone` model") from exc
+    layers = [layer for layer in backbone.layers if not isinstance(layer, keras.layers.InputLayer)]
+    if unfreeze_from:
+        names = [layer.name for layer in layers]
+        if unfreeze_from not in names:
+            raise UserError(f"--unfreeze-from {unfreeze_from!r} is not a layer of the backbone; its layers are: "
+                            + ", ".join(names))
+        start = names.index(unfreeze_from)
+    elif unfreeze_top is not None:
+        if unfreeze_top > len(layers):
+            raise UserError(f"--unfreeze-top {unfreeze_top} is out of range: the backbone has {len(layers)} layers")
+        start = len(layers) - unfreeze_top
+    else:
+        start = 0
+    # Keras 3: setting trainable on a container sets it on every sublayer, so open the containers first.
+    model.trainable = True
+    extractor.trainable = True
+    backbone.trainable = True
+    for i, layer in enumerate(layers):
+        layer.trainable = i >= start
+    if batch_norm == "frozen":
+        for layer in _all_layers(backbone):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+    return [layer.name for layer in layers[start:]]
+
+
+def _backbone_size(model: "keras.Model") -> int:
+    import keras
+
+    backbone = model.get_layer("feature_extractor").get_layer("backbone")
+    return sum(1 for layer in backbone.layers if not isinstance(layer, keras.layers.InputLayer))
+
+
+def _all_layers(model: "keras.Model") -> list["keras.layers.Layer"]:
+    """Every layer inside `model`, nested models' layers included (through the public `.layers`)."""
+    out = []
+    for layer in model.layers:
+        out.append(layer)
+        if hasattr(layer, "layers"):
+            out.extend(_all_layers(layer))
+    return out

@@ -1,0 +1,212 @@
+"""The training parameters, each defined once: name, type, default, help and validation.
+
+Every door derives from these definitions or is held to them by tests/unit/test_parameter_parity.py:
+
+- `HeadConfig` / `FineTuneConfig` (components/train/config.py) take their defaults and checks from here;
+- the `train-head` / `fine-tune` subcommands are generated from here (`add_arguments`);
+- the KFP components `train_head_op` / `fine_tune_op` must spell their signatures out (KFP reads them from the
+  source), so the parity test checks their names, types and defaults against these definitions, and their bodies
+  hand every argument on with `HeadConfig.from_step(...)`;
+- the pipeline's parameters (`Param.pipeline` names them) are checked the same way, and wired with
+  `step_arguments(...)`, so no parameter is dropped on the way;
+- recipes (components/recipes.py) are overrides of `Param.recipe` parameters over these defaults, and the compare
+  mode's `recipe` component outputs every one of them for each phase.
+
+No TensorFlow here: the pipeline imports this module at compile time. docs/architecture.md says how to add one.
+"""
+
+import argparse
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+BATCH_NORM_MODES = ("frozen", "train")
+CLASS_WEIGHT_MODES = ("auto", "none")
+CACHE_FEATURE_MODES = ("auto", "on", "off")
+
+Check = Callable[[Any], bool]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a training phase.
+
+    Args:
+        name: the field of HeadConfig/FineTuneConfig and the KFP component's argument (`--name-with-dashes` on the CLI).
+        type: int, float, str or bool.
+        default: the default of every door. None (for `optional` ones) travels as 0 / "" through KFP.
+        help: one line for `--help`, the component's docstring and docs/interfaces.md.
+        check: True when a value is acceptable; `expect` says what is (the error reads "--NAME must be EXPECT").
+        choices: the accepted strings, if a closed set.
+        optional: None is allowed ("not set").
+        recipe: a recipe may set it (how a model is trained); False for what belongs to the run (seed, batch size,
+            caching, checkpoints).
+        pipeline: the pipeline parameter that feeds it in the standard mode; None when the pipeline does not expose it.
+    """
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    check: Check | None = None
+    expect: str = ""
+    choices: tuple[str, ...] = ()
+    optional: bool = False
+    recipe: bool = True
+    pipeline: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def unset(self) -> Any:
+        """How KFP spells None for this parameter (its signatures have no Optional)."""
+        return {int: 0, float: 0.0, str: ""}.get(self.type) if self.optional else None
+
+    def validate(self, value: Any) -> None:
+        from components.errors import UserError
+
+        if value is None and self.optional:
+            return
+        if self.choices and value not in self.choices:
+            raise UserError(f"{self.flag} must be one of {self.choices} (got {value!r})")
+        if self.check is not None and not self.check(value):
+            raise UserError(f"{self.flag} must be {self.expect} (got {value!r})")
+
+
+def _int_at_least(low: int) -> Check:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _fraction(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and 0.0 <= v < 1.0
+
+
+def _positive(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _epochs(default: int, pipeline: str, help: str) -> Param:
+    # epochs=0: train_head writes the untrained classifier; fine_tune passes the model through (head-only recipes).
+    return Param("epochs", int, default, help, _int_at_least(0), "an integer ≥ 0", pipeline=pipeline)
+
+
+def _learning_rate(pipeline: str, help: str) -> Param:
+    return Param("learning_rate", float, 1e-3, help, _positive, "a number > 0", pipeline=pipeline)
+
+
+BATCH_SIZE = Param("batch_size", int, 32, "global batch size", _int_at_least(1), "an integer ≥ 1", recipe=False,
+                   pipeline="batch_size")
+LABEL_SMOOTHING = Param("label_smoothing", float, 0.1,
+                        "mix the one-hot targets with the uniform distribution by this much (0 = off)",
+                        _fraction, "in [0, 1)", pipeline="label_smoothing")
+SEED = Param("seed", int, 0, "random seed", _int_at_least(0), "an integer ≥ 0", recipe=False, pipeline="seed")
+
+HEAD: tuple[Param, ...] = (
+    _epochs(5, "head_epochs", "training epochs; 0 writes the untrained classifier (fine_tune then trains everything)"),
+    _learning_rate("head_learning_rate", "Adam learning rate"),
+    BATCH_SIZE,
+    Param("dropout", float, 0.2, "dropout rate before the dense head", _fraction, "in [0, 1)", pipeline="dropout"),
+    Param("augment", bool, True, "random flip/rotation/zoom/contrast inside the model, active in training only",
+          pipeline="augment"),
+    Param("class_weights", str, "auto", "auto: balanced weights from the train split's counts; none: unweighted",
+          choices=CLASS_WEIGHT_MODES, pipeline="class_weights"),
+    Param("cache_features", str, "auto",
+          "run the frozen backbone once and train the head on its features (auto: when augment is off)",
+          choices=CACHE_FEATURE_MODES, recipe=False),
+    LABEL_SMOOTHING,
+    SEED,
+)
+
+FINE_TUNE: tuple[Param, ...] = (
+    Param("unfreeze_top", int, None, "unfreeze the top N backbone layers (neither this nor unfreeze_from: all)",
+          _int_at_least(1), "an integer ≥ 1", optional=True, pipeline="unfreeze_top"),
+    Param("unfreeze_from", str, None, "unfreeze every backbone layer from this one up", optional=True,
+          pipeline="unfreeze_from"),
+    _epochs(10, "fine_tune_epochs", "maximum epochs (early stopping may end sooner); 0 passes the model through"),
+    _learning_rate("fine_tune_learning_rate", "peak learning rate (AdamW, linear warmup then cosine decay)"),
+    Param("warmup_epochs", int, 1, "epochs of linear warmup from 0", _int_at_least(0), "an integer ≥ 0",
+          pipeline="warmup_epochs"),
+    BATCH_SIZE,
+    Param("batch_norm", str, "train",
+          "train: BN statistics adapt to the new data (the study's best, docs/fine-tuning.md); "
+          "frozen: BN layers keep their ImageNet statistics", choices=BATCH_NORM_MODES, pipeline="batch_norm"),
+    Param("early_stopping_patience", int, 0,
+          "stop after this many epochs without val_loss gain and keep the best; 0: off, the cosine schedule runs "
+          "to its end", _int_at_least(0), "an integer ≥ 0, 0 to disable", pipeline="early_stopping_patience"),
+    Param("checkpoint_dir", str, None,
+          "save state every epoch and resume from it (default: $AIP_CHECKPOINT_DIR when set)", optional=True,
+          recipe=False, pipeline="checkpoint_dir"),
+    LABEL_SMOOTHING,
+    SEED,
+)
+
+PHASES: dict[str, tuple[Param, ...]] = {"train_head": HEAD, "fine_tune": FINE_TUNE}
+
+
+def by_name(params: Iterable[Param]) -> dict[str, Param]:
+    return {p.name: p for p in params}
+
+
+def defaults(params: Iterable[Param], *, recipe_only: bool = False) -> dict[str, Any]:
+    """{name: default} (only the parameters a recipe may set, with `recipe_only`)."""
+    return {p.name: p.default for p in params if p.recipe or not recipe_only}
+
+
+def recipe_params(params: Iterable[Param]) -> tuple[Param, ...]:
+    return tuple(p for p in params if p.recipe)
+
+
+def from_step(params: Iterable[Param], arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """A KFP component's arguments -> config keyword arguments: 0 / "" of optional parameters become None."""
+    out = {}
+    for p in params:
+        if p.name in arguments:
+            value = arguments[p.name]
+            out[p.name] = None if p.optional and value == p.unset else value
+    return out
+
+
+def step_arguments(params: Iterable[Param], pipeline_values: Mapping[str, Any]) -> dict[str, Any]:
+    """The component arguments fed by pipeline parameters: {param name: pipeline_values[param.pipeline]}."""
+    return {p.name: pipeline_values[p.pipeline] for p in params if p.pipeline}
+
+
+def branch_outputs() -> list[tuple[str, Param, str]]:
+    """(phase, parameter, output name) of every recipe setting: the outputs of the compare mode's `recipe` component.
+
+    An output is named after the parameter's pipeline parameter, with the phase as prefix when both phases have it
+    (head_label_smoothing, fine_tune_label_smoothing).
+    """
+    names = {phase: {p.pipeline for p in recipe_params(ps)} for phase, ps in PHASES.items()}
+    shared = names["train_head"] & names["fine_tune"]
+    prefix = {"train_head": "head_", "fine_tune": "fine_tune_"}
+    return [
+        (phase, p, prefix[phase] + str(p.pipeline) if p.pipeline in shared else str(p.pipeline))
+        for phase, ps in PHASES.items()
+        for p in recipe_params(ps)
+    ]
+
+
+def branch_arguments(phase: str, recipe_outputs: Mapping[str, Any], pipeline_values: Mapping[str, Any]) -> dict:
+    """A compare branch's component arguments: the recipe's settings, and the run's ones from the pipeline."""
+    out = {p.name: recipe_outputs[name] for ph, p, name in branch_outputs() if ph == phase}
+    out.update({p.name: pipeline_values[p.pipeline] for p in PHASES[phase] if not p.recipe and p.pipeline})
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser, params: Iterable[Param]) -> None:
+    """One option per parameter: type, default, choices and help from the definitions."""
+    for p in params:
+        help = p.help if p.default is None else f"{p.help} (default {p.default})"
+        if p.type is bool:
+            parser.add_argument(p.flag, action=argparse.BooleanOptionalAction, default=p.default, help=help)
+        else:
+            parser.add_argument(p.flag, type=p.type, default=p.default, choices=p.choices or None, help=help)
+
+
+def config_kwargs(params: Iterable[Param], args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed options of `params` as config keyword arguments."""
+    return {p.name: getattr(args, p.name) for p in params}
