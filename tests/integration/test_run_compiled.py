@@ -96,10 +96,13 @@ def test_run_package_tiny_pipeline_end_to_end(tmp_path, synthetic_folder, capsys
                            str(output), *[a for p in params for a in ("--param", p)]], capsys)
     assert code == 0, (out[-3000:], err[-3000:])
     step_lines = [line for line in out.splitlines() if line.startswith("[")]
-    assert [line.split()[1] for line in step_lines] == ["ingest", "backbone", "train-head", "fine-tune", "evaluate",
-                                                        "export"], out
+    names = [line.split()[1] for line in step_lines]
+    # ingest and backbone do not depend on each other: either may run first.
+    assert set(names[:2]) == {"ingest", "backbone"} and names[2:] == ["train-head", "fine-tune", "evaluate", "export"]
     assert all("SUCCESS" in line for line in step_lines)
-    assert "images ingested" in step_lines[0] and "val_accuracy" in step_lines[2] and "blessed" in step_lines[4]
+    by_name = dict(zip(names, step_lines, strict=True))
+    assert "images ingested" in by_name["ingest"] and "val_accuracy" in by_name["train-head"]
+    assert "blessed" in by_name["evaluate"] and "not pushed" in by_name["export"]
     for step in ("ingest", "backbone", "train-head", "fine-tune", "evaluate", "export"):
         assert (output / "logs" / f"{step}.log").stat().st_size > 0
     assert "kfp-finetune run: summary" in out and "blessed            True" in out
