@@ -13,7 +13,7 @@ VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' components/__init__.p
 GIT_SHA := $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-slow test-all lint format bench compile image push lock clean
+.PHONY: help setup demo test test-slow test-all test-container lint format bench compile image base-image push lock clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -59,13 +59,35 @@ SOURCE ?= https://github.com/kfp-finetune/kfp-finetune
 PLATFORM ?= linux/amd64
 # $(call buildx,TARGET,TAG_SUFFIX): one target's build command, without its output flag and context.
 buildx = docker buildx build --file images/Dockerfile --target $(1) --platform $(PLATFORM) \
-	--build-arg VERSION=$(VERSION) --build-arg REVISION=$(GIT_SHA) --build-arg SOURCE=$(SOURCE) \
+	--build-arg VERSION=$(VERSION) --build-arg REVISION=$(GIT_SHA) --build-arg SOURCE=$(SOURCE) $(BUILD_ARGS) \
 	--cache-from type=registry,ref=$(IMAGE_NAME):buildcache-$(1) \
 	--tag $(IMAGE_NAME):$(VERSION)$(2) --tag $(IMAGE_NAME):$(VERSION)-$(GIT_SHA)$(2)
+# `make image`: Docker with buildx where it answers, else podman (images/engine.sh; CONTAINER_ENGINE=... forces one).
+# TARGETS=cpu skips the gpu image; PYTHON_IMAGE=... replaces the cpu base (images/base.sh builds one without a
+# registry); EXTRA_CA_CERTS=FILE (PEM) adds CA certificates that pip inside the build must trust (TLS-intercepting
+# proxies); PIP_INDEX_URL=... a PyPI mirror.
+ENGINE = $(shell images/engine.sh)
+TARGETS ?= cpu gpu
+BUILD_ARGS = $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE),) \
+	$(if $(PIP_INDEX_URL),--build-arg PIP_INDEX_URL=$(PIP_INDEX_URL),) \
+	$(if $(EXTRA_CA_CERTS),--build-arg EXTRA_CA_CERTS="$$(cat $(EXTRA_CA_CERTS))",)
+podman_build = podman build --file images/Dockerfile --target $(1) --platform $(PLATFORM) --layers \
+	--build-arg VERSION=$(VERSION) --build-arg REVISION=$(GIT_SHA) --build-arg SOURCE=$(SOURCE) $(BUILD_ARGS) \
+	--tag $(IMAGE_NAME):$(VERSION)$(2) --tag $(IMAGE_NAME):$(VERSION)-$(GIT_SHA)$(2)
+img_suffix = $(if $(filter gpu,$(1)),-gpu,)
+define image_build
+$(if $(filter docker,$(ENGINE)),$(call buildx,$(1),$(call img_suffix,$(1))) --load .,$(call podman_build,$(1),$(call img_suffix,$(1))) .)
 
-image: ## build the cpu and gpu images locally (docker buildx; REGISTRY=... names them)
-	$(call buildx,cpu,) --load .
-	$(call buildx,gpu,-gpu) --load .
+endef
+
+image: ## build the images locally with Docker buildx or podman (TARGETS=cpu, PYTHON_IMAGE=, EXTRA_CA_CERTS=FILE)
+	$(foreach t,$(TARGETS),$(call image_build,$(t)))
+
+test-container: ## the CI container stage: build the cpu image with podman, run the demo in it (root; apt-get)
+	.ci/container-test.sh
+
+base-image: ## build a Python base image from Debian packages when no registry is reachable (images/base.sh; root)
+	images/base.sh $(BASE_TAG)
 
 push: ## build and push both images to REGISTRY (refuses a dirty tree or an already pushed VERSION)
 	@git diff --quiet HEAD -- || { echo "push: commit your changes first; tags name $(GIT_SHA)" >&2; exit 1; }

@@ -176,3 +176,51 @@ def kfp_local_oneof_artifacts() -> bool:
     setattr(get_dag_output_artifacts, _PATCHED, True)
     OrchestratorUtils.get_dag_output_artifacts = classmethod(get_dag_output_artifacts)
     return True
+
+
+def kfp_local_docker_exit_code() -> bool:
+    """Make kfp.local's DockerRunner report a step's real exit code on podman too (idempotent, not restored).
+
+    kfp.local (2.17.3) starts each step's container with `auto_remove=True`, then asks it for its exit code. podman
+    removes an auto-removed container as soon as it exits, before `wait()` reads the code; kfp takes the NotFound
+    for success (docker_task_handler.run_docker_container), so a failed step is reported as SUCCESS and the run goes
+    on. The fix runs the container without auto-remove, streams its logs, waits for the exit code, then removes the
+    container: the same behaviour on Docker and podman. Returns False when the `docker` package is missing (then
+    DockerRunner cannot run at all).
+    """
+    _require("kfp", KFP_VERSION, "kfp_local_docker_exit_code")
+    try:
+        from kfp.local import docker_task_handler as handler
+    except ImportError:
+        return False
+    original = handler.run_docker_container
+    if getattr(original, _PATCHED, False):
+        return True
+
+    def run_docker_container(client: Any, image: str, command: list[str], volumes: dict[str, Any],
+                             **container_run_args: Any) -> int:
+        import docker
+
+        image = handler.add_latest_tag_if_not_present(image=image)
+        known = any(image in (found.tags + found.attrs.get("RepoDigests", [])) for found in client.images.list())
+        if known:
+            print(f"Found image {image!r}\n")
+        else:
+            print(f"Pulling image {image!r}")
+            client.images.pull(image)
+        container_run_args.pop("auto_remove", None)
+        container = client.containers.run(image=image, command=command, detach=True, stdout=True, stderr=True,
+                                          volumes=volumes, auto_remove=False, **container_run_args)
+        try:
+            for line in container.logs(stream=True, follow=True):
+                print(line.decode(errors="replace"), end="")
+            return int(container.wait()["StatusCode"])
+        finally:
+            try:
+                container.remove(force=True)
+            except docker.errors.APIError as exc:  # already gone: nothing left to clean
+                log.debug("could not remove container %s: %s", getattr(container, "id", "?"), exc)
+
+    setattr(run_docker_container, _PATCHED, True)
+    handler.run_docker_container = run_docker_container
+    return True

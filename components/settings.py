@@ -9,6 +9,8 @@ Variables:
     AIP_TENSORBOARD_LOG_DIR      set by Vertex AI: where TensorBoard logs go.
     TF_CONFIG                    cluster spec for multi-worker training (set by Vertex AI / the user).
     GOOGLE_CLOUD_PROJECT         default project for google-cloud-storage.
+    DOCKER_HOST                  the Docker API endpoint for `run --runner docker` (Docker, or podman's service).
+    XDG_RUNTIME_DIR              where a rootless podman keeps its socket.
 """
 
 from __future__ import annotations
@@ -50,6 +52,15 @@ def keras_cache_dir() -> Path:
 
 def storage_emulator_host() -> str | None:
     return _get("STORAGE_EMULATOR_HOST")
+
+
+def docker_host() -> str | None:
+    return _get("DOCKER_HOST")
+
+
+def runtime_dir() -> Path:
+    """The user's runtime folder ($XDG_RUNTIME_DIR, else /run/user/UID)."""
+    return Path(_get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}")
 
 
 def gcp_project() -> str | None:

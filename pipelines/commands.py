@@ -1,7 +1,9 @@
 """Operator commands: `kfp-finetune compile | run | submit | schedule`.
 
 - `compile` writes the pipeline's IR YAML (every executor on one pinned image; a warning for mutable tags).
-- `run` executes the whole pipeline locally through `kfp.local.SubprocessRunner(use_venv=False)`, offline; with no
+- `run` compiles the pipeline (to OUTPUT/pipeline.yaml) or takes `--package`, and executes that YAML locally
+  through kfp.local, offline: each step a subprocess (`SubprocessRunner(use_venv=False)`), or with `--runner docker`
+  a container of the image (`DockerRunner`, Docker or podman). One line per step; full logs in OUTPUT/logs. With no
   `--source` it runs on an embedded sample (scikit-learn's handwritten digits written out as images).
 - `submit` / `schedule` send the compiled pipeline to a KFP endpoint (`kfp.Client`) or to Vertex AI Pipelines
   (`aiplatform.PipelineJob`), after checking every `--param` against the compiled pipeline's inputs, before any
@@ -28,6 +30,7 @@ from pipelines.local import (  # noqa: F401 (re-exported: the public names of `r
     _local_or_uri,
     local_options,
     run_local,
+    run_package,
     summarize,
     write_demo_dataset,
 )
@@ -122,14 +125,27 @@ def compile_command(args: argparse.Namespace) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from pipelines.pipeline import build_pipeline
+    """Compile (as `compile --image IMAGE --retries 0` does), or take --package, and run that YAML locally."""
+    import dataclasses
 
     output = Path(args.output)
     demo = not args.source
-    defaults = dict(DEMO_DEFAULTS if demo else LOCAL_DEFAULTS)
-    options = local_options(demo_fallback=demo, compare_recipes=args.compare_recipes or ())
-    pipeline = build_pipeline(options)
-    inputs = spec_inputs(pipeline)
+    if args.package:
+        if args.compare_recipes or args.image:
+            raise UserError("--compare-recipes and --image are compiled into the package: "
+                            "give them to `kfp-finetune compile`, or drop --package")
+        package = Path(args.package)
+        inputs = pipeline_inputs(package)
+    else:
+        # Retries are for preempted cloud machines: locally a failure is reported at once. The no-argument demo's
+        # backbone may fall back to random weights when no ImageNet weights can be had.
+        options = dataclasses.replace(local_options(demo_fallback=demo, compare_recipes=args.compare_recipes or ()),
+                                      image=args.image or settings.component_image())
+        output.mkdir(parents=True, exist_ok=True)
+        package = compile_pipeline(output / "pipeline.yaml", options)
+        inputs = pipeline_inputs(package)
+        log.info("compiled %s (image %s)", package, options.image)
+    defaults = {k: v for k, v in (DEMO_DEFAULTS if demo else LOCAL_DEFAULTS).items() if k in inputs}
     overrides = parse_params(args.param or [], inputs)
     if demo:
         source = output / "sample_digits"
@@ -141,8 +157,8 @@ def run_command(args: argparse.Namespace) -> int:
         defaults["source"] = _local_or_uri(args.source)
     params = check_values({**defaults, **overrides}, inputs)
     log.info("parameters: %s", ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
-    summary = run_local(params, output / "pipeline_root", demo_fallback=demo, enable_caching=args.cache,
-                        compare_recipes=options.compare_recipes, pipeline=pipeline)
+    summary = run_package(package, params, output / "pipeline_root", enable_caching=args.cache, runner=args.runner,
+                          logs_dir=output / "logs", verbose=args.stream_logs)
     for line in summary.lines():
         print(line)
     return 0
@@ -209,8 +225,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "run", help="run the whole pipeline locally (kfp.local); no --source: the embedded demo",
-        description="Run the whole pipeline locally through kfp.local, offline. Without --source it runs on "
-                    "scikit-learn's handwritten digits. Local defaults (override with --param): "
+        description="Compile the pipeline to OUTPUT/pipeline.yaml (or take --package) and run that YAML locally "
+                    "through kfp.local, offline: one line per step, full logs in OUTPUT/logs. Without --source it "
+                    "runs on scikit-learn's handwritten digits. Local defaults (override with --param): "
                     + ", ".join(f"{k}={v}" for k, v in LOCAL_DEFAULTS.items()),
     )
     p.add_argument("--source", help="images: a class-per-folder directory, a CSV manifest, or a gs:// URI")
@@ -220,6 +237,15 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compare-recipes", metavar="NAMES",
                    help="compare these recipes (comma-separated names from components/recipes.py, or 'all') as "
                         "parallel branches; the best on the validation split goes on to test and export")
+    p.add_argument("--package", help="run this compiled pipeline YAML (from `kfp-finetune compile`) instead of "
+                                     "compiling one; --param values are checked against it")
+    p.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
+                   help="subprocess (default): each step in this Python environment; docker: each step in the "
+                        "component image, through Docker or podman's Docker-compatible socket (DOCKER_HOST)")
+    p.add_argument("--image", help=f"the steps' image, compiled into the pipeline (default {settings.component_image()}"
+                                   "; `make image` builds it)")
+    p.add_argument("--verbose", dest="stream_logs", action="store_true",
+                   help="stream every step's full log (also kept in OUTPUT/logs/STEP.log) instead of one line per step")
     p.set_defaults(func=run_command)
 
     p = subparsers.add_parser("submit", help="submit a run to a KFP endpoint or Vertex AI")

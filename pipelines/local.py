@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from components.errors import UserError
 from components.report import format_value
@@ -83,6 +83,7 @@ class RunSummary:
     seconds: float = 0.0
     status: str = ""  # the fingerprint step's status: "no new data" ends the run before training
     decision: str = ""  # evaluate's champion decision (evaluation.json `champion.decision`)
+    logs: Path | None = None
 
     def lines(self) -> list[str]:
         out = ["", "kfp-finetune run: summary"]
@@ -101,6 +102,8 @@ class RunSummary:
                                             if self.status == "no new data" else "(not exported: model not blessed)")
             out.append(f"  {label:<18} {shown}")
         out.append(f"  {'pipeline root':<18} {self.pipeline_root}")
+        if self.logs:
+            out.append(f"  {'step logs':<18} {self.logs}")
         out.append(f"  {'wall time':<18} {self.seconds:.0f} s")
         out += [f"  WARNING: {w}" for w in self.warnings]
         return out
@@ -127,62 +130,138 @@ def run_local(
     enable_caching: bool = False,
     compare_recipes: Sequence[str] | str = (),
     pipeline: Any = None,
+    runner: str = "subprocess",
+    image: str | None = None,
+    verbose: bool = False,
+    terminal: IO[str] | None = None,
 ) -> RunSummary:
-    """Run the whole pipeline locally with kfp.local (subprocesses, this interpreter's environment).
+    """Compile the pipeline with `local_options(...)` (or compile `pipeline`, one already built with them), then run
+    the compiled YAML with kfp.local: see run_package.
 
-    `pipeline`: the pipeline already built with `local_options(...)` of the same arguments (built here otherwise).
     Raises UserError naming the failed step.
     """
-    from pipelines._kfp_local import init_local
+    import dataclasses
+    import tempfile
+
+    from kfp import compiler
+
+    from components import settings
     from pipelines.pipeline import build_pipeline
+
+    options = dataclasses.replace(local_options(demo_fallback=demo_fallback, compare_recipes=compare_recipes),
+                                  image=image or settings.component_image())
+    with tempfile.TemporaryDirectory(prefix="kfp-finetune-") as tmp:
+        package = Path(tmp) / "pipeline.yaml"
+        compiler.Compiler().compile(pipeline or build_pipeline(options), package_path=str(package))
+        return run_package(package, params, pipeline_root, enable_caching=enable_caching, runner=runner,
+                           verbose=verbose, terminal=terminal)
+
+
+def count_steps(package: str | os.PathLike) -> int | None:
+    """How many steps a run of the compiled pipeline executes at most (ParallelFor over a fixed list counted)."""
+    import json
+
+    import yaml
+
+    try:
+        spec = yaml.safe_load(Path(package).read_text())
+        components = spec["components"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+
+    def walk(dag: dict[str, Any], exclusive: bool = False) -> int:
+        # `exclusive`: the tasks of a dsl.If/Else group (comp-condition-branches-*), of which one runs.
+        total = 0
+        for task in (dag.get("tasks") or {}).values():
+            component = components.get(task.get("componentRef", {}).get("name", ""), {})
+            times = 1
+            raw = task.get("parameterIterator", {}).get("items", {}).get("raw")
+            if raw:
+                try:
+                    times = len(json.loads(raw))
+                except ValueError:
+                    times = 1
+            name = task.get("componentRef", {}).get("name", "")
+            steps = times * (walk(component["dag"], name.startswith("comp-condition-branches")) if "dag" in component
+                             else 1)
+            total = max(total, steps) if exclusive else total + steps
+        return total
+
+    return walk(spec.get("root", {}).get("dag", {})) or None
+
+
+def run_package(
+    package: str | os.PathLike,
+    params: dict[str, Any],
+    pipeline_root: str | os.PathLike,
+    *,
+    enable_caching: bool = False,
+    runner: str = "subprocess",
+    logs_dir: str | os.PathLike | None = None,
+    verbose: bool = False,
+    terminal: IO[str] | None = None,
+) -> RunSummary:
+    """Run a compiled pipeline (IR YAML, loaded with `kfp.components.load_component_from_file`) under kfp.local.
+
+    This is the very spec that `submit` sends. `runner` "subprocess" runs each step as a subprocess of this
+    interpreter's environment; "docker" runs each step in the image the YAML names (kfp.local.DockerRunner on Docker
+    or podman, pipelines/containers.py). One line per step goes to `terminal` (default stdout); each step's full log
+    to LOGS/STEP.log (default: `logs` beside the pipeline root); `verbose` streams the logs to the terminal too.
+    On failure: the last lines of the failed step's log, then a UserError naming the step and its log.
+    """
+    import sys
+
+    from kfp import components as kfp_components
+
+    from pipelines._kfp_local import init_local
+    from pipelines.steplog import StepLogs
 
     root = Path(pipeline_root).resolve()
     if root.exists() and not root.is_dir():
         raise UserError(f"--output {root} exists and is not a directory")
     root.mkdir(parents=True, exist_ok=True)
-    options = local_options(demo_fallback=demo_fallback, compare_recipes=compare_recipes)
-    pipeline = pipeline or build_pipeline(options)
-    init_local(str(root), enable_caching=enable_caching)
-    log.info("running the pipeline locally; artifacts under %s", root)
-    # Compare mode: ingest, then per recipe 7 steps (settings, backbone, head, fine-tune, validate, candidate),
-    # then pick-winner, evaluate, export.
-    n = len(options.compare_recipes)
-    progress = StepProgress(total=(6 if not n else 1 + 6 * n + 3) + 1)  # + the fingerprint step
-    logging.getLogger().addFilter(progress)
+    logs = Path(logs_dir) if logs_dir else root.parent / "logs"
+    terminal = terminal or sys.stdout
+    pipeline = kfp_components.load_component_from_file(str(package))
+    docker_runner = None
+    if runner == "docker":
+        from pipelines.containers import docker_runner as make_docker_runner
+
+        docker_runner, engine = make_docker_runner(params, root, _package_image(package))
+        log.info("steps run in %s on %s", _package_image(package), engine)
+    elif runner != "subprocess":
+        raise UserError(f"--runner {runner}: expected subprocess or docker")
+    init_local(str(root), enable_caching=enable_caching, runner=docker_runner)
+    log.info("running %s locally (%s runner); artifacts under %s, step logs under %s", package, runner, root, logs)
+    steps = StepLogs(logs, terminal, total=count_steps(package), verbose=verbose)
     try:
-        task = pipeline(**params)
+        with steps.capturing():
+            task = pipeline(**params)
     except RuntimeError as exc:
-        step = _failed_step(str(exc))
-        raise UserError(f"step {step} failed (its log is above); artifacts so far under {root}") from exc
+        name = _failed_step(str(exc))
+        failed = steps.step(name) or next(iter(steps.running()), None)
+        if failed is None:
+            raise UserError(f"step {name} failed; logs under {logs}; artifacts so far under {root}") from exc
+        steps.finish(failed, "FAILURE")
+        terminal.write(steps.failure_report(failed) + "\n")
+        raise UserError(f"step {failed.name} failed (log: {failed.log}); artifacts so far under {root}") from exc
     finally:
-        logging.getLogger().removeFilter(progress)
+        steps.close()
     summary = summarize(task.outputs, root)
-    summary.seconds = progress.elapsed()
+    summary.seconds = time.perf_counter() - steps.started
+    summary.logs = logs
     return summary
 
 
-class StepProgress(logging.Filter):
-    """Numbers kfp.local's "Executing task" lines ([3/6] ...) and times each step."""
+def _package_image(package: str | os.PathLike) -> str:
+    """The image of the compiled pipeline's executors (compile puts every step on one image)."""
+    import yaml
 
-    def __init__(self, total: int) -> None:
-        super().__init__()
-        self.total = total
-        self.done = 0
-        self.started = time.perf_counter()
-        self.step_started = self.started
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = str(record.msg)
-        if message.startswith("Executing task"):
-            self.done += 1
-            self.step_started = time.perf_counter()
-            record.msg = f"[{self.done}/{self.total}, {self.elapsed():.0f} s] {message}"
-        elif message.startswith("Task ") and " finished with status " in message:
-            record.msg = f"{message} in {time.perf_counter() - self.step_started:.1f} s"
-        return True
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
+    executors = yaml.safe_load(Path(package).read_text()).get("deploymentSpec", {}).get("executors", {})
+    images = sorted({e.get("container", {}).get("image", "") for e in executors.values()} - {""})
+    if len(images) != 1:
+        raise UserError(f"--package {package}: expected one image for every step, found {images or 'none'}")
+    return images[0]
 
 
 def summarize(outputs: dict[str, Any], root: Path) -> RunSummary:

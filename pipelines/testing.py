@@ -2,8 +2,13 @@
 
 `local_kfp()` is a context manager that sets up `kfp.local` with a temporary pipeline root, runs components as
 subprocesses of this very interpreter (`SubprocessRunner(use_venv=False)`: no pip installs, no Docker), and puts
-the previous kfp.local configuration back afterwards. `kfp_local` is the same as a pytest fixture; enable it with
-`pytest_plugins = ["pipelines.testing"]` in your conftest.py (or import the fixture into a test module).
+the previous kfp.local configuration back afterwards. `kfp_local` is the same as a pytest fixture.
+
+The fixture needs no setup: installing kfp-finetune registers this module as a pytest plugin (the `pytest11` entry
+point `pipelines.testing`), so any test can ask for `kfp_local`. With plugin autoloading off
+(PYTEST_DISABLE_PLUGIN_AUTOLOAD=1), load it with `pytest -p pipelines.testing` or `pytest_plugins =
+["pipelines.testing"]` in your top-level conftest.py. (Before the entry point had this name, that conftest line
+failed with "Plugin already registered under a different name": drop the line, or reinstall kfp-finetune.)
 """
 
 import contextlib

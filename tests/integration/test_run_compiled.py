@@ -1,0 +1,112 @@
+"""`kfp-finetune run` executes the compiled YAML (what `submit` sends), not the Python DSL function.
+
+The proof: a compiled pipeline whose ingest step is edited *in the YAML* to fail with a marker. The DSL function
+knows nothing of the edit, so only a run of the YAML can fail that way. The same run checks the failure report (the
+failed step's log tail and path) and the quiet output (one line per step).
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components import cli
+from pipelines import commands
+
+MARKER = "edited in the compiled YAML"
+# A small backbone, so that the step that may run before ingest is quick.
+SMALL = ["--param", "backbone=mobilenet", "--param", "backbone_alpha=0.25", "--param", "image_size=96"]
+
+
+def _edit_ingest(package: Path) -> Path:
+    spec = yaml.safe_load(package.read_text())
+    command = spec["deploymentSpec"]["executors"]["exec-ingest"]["container"]["command"]
+    program = command[-1]
+    assert "    from components.ingest import" in program
+    command[-1] = program.replace("    from components.ingest import",
+                                  f"    raise SystemExit({MARKER!r})\n    from components.ingest import", 1)
+    package.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return package
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _assert_failed_in_yaml_edit(code: int, out: str, err: str, output: Path) -> None:
+    assert code == 2, (out, err)
+    assert "step ingest failed" in err
+    log = output / "logs" / "ingest.log"
+    assert MARKER in log.read_text()
+    assert MARKER in out and f"full log: {log}" in out  # the tail of the failed step's log, then its path
+    step_lines = [line for line in out.splitlines() if line.startswith("[")]
+    # ingest and backbone have no dependency between them: either may run first.
+    assert any(re.match(r"\[[12]/6\] ingest +FAILURE", line) for line in step_lines), out
+    assert "Executing task" not in out and '"executor_input"' not in out  # quiet: kfp.local's stream is filed
+
+
+@pytest.mark.slow  # ~40 s here: the backbone step may run before ingest fails
+def test_run_package_executes_the_yaml(tmp_path, synthetic_folder, capsys):
+    package = commands.compile_pipeline(tmp_path / "pipeline.yaml", commands.CompileOptions(retries=0))
+    _edit_ingest(package)
+    output = tmp_path / "out"
+    code, out, err = _run(["run", "--package", str(package), "--source", str(synthetic_folder),
+                           "--output", str(output), *SMALL], capsys)
+    _assert_failed_in_yaml_edit(code, out, err, output)
+
+
+def test_run_without_package_executes_what_it_compiled(tmp_path, synthetic_folder, capsys, monkeypatch):
+    real_compile = commands.compile_pipeline
+    compiled: list[Path] = []
+
+    def compile_then_edit(path, options):
+        compiled.append(_edit_ingest(real_compile(path, options)))
+        return compiled[-1]
+
+    monkeypatch.setattr(commands, "compile_pipeline", compile_then_edit)
+    output = tmp_path / "out"
+    code, out, err = _run(["run", "--source", str(synthetic_folder), "--output", str(output), *SMALL], capsys)
+    assert compiled == [output / "pipeline.yaml"]  # kept beside the artifacts, ready for `submit --package`
+    _assert_failed_in_yaml_edit(code, out, err, output)
+
+
+def test_run_package_checks_params_against_the_package(tmp_path, synthetic_folder, capsys):
+    package = commands.compile_pipeline(tmp_path / "pipeline.yaml", commands.CompileOptions())
+    code, _, err = _run(["run", "--package", str(package), "--source", str(synthetic_folder),
+                         "--output", str(tmp_path / "out"), "--param", "head_epochz=1"], capsys)
+    assert code == 2 and "head_epochz: the pipeline has no such parameter" in err
+    code, _, err = _run(["run", "--package", str(package), "--image", "x:1", "--output", str(tmp_path)], capsys)
+    assert code == 2 and "compiled into the package" in err
+    code, _, err = _run(["run", "--package", str(tmp_path / "nope.yaml"), "--output", str(tmp_path)], capsys)
+    assert code == 2 and "not found" in err
+
+
+@pytest.mark.slow
+def test_run_package_tiny_pipeline_end_to_end(tmp_path, synthetic_folder, capsys):
+    """A whole (tiny) run of a compiled package: every step's line and log, the summary, the blessed export."""
+    package = commands.compile_pipeline(tmp_path / "pipeline.yaml", commands.CompileOptions(retries=0))
+    output = tmp_path / "out"
+    params = ["backbone=mobilenet", "backbone_alpha=0.25", "image_size=96", "head_epochs=1", "fine_tune_epochs=1",
+              "min_accuracy=0", "batch_size=16", "augment=false"]
+    code, out, err = _run(["run", "--package", str(package), "--source", str(synthetic_folder), "--output",
+                           str(output), *[a for p in params for a in ("--param", p)]], capsys)
+    assert code == 0, (out[-3000:], err[-3000:])
+    step_lines = [line for line in out.splitlines() if line.startswith("[")]
+    names = [line.split()[1] for line in step_lines]
+    # ingest and backbone do not depend on each other: either may run first.
+    assert set(names[:2]) == {"ingest", "backbone"} and names[2:] == ["train-head", "fine-tune", "evaluate", "export"]
+    assert all("SUCCESS" in line for line in step_lines)
+    by_name = dict(zip(names, step_lines, strict=True))
+    assert "images ingested" in by_name["ingest"] and "val_accuracy" in by_name["train-head"]
+    assert "blessed" in by_name["evaluate"] and "not pushed" in by_name["export"]
+    for step in ("ingest", "backbone", "train-head", "fine-tune", "evaluate", "export"):
+        assert (output / "logs" / f"{step}.log").stat().st_size > 0
+    assert "kfp-finetune run: summary" in out and "blessed            True" in out
+    assert len(out.splitlines()) < 40, out
+    exported = next((output / "pipeline_root").glob("*/export/exported_model"))
+    assert (exported / "saved_model.pb").is_file() or any(exported.rglob("saved_model.pb"))
+    assert json.loads(next((output / "pipeline_root").glob("*/evaluate/executor_output.json")).read_text())
