@@ -141,7 +141,8 @@ def run(config: "IngestConfig") -> "IngestResult":
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from components.fsutil import atomic_directory, check_output_dir
-    from components.ingest import IngestResult, _read_manifest
+    from components.ingest import IngestResult
+    from components.ingest_sources import _read_manifest
 
     start = time.perf_counter()
     source = config.source

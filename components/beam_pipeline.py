@@ -101,7 +101,7 @@ def _listing_root(source: str) -> str:
 
 def _classify_match(path: str, source: str) -> Iterator[tuple[str, Any]]:
     """A matched file -> ('candidate', Candidate) or ('skip', skip), and ('class', name) for the class it names."""
-    from components.ingest import _classify
+    from components.ingest_sources import _classify
 
     root = _listing_root(source)
     if not path.startswith(root):
