@@ -74,14 +74,14 @@ def _stat_line(name: str, path: str) -> str:
 
 
 def _folder_lines(root: Path, source: str) -> list[str]:
-    from components.ingest import _list_folder
+    from components.ingest_sources import _list_folder
 
     listing = _list_folder(root, source)
     return [_stat_line(Path(e.ref).relative_to(root).as_posix(), e.ref) for e in listing.entries]
 
 
 def _gcs_lines(uri: str) -> list[str]:
-    from components.ingest import _classify
+    from components.ingest_sources import _classify
 
     base = uri.rstrip("/")
     _, prefix = gcs.split_uri(base)
@@ -95,7 +95,7 @@ def _gcs_lines(uri: str) -> list[str]:
 
 
 def _manifest_lines(source: str) -> tuple[list[str], int]:
-    from components.ingest import _read_manifest
+    from components.ingest_sources import _read_manifest
 
     listing = _read_manifest(source)
     manifest = gcs.read_text(source) if gcs.is_gcs(source) else Path(source).read_text(encoding="utf-8-sig")

@@ -84,7 +84,7 @@ def test_predict_local_folder_with_an_export_and_a_model_artifact(chain, exporte
     assert a.skip_counts == {"corrupt": 3, "too_large": 1}
     rows = _rows(tmp_path / "a.jsonl")
     _check_rows(rows, str(images), 2)
-    from components.predict import list_inputs
+    from components.predict_io import list_inputs
 
     files, count = list_inputs(str(images))
     assert [r["file"] for r in rows] == list(files) and count == len(rows)  # input order: a sorted walk

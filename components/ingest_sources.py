@@ -1,0 +1,254 @@
+"""Where the ingest step's images come from: a class-per-folder tree, gs://bucket/prefix with that layout, a CSV
+manifest (`path,label`) or a TFDS dataset (`tfds:NAME[:VERSION]`), listed as entries (what the report shows, the
+label, the local file to read) and skipped files, with gs:// objects downloaded to a staging folder.
+
+Split out of components/ingest.py (which builds the dataset from a listing); `components.fingerprint` and the Beam
+ingest reuse the same listing rules.
+"""
+
+import csv
+import io
+import logging
+import os
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from components import gcs, imagecheck
+from components.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Skip reasons of the listing (components.ingest adds missing / duplicate / label_conflict; imagecheck the rest).
+HIDDEN = "hidden"
+NOT_IMAGE = "not_image"
+OUTSIDE_CLASS = "outside_class_folder"
+
+TFDS_PROBE_URL = "https://storage.googleapis.com/"
+TFDS_PROBE_TIMEOUT_S = 8.0
+
+
+@dataclass
+class _Entry:
+    ref: str  # what the report shows: a local path or a gs:// URI
+    label: str
+    local: str | None = None  # the local file to read (None until a gs:// object is downloaded)
+
+
+@dataclass
+class _Listing:
+    source: str
+    entries: list[_Entry]
+    skipped: list[dict[str, str]]
+    class_names: list[str]  # every class seen, including ones that end up with no valid image
+    class_refs: dict[str, str] = field(default_factory=dict)  # class -> where it came from, for error messages
+
+
+def _skip(path: str, reason: str, detail: str = "") -> dict[str, str]:
+    return {"path": path, "reason": reason, "detail": detail}
+
+
+def _classify(rel_parts: tuple[str, ...]) -> str | None:
+    """The skip reason for a file at `rel_parts` below the source root, or None when it is a candidate image."""
+    if any(part.startswith(".") for part in rel_parts):
+        return HIDDEN
+    if len(rel_parts) < 2:
+        return OUTSIDE_CLASS
+    if not imagecheck.is_image_name(rel_parts[-1]):
+        return NOT_IMAGE
+    return None
+
+
+def _list_folder(root: Path, source: str) -> _Listing:
+    if not root.exists():
+        raise UserError(f"--source {source}: no such directory; check the path")
+    if not root.is_dir():
+        raise UserError(f"--source {source} is not a directory (for a manifest, name it *.csv)")
+    entries, skipped = [], []
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # a symlink loop: do not walk the same folder twice
+            dirnames.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).parts
+            reason = _classify(rel)
+            if reason:
+                skipped.append(_skip(str(path), reason))
+            else:
+                entries.append(_Entry(str(path), rel[0], str(path)))
+    return _Listing(source, entries, skipped, classes, {c: str(root / c) for c in classes})
+
+
+def _list_gcs(uri: str) -> _Listing:
+    base = uri.rstrip("/")
+    blobs = gcs.list_blobs(base)
+    bucket, prefix = gcs.split_uri(base)
+    prefix = f"{prefix}/" if prefix else ""
+    entries, skipped, classes = [], [], set()
+    for blob in blobs:
+        rel = tuple(p for p in blob.name[len(prefix) :].split("/") if p)
+        ref = f"gs://{bucket}/{blob.name}"
+        reason = _classify(rel)
+        if len(rel) >= 2 and not rel[0].startswith("."):
+            classes.add(rel[0])
+        if reason:
+            skipped.append(_skip(ref, reason))
+        else:
+            entries.append(_Entry(ref, rel[0]))
+    return _Listing(uri, entries, skipped, sorted(classes), {c: f"{base}/{c}" for c in classes})
+
+
+def _read_manifest(source: str) -> _Listing:
+    """A CSV with a `path,label` header; paths relative to the manifest's folder, or gs:// URIs."""
+    if gcs.is_gcs(source):
+        text = gcs.read_text(source)
+        base = posixpath.dirname(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise UserError(f"--source {source}: manifest not found; check the path")
+        text = path.read_text(encoding="utf-8-sig")
+        base = str(path.resolve().parent)
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip().lower() for h in reader.fieldnames or []]
+    if "path" not in header or "label" not in header:
+        raise UserError(f"--source {source}: the manifest needs a 'path,label' header line (found {header or 'none'})")
+    reader.fieldnames = header
+    entries, classes = [], set()
+    for line, row in enumerate(reader, start=2):
+        rel, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+        if not rel or not label:
+            raise UserError(f"--source {source} line {line}: empty path or label; every row needs both")
+        if "\n" in label or "\r" in label:
+            raise UserError(f"--source {source} line {line}: a label may not contain a line break")
+        if gcs.is_gcs(rel):
+            ref = rel
+        elif os.path.isabs(rel) or rel.startswith(("/", "\\")):
+            raise UserError(
+                f"--source {source} line {line}: absolute path {rel!r}; use a path relative to the manifest's folder"
+            )
+        else:
+            if gcs.is_gcs(base):
+                ref = "gs://" + posixpath.normpath(posixpath.join(base[len("gs://") :], rel))
+                inside = ref.startswith(base.rstrip("/") + "/")
+            else:
+                ref = os.path.normpath(os.path.join(base, rel))
+                inside = ref.startswith(base.rstrip(os.sep) + os.sep)
+            if not inside:
+                raise UserError(
+                    f"--source {source} line {line}: path {rel!r} escapes the manifest's folder; "
+                    "move the file below it or use a gs:// URI"
+                )
+        entries.append(_Entry(ref, label, None if gcs.is_gcs(ref) else ref))
+        classes.add(label)
+    return _Listing(source, entries, [], sorted(classes), {c: f"label {c!r} in {source}" for c in classes})
+
+
+def _network_reachable(url: str, timeout: float) -> str | None:
+    """None when `url` answers within `timeout` seconds (DNS included); else why not."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            outcome.append(None)
+        except urllib.error.HTTPError:
+            outcome.append(None)  # the server answered
+        except Exception as exc:  # URLError, socket timeouts, DNS failures
+            outcome.append(str(getattr(exc, "reason", exc)) or type(exc).__name__)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 2)
+    return outcome[0] if outcome else f"no answer within {timeout:.0f} s"
+
+
+def _from_tfds(spec: str, staging: Path) -> _Listing:
+    """`tfds:NAME[:VERSION]`: prepare through TFDS (fails fast offline), then write its images as a class folder."""
+    parts = spec[len("tfds:") :].split(":")
+    if not parts[0] or len(parts) > 2:
+        raise UserError(f"--source {spec}: expected tfds:NAME or tfds:NAME:VERSION")
+    name = parts[0] if len(parts) == 1 else f"{parts[0]}:{parts[1]}"
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, try_gcs=False)
+    except Exception as exc:  # DatasetNotFoundError, bad version, ...
+        raise UserError(f"--source {spec}: TFDS has no dataset {name!r} ({str(exc).splitlines()[0]})") from exc
+    if not builder.is_prepared():
+        why = _network_reachable(TFDS_PROBE_URL, TFDS_PROBE_TIMEOUT_S)
+        if why:
+            raise UserError(
+                f"--source {spec}: {name} is not prepared in {builder.data_dir} and the network is unreachable "
+                f"({why}); run once where it is online (or copy the prepared dataset there), or ingest a folder"
+            )
+        log.info("preparing %s through TFDS in %s", name, builder.data_dir)
+        try:
+            builder.download_and_prepare()
+        except Exception as exc:
+            raise UserError(f"--source {spec}: TFDS could not prepare {name}: {exc}") from exc
+    image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    features = builder.info.features
+    if image_key not in features or label_key not in features or not hasattr(features[label_key], "names"):
+        raise UserError(f"--source {spec}: {name} is not an image classification dataset (no image/label features)")
+    names = features[label_key].names
+    root = staging / "tfds"
+    root.mkdir(parents=True, exist_ok=True)
+    entries = []
+    log.info("reading %s from TFDS (%s)", name, ", ".join(builder.info.splits))
+    for split in builder.info.splits:
+        ds = builder.as_dataset(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+        for i, example in enumerate(tfds.as_numpy(ds)):
+            path = root / f"{len(entries):09d}"  # our own names: label strings never become paths
+            path.write_bytes(example[image_key])
+            entries.append(_Entry(f"{spec}/{split}/{i}", names[int(example[label_key])], str(path)))
+    return _Listing(spec, entries, [], sorted(set(names)), {c: f"{spec} label {c!r}" for c in names})
+
+
+def _collect(source: str, staging: Path) -> _Listing:
+    if source.startswith("tfds:"):
+        listing = _from_tfds(source, staging)
+    elif source.lower().endswith(".csv"):
+        listing = _read_manifest(source)
+    elif gcs.is_gcs(source):
+        listing = _list_gcs(source)
+    else:
+        listing = _list_folder(Path(source).expanduser(), source)
+    if not listing.entries:
+        raise UserError(
+            f"--source {source}: no image files found ({len(listing.skipped)} other files); expected one folder of "
+            "JPEG/PNG/... images per class"
+        )
+    remote = [e for e in listing.entries if e.local is None]
+    if remote:
+        downloads = staging / "gcs"
+        dests = [str(downloads / f"{i:08d}{Path(e.ref).suffix.lower()}") for i, e in enumerate(remote)]
+        log.info("downloading %d objects from gs:// in parallel", len(remote))
+        _download(remote, dests)
+    return listing
+
+
+def _download(entries: list[_Entry], dests: list[str]) -> None:
+    """Parallel download (transfer_manager); objects that still fail one retry keep `local` unset (-> missing)."""
+    try:
+        gcs.download_many([e.ref for e in entries], dests)
+    except UserError as exc:
+        log.warning("some downloads failed (%s); retrying those once", exc)
+        for entry, dest in zip(entries, dests, strict=True):
+            if not Path(dest).is_file():
+                try:
+                    gcs.download_file(entry.ref, dest)
+                except UserError:
+                    continue
+    for entry, dest in zip(entries, dests, strict=True):
+        entry.local = dest if Path(dest).is_file() else None
