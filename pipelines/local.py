@@ -239,7 +239,7 @@ def run_package(
             task = pipeline(**params)
     except RuntimeError as exc:
         name = _failed_step(str(exc))
-        failed = steps.step(name) or next(iter(steps.running()), None)
+        failed = steps.step(name) or steps.failed() or next(iter(steps.running()), None)
         if failed is None:
             raise UserError(f"step {name} failed; logs under {logs}; artifacts so far under {root}") from exc
         steps.finish(failed, "FAILURE")

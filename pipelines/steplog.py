@@ -207,7 +207,7 @@ class StepLogs(io.TextIOBase):
         if skipped:
             why = skipped.group(2).strip().rstrip(".").strip("()")
             if why == "condition evaluated to False":
-                why = "its condition is false (e.g. the model is not blessed): the steps under it did not run"
+                why = "its condition is false (not blessed, or the other branch of new data / no new data ran)"
             self._report_other(skipped.group(1), "SKIPPED", why)
 
     def _start(self, name: str) -> Step:
@@ -238,13 +238,22 @@ class StepLogs(io.TextIOBase):
         self._report(step.number, step.name, status, f"{step.seconds:6.1f} s", step.result)
 
     def _report_other(self, name: str, status: str, note: str) -> None:
+        if status == "SKIPPED":  # a condition's group that did not run: not a step, so it takes no number
+            self._report(None, name, status, " " * 8, note)
+            return
         with self._lock:
             number = len(self.steps) + 1
             self.steps.append(Step(number=number, name=name, log=self.logs_dir / "pipeline.log",
                                    started=time.perf_counter(), status=status, result=note))
         self._report(number, name, status, " " * 8, note)
 
-    def _report(self, number: int, name: str, status: str, seconds: str, result: str) -> None:
+    def _report(self, number: int | None, name: str, status: str, seconds: str, result: str) -> None:
+        if number is None:
+            line = f"[-] {name:<14} {status:<8} {seconds}  {result}".rstrip()
+            with self._lock:
+                self.terminal.write(line + "\n")
+                self.terminal.flush()
+            return
         total = f"/{self.total}" if self.total else ""
         line = f"[{number}{total}] {name:<14} {status:<8} {seconds}  {result}".rstrip()
         with self._lock:
@@ -255,6 +264,11 @@ class StepLogs(io.TextIOBase):
 
     def running(self) -> list[Step]:
         return [s for s in self.steps if s.status == "RUNNING"]
+
+    def failed(self) -> Step | None:
+        """The last step that ended in FAILURE (a failed step inside a condition is reported by kfp under the name of
+        its enclosing DAG, e.g. condition-branches-1)."""
+        return next((s for s in reversed(self.steps) if s.status == "FAILURE"), None)
 
     def step(self, name: str) -> Step | None:
         """The last step of that name."""

@@ -53,7 +53,8 @@ def test_a_failing_step_is_named_and_the_exit_code_is_not_zero(tmp_path, weights
     code = main(["run", "--source", str(empty), "--output", str(tmp_path / "run"), *FAST])
     assert code == 2
     err = capsys.readouterr().err
-    assert "step ingest failed" in err
+    # The fingerprint step lists the source first, so a source without images fails there, before any training.
+    assert "step fingerprint failed" in err
 
 
 @pytest.mark.slow

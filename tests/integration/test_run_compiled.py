@@ -45,7 +45,7 @@ def _assert_failed_in_yaml_edit(code: int, out: str, err: str, output: Path) -> 
     assert MARKER in out and f"full log: {log}" in out  # the tail of the failed step's log, then its path
     step_lines = [line for line in out.splitlines() if line.startswith("[")]
     # ingest and backbone have no dependency between them: either may run first.
-    assert any(re.match(r"\[[12]/6\] ingest +FAILURE", line) for line in step_lines), out
+    assert any(re.match(r"\[[23]/7\] ingest +FAILURE", line) for line in step_lines), out
     assert "Executing task" not in out and '"executor_input"' not in out  # quiet: kfp.local's stream is filed
 
 
@@ -96,9 +96,13 @@ def test_run_package_tiny_pipeline_end_to_end(tmp_path, synthetic_folder, capsys
                            str(output), *[a for p in params for a in ("--param", p)]], capsys)
     assert code == 0, (out[-3000:], err[-3000:])
     step_lines = [line for line in out.splitlines() if line.startswith("[")]
+    skipped = [line for line in step_lines if line.startswith("[-] ")]
+    assert len(skipped) == 1 and "SKIPPED" in skipped[0]  # the no-new-data branch, a group that is not a step
+    step_lines = [line for line in step_lines if not line.startswith("[-] ")]
     names = [line.split()[1] for line in step_lines]
-    # ingest and backbone do not depend on each other: either may run first.
-    assert set(names[:2]) == {"ingest", "backbone"} and names[2:] == ["train-head", "fine-tune", "evaluate", "export"]
+    # The fingerprint first; then ingest and backbone, which do not depend on each other: either may run first.
+    assert names[0] == "fingerprint" and set(names[1:3]) == {"ingest", "backbone"}
+    assert names[3:] == ["train-head", "fine-tune", "evaluate", "export"]
     assert all("SUCCESS" in line for line in step_lines)
     by_name = dict(zip(names, step_lines, strict=True))
     assert "images ingested" in by_name["ingest"] and "val_accuracy" in by_name["train-head"]

@@ -87,12 +87,22 @@ def compare_structure(tmp_path):
     out = compile_pipeline(tmp_path / "p.yaml",
                            CompileOptions(image=IMAGE, compare_recipes=("head_only", "two_phase_bn_train")))
     ir = yaml.safe_load(out.read_text())
-    return ir, pipeline_structure(ir, image=IMAGE)["tasks"]
+    return new_data_branch(ir, pipeline_structure(ir, image=IMAGE)["tasks"])
+
+
+def new_data_branch(ir, tasks):
+    """The DAG that trains (the fingerprint's new-data branch, where compare mode lives) and its tasks by inner path."""
+    branch = next(path for path in tasks if path.count("/") == 1 and f"{path}/ingest" in tasks)
+    group, inner = branch.split("/")
+    group_dag = ir["components"][ir["root"]["dag"]["tasks"][group]["componentRef"]["name"]]["dag"]
+    dag = ir["components"][group_dag["tasks"][inner]["componentRef"]["name"]]["dag"]
+    prefix = branch + "/"
+    return dag, {path[len(prefix):]: task for path, task in tasks.items() if path.startswith(prefix)}
 
 
 def test_compare_mode_compiles_a_parallel_for_over_the_recipes(tmp_path):
-    ir, tasks = compare_structure(tmp_path)
-    loops = [t for t in ir["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
+    dag, tasks = compare_structure(tmp_path)
+    loops = [t for t in dag["tasks"].values() if "parameterIterator" in t]
     assert len(loops) == 1
     assert json.loads(loops[0]["parameterIterator"]["items"]["raw"]) == ["head_only", "two_phase_bn_train"]
     loop = next(name for name in tasks if name.startswith("for-loop") and "/" not in name)
@@ -103,22 +113,24 @@ def test_compare_mode_compiles_a_parallel_for_over_the_recipes(tmp_path):
 
 
 def test_compare_mode_collects_the_branches_and_the_winner_feeds_test_evaluate_and_export(tmp_path):
-    ir, tasks = compare_structure(tmp_path)
+    dag, tasks = compare_structure(tmp_path)
     loop = next(name for name in tasks if name.startswith("for-loop") and "/" not in name)
     pick = tasks["pick-winner"]
     assert pick["after"] == [loop]
     assert pick["artifacts"]["models"].startswith(f"{loop}.")  # dsl.Collected of the branches' models
-    assert ir["root"]["dag"]["tasks"]["pick-winner"]["inputs"]["parameters"]["candidates"][
+    assert dag["tasks"]["pick-winner"]["inputs"]["parameters"]["candidates"][
         "taskOutputParameter"]["producerTask"] == loop
     assert tasks["evaluate"]["artifacts"]["model"] == "pick-winner.winner"
     assert tasks["evaluate"]["parameters"]["split"] == "const:'test'"
     condition = next(name for name in tasks if name.startswith("condition-") and "/" not in name)
     assert tasks[f"{condition}/export"]["artifacts"]["model"] == "param:pipelinechannel--pick-winner-winner"
-    outputs = ir["root"]["outputDefinitions"]
+    outputs = yaml.safe_load((tmp_path / "p.yaml").read_text())["root"]["outputDefinitions"]
     assert "comparison" in outputs["artifacts"] and "winner_recipe" in outputs["parameters"]
 
 
 def test_compile_cli_takes_compare_recipes(tmp_path):
     out = tmp_path / "p.yaml"
     assert main(["compile", "--output", str(out), "--image", IMAGE, "--compare-recipes", "all"]) == 0
-    assert "pick-winner" in yaml.safe_load(out.read_text())["root"]["dag"]["tasks"]
+    ir = yaml.safe_load(out.read_text())
+    _, tasks = new_data_branch(ir, pipeline_structure(ir, image=IMAGE)["tasks"])
+    assert "pick-winner" in tasks
