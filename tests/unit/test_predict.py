@@ -105,16 +105,21 @@ def test_predict_local_folder_with_an_export_and_a_model_artifact(chain, exporte
     np.testing.assert_allclose(row["probabilities"], np.sort(expected)[::-1][:2], atol=1e-5)
 
 
+def complete_version(exported: Path, tmp_path: Path) -> Path:
+    """A copy of the export that the registry takes as a complete version (it needs its version.json)."""
+    version = tmp_path / "version"
+    shutil.copytree(exported, version)
+    (version / "version.json").write_text('{"version": "v1", "created": "2026-11-30T00:00:00Z"}')
+    return version
+
+
 def test_predict_from_the_gcs_emulator_with_latest_and_csv_output(exported, images, gcs_bucket, gcs_upload, tmp_path):
     from components import gcs
     from components.export import push
 
     source = gcs_upload(gcs_bucket, images, "incoming")
     dest = f"gs://{gcs_bucket.name}/models"
-    version = tmp_path / "version"  # a pushed version is complete only with its version.json (components.registry)
-    shutil.copytree(exported, version)
-    (version / "version.json").write_text('{"version": "v1", "created": "2026-11-30T00:00:00Z"}')
-    push(version, dest, "v1")
+    push(complete_version(exported, tmp_path), dest, "v1")
     out = f"gs://{gcs_bucket.name}/out/predictions.csv"
     result = predict(PredictConfig(model=dest, input=source, output=out, top_k=3, batch_size=4), progress=False)
     assert (result.predicted, result.skipped) == (len(ODD) + 30 - 4, 4)
@@ -175,7 +180,7 @@ def test_batch_predict_pipeline_uses_latest(exported, images, tmp_path):
     text = path.read_text()
     assert "comp-predict" in text and "push_to" in text and "model_uri" in text
     registry = tmp_path / "registry"
-    push(exported, str(registry), "v1")
+    push(complete_version(exported, tmp_path), str(registry), "v1")
     with local_kfp(tmp_path / "root") as root:
         build_batch_predict_pipeline()(input_uri=str(images / "real"), push_to=str(registry), top_k=1)
     files = list(root.rglob("predictions.jsonl"))
