@@ -139,6 +139,18 @@ def _full_check(file: str, data: bytes) -> tuple[bytes | None, str | None]:
     return result.data, None
 
 
+def _read_checked(file: str, gcs_client: Any = None) -> tuple[bytes, Item | None]:
+    """The file's bytes, or a skipped Item when it cannot be read or its header is not an image's."""
+    from components import imagecheck
+
+    try:
+        data = _read(file, gcs_client)
+    except Exception as exc:  # OSError locally, google.api_core errors for gs://
+        return b"", Item(file, skip_reason=f"{imagecheck.UNREADABLE}: {type(exc).__name__}: {exc}"[:300])
+    problem = _header_problem(data)
+    return data, (Item(file, skip_reason=problem) if problem else None)
+
+
 def load_item(file: str, size: int, want_bytes: bool, gcs_client: Any = None) -> Item:
     """Read, check and decode one file; never raises for a bad file (the Item carries the reason)."""
     import numpy as np
@@ -147,13 +159,9 @@ def load_item(file: str, size: int, want_bytes: bool, gcs_client: Any = None) ->
     from components import imagecheck
     from components.dataset import decode_image
 
-    try:
-        data = _read(file, gcs_client)
-    except Exception as exc:  # OSError locally, google.api_core errors for gs://
-        return Item(file, skip_reason=f"{imagecheck.UNREADABLE}: {type(exc).__name__}: {exc}"[:300])
-    problem = _header_problem(data)
-    if problem:
-        return Item(file, skip_reason=problem)
+    data, skipped = _read_checked(file, gcs_client)
+    if skipped is not None:
+        return skipped
     for attempt in range(2):
         try:
             pixels = decode_image(tf.constant(data), size)
@@ -174,15 +182,9 @@ TF_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP", "WEBP"})
 
 def read_item(file: str, gcs_client: Any = None) -> Item:
     """Read one file and check its header; `data` = bytes TensorFlow can decode (converted when needed)."""
-    from components import imagecheck
-
-    try:
-        data = _read(file, gcs_client)
-    except Exception as exc:  # OSError locally, google.api_core errors for gs://
-        return Item(file, skip_reason=f"{imagecheck.UNREADABLE}: {type(exc).__name__}: {exc}"[:300])
-    problem = _header_problem(data)
-    if problem:
-        return Item(file, skip_reason=problem)
+    data, skipped = _read_checked(file, gcs_client)
+    if skipped is not None:
+        return skipped
     if _format(data) not in TF_FORMATS:
         converted, reason = _full_check(file, data)
         return Item(file, skip_reason=reason) if reason else Item(file, data=converted)
