@@ -9,12 +9,10 @@ batch-prediction run picks the new version up by itself.
 # No `from __future__ import annotations`: KFP reads the pipeline function's annotations as real types.
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from components.errors import UserError
-from pipelines.pipeline import CompileOptions, _with_image
+from pipelines.pipeline import CompileOptions, _with_image, write_compiled
 
 PIPELINE_NAME = "kfp-finetune-batch-predict"
 
@@ -49,18 +47,4 @@ def build_batch_predict_pipeline(options: CompileOptions | None = None) -> Any:
 
 def compile_batch_predict(output: str | os.PathLike, options: CompileOptions | None = None) -> Path:
     """Compile the batch-prediction pipeline to IR YAML at `output` (written atomically); returns the path."""
-    from kfp import compiler
-
-    output = Path(output)
-    if output.is_dir():
-        raise UserError(f"--output {output} is a directory; give a file name such as batch_predict.yaml")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".yaml", dir=output.parent)
-    os.close(fd)
-    try:
-        compiler.Compiler().compile(build_batch_predict_pipeline(options), package_path=tmp)
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return output
+    return write_compiled(build_batch_predict_pipeline(options), output, "batch_predict.yaml")

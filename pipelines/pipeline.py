@@ -413,20 +413,24 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
 
 def compile_pipeline(output: str | Path, options: CompileOptions | None = None) -> Path:
     """Compile the pipeline to IR YAML at `output` (written atomically); returns the path."""
+    return write_compiled(build_pipeline(options or CompileOptions()), output, "pipeline.yaml")
+
+
+def write_compiled(pipeline: Any, output: str | Path, example: str) -> Path:
+    """Compile `pipeline` to IR YAML at `output`, atomically (temp file beside it, then rename); returns the path."""
     import os
     import tempfile
 
     from kfp import compiler
 
-    options = options or CompileOptions()
     output = Path(output)
     if output.is_dir():
-        raise UserError(f"--output {output} is a directory; give a file name such as pipeline.yaml")
+        raise UserError(f"--output {output} is a directory; give a file name such as {example}")
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".yaml", dir=output.parent)
     os.close(fd)
     try:
-        compiler.Compiler().compile(build_pipeline(options), package_path=tmp)
+        compiler.Compiler().compile(pipeline, package_path=tmp)
         os.replace(tmp, output)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
