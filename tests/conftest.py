@@ -59,6 +59,15 @@ def mini_flowers(flowers_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_keras_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A Keras cache of this test session's own: tests never read weights a previous run (or the developer) left in
+    ~/.keras, nor leave any there. A test that needs ImageNet weights names `weights_mirror`."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KERAS_HOME", str(tmp_path_factory.mktemp("keras-home")))
+        yield
+
+
 @pytest.fixture
 def offline_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An empty Keras cache, no mirror, and no way out: a proxy on a closed port makes every download fail at once

@@ -16,6 +16,7 @@ from components import cli
 from pipelines import commands
 
 MARKER = "edited in the compiled YAML"
+STEP_LINE = re.compile(r"\[(\d+/\d+|-)\] \S+ +[A-Z]+\b.*$")
 # A small backbone, so that the step that may run before ingest is quick.
 SMALL = ["--param", "backbone=mobilenet", "--param", "backbone_alpha=0.25", "--param", "image_size=96"]
 
@@ -29,6 +30,12 @@ def _edit_ingest(package: Path) -> Path:
                                   f"    raise SystemExit({MARKER!r})\n    from components.ingest import", 1)
     package.write_text(yaml.safe_dump(spec, sort_keys=False))
     return package
+
+
+@pytest.fixture(autouse=True)
+def _weights(weights_mirror, monkeypatch):
+    """The backbone step of these runs loads ImageNet weights: from the shared mirror, never from the network."""
+    monkeypatch.setenv("KFP_FINETUNE_WEIGHTS_MIRROR", str(weights_mirror))
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -95,15 +102,16 @@ def test_run_package_tiny_pipeline_end_to_end(tmp_path, synthetic_folder, capsys
     code, out, err = _run(["run", "--package", str(package), "--source", str(synthetic_folder), "--output",
                            str(output), *[a for p in params for a in ("--param", p)]], capsys)
     assert code == 0, (out[-3000:], err[-3000:])
-    step_lines = [line for line in out.splitlines() if line.startswith("[")]
+    # A step's line may follow text another thread of this test process left without a newline: find it in the line.
+    step_lines = [m.group(0) for m in (STEP_LINE.search(line) for line in out.splitlines()) if m]
     skipped = [line for line in step_lines if line.startswith("[-] ")]
-    assert all("SKIPPED" in line for line in skipped)  # a group that did not run (no-new-data) is not a step
+    assert all("SKIPPED" in line for line in skipped), out  # a group that did not run (no-new-data) is not a step
     step_lines = [line for line in step_lines if not line.startswith("[-] ")]
     names = [line.split()[1] for line in step_lines]
     # The backbone depends on nothing; ingest waits for the fingerprint: the first three come in any such order.
-    assert set(names[:3]) == {"fingerprint", "ingest", "backbone"}
-    assert names.index("fingerprint") < names.index("ingest")
-    assert names[3:] == ["train-head", "fine-tune", "evaluate", "export"]
+    assert set(names[:3]) == {"fingerprint", "ingest", "backbone"}, out
+    assert names.index("fingerprint") < names.index("ingest"), out
+    assert names[3:] == ["train-head", "fine-tune", "evaluate", "export"], out
     assert all("SUCCESS" in line for line in step_lines)
     by_name = dict(zip(names, step_lines, strict=True))
     assert "images ingested" in by_name["ingest"] and "val_accuracy" in by_name["train-head"]
