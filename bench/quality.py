@@ -3,19 +3,27 @@
 Runs the project's own step functions, as the pipeline does, on /work/shared/data/flowers (1,500 photos, 5 classes)
 with MobileNet v1 α=0.25 ImageNet weights from KFP_FINETUNE_WEIGHTS_MIRROR:
 
-    ingest once (seed 0: 1,050 train / 150 validation / 300 test, the same split for every run)
-    then per recipe and seed: backbone → train_head → fine_tune (unless head-only) → evaluate on validation and test
+    ingest once per split seed (--split-seeds: ~1,040 train / 150 validation / 310 test, a different draw of the
+    photos into the three splits for each seed)
+    then per recipe, split and training seed: backbone → train_head → fine_tune (unless head-only) → evaluate on
+    validation and test
 
 The recipes are components/recipes.py's RECIPES (the `default` one is the project's default) plus the exploration
-candidates below (EXPLORE), which are how the default was found. The seed changes initialisation, shuffling,
-augmentation and dropout, never the split. The default is chosen on validation accuracy; test accuracy is reported.
+candidates below (EXPLORE), which are how the default was found. The training seed changes initialisation,
+shuffling, augmentation and dropout; the split seed changes which photos are trained on, validated on and tested
+on. The default is chosen on validation accuracy; test accuracy is reported, as the mean ± std over every run
+(splits × seeds) and as the spread due to the split (the std of the per-split means).
 
-Writes bench/results/quality.json (every run), quality.md (mean ± std over seeds, wall time per run) and
-quality.svg (the plot). Resumable: a run already in the JSON with the same recipe settings is skipped, so
-an interrupted study continues where it stopped; change a recipe and only its runs are redone.
+Writes bench/results/quality.json (every run), quality.md (the table, wall time per run) and quality.svg (the
+plot). Resumable: a run already in the JSON with the same recipe settings, split and seed is skipped, so an
+interrupted study continues where it stopped; change a recipe and only its runs are redone.
+
+The whole grid (8 recipes x 3 splits x 2 seeds, ~4 min a run) is ~3.5 h on 2 cores: the study runs the full grid
+for the default and its two rivals, and the rest on split 0 only (`--split-seeds 0`).
 
 Usage:
-    KFP_FINETUNE_WEIGHTS_MIRROR=/work/shared/data/weights python bench/quality.py
+    KFP_FINETUNE_WEIGHTS_MIRROR=/work/shared/data/weights python bench/quality.py --recipes default,x_192,x_15_epochs
+    python bench/quality.py --recipes head_only --split-seeds 0 --seeds 0,1,2
     python bench/quality.py --recipes default,head_only --seeds 0 --output /tmp/quality
 """
 
@@ -41,6 +49,8 @@ from components.recipes import DEFAULT_RECIPE, PLAIN_FINE_TUNE, PLAIN_HEAD, RECI
 SHARED = Path(os.environ.get("KFP_FINETUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
 RESULTS = REPO / "bench" / "results"
 BACKBONE, ALPHA, IMAGE_SIZE = "mobilenet", 0.25, 160
+# The split fractions; the split seed of each run is recorded with it ("split_seed"). SPLIT_SEED stays in the
+# recipe key (it was the only split when the first runs were keyed), so a key names a recipe's settings alone.
 VAL_FRACTION, TEST_FRACTION, SPLIT_SEED = 0.1, 0.2, 0
 
 log = logging.getLogger("bench.quality")
@@ -65,8 +75,13 @@ EXPLORE: dict[str, Recipe] = {r.name: r for r in (
     replace(_TWO_PHASE_TRAIN_1E3, name="x_lr1e-4_early_stop3",
             description="two_phase_bn_train with early stopping (patience 3)",
             fine_tune={**PLAIN_FINE_TUNE, "learning_rate": 1e-4, "batch_norm": "train", "early_stopping_patience": 3}),
-    replace(_TWO_PHASE_TRAIN_1E3, name="x_15_epochs", description="two-phase, BN training, lr 1e-3, 15 epochs",
+    replace(_TWO_PHASE_TRAIN_1E3, name="x_no_aug_15_epochs", description="x_no_aug with 15 fine-tune epochs",
             fine_tune={**PLAIN_FINE_TUNE, "learning_rate": 1e-3, "batch_norm": "train", "epochs": 15}),
+    # The default's rivals in the multi-split study: the same recipe at a larger input, or with a longer schedule.
+    replace(RECIPES[DEFAULT_RECIPE], name="x_192", image_size=192,
+            description="the default at 192 px (instead of 160)"),
+    replace(RECIPES[DEFAULT_RECIPE], name="x_15_epochs", fine_tune={"epochs": 15},
+            description="the default with 15 fine-tune epochs (instead of 10)"),
 )}
 ALL = {**RECIPES, **EXPLORE}
 
@@ -102,13 +117,14 @@ def _load_average() -> float | None:
         return None
 
 
-def ensure_dataset(flowers: Path, work: Path) -> Path:
+def ensure_dataset(flowers: Path, work: Path, split_seed: int) -> Path:
+    """The flowers set ingested with `split_seed` (kept in `work` between runs)."""
     from components.ingest import IngestConfig, ingest
 
-    out = work / "dataset"
+    out = work / f"dataset-split{split_seed}"
     if not (out / "ingest_report.json").is_file():
         ingest(IngestConfig(source=str(flowers), output=str(out), val_fraction=VAL_FRACTION,
-                            test_fraction=TEST_FRACTION, seed=SPLIT_SEED))
+                            test_fraction=TEST_FRACTION, seed=split_seed))
     return out
 
 
@@ -128,14 +144,14 @@ def build_backbone(recipe: Recipe, size: int, seed: int, work: Path) -> tuple[Pa
     return out, time.perf_counter() - started
 
 
-def run_one(recipe: Recipe, seed: int, size: int, dataset: Path, work: Path) -> dict[str, Any]:
-    """backbone → train_head → fine_tune → evaluate(validation, test) for one recipe and seed."""
+def run_one(recipe: Recipe, seed: int, size: int, dataset: Path, work: Path, split_seed: int) -> dict[str, Any]:
+    """backbone → train_head → fine_tune → evaluate(validation, test) for one recipe, split and seed."""
     import keras
 
     from components.evaluate import EvaluateConfig, evaluate
     from components.train import FineTuneConfig, HeadConfig, fine_tune, train_head
 
-    run_dir = work / "runs" / f"{recipe.name}-seed{seed}"
+    run_dir = work / "runs" / f"{recipe.name}-split{split_seed}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     load_before = _load_average()
@@ -158,7 +174,8 @@ def run_one(recipe: Recipe, seed: int, size: int, dataset: Path, work: Path) -> 
     total_s = time.perf_counter() - started
     shutil.rmtree(run_dir, ignore_errors=True)  # models are ~3 MB each, but 30 of them add up
     return {
-        "recipe": recipe.name, "seed": seed, "key": recipe_key(recipe, size), "image_size": size,
+        "recipe": recipe.name, "split_seed": split_seed, "seed": seed, "key": recipe_key(recipe, size),
+        "image_size": size,
         "settings": recipe.to_dict(),
         "val_accuracy": scores["validation"]["accuracy"], "test_accuracy": scores["test"]["accuracy"],
         "val_loss": scores["validation"].get("loss"), "test_loss": scores["test"].get("loss"),
@@ -179,6 +196,10 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _split(run: dict[str, Any]) -> int:
+    return int(run.get("split_seed", SPLIT_SEED))  # runs from before the multi-split study: split seed 0
+
+
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (recipe, settings key), in the order recipes are defined."""
     order = {name: i for i, name in enumerate(ALL)}
@@ -187,15 +208,25 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((run["recipe"], run["key"]), []).append(run)
     rows = []
     for (name, key), group in groups.items():
-        group.sort(key=lambda r: r["seed"])
+        if len({_split(r) for r in group}) > 1:  # over several splits: the seeds every split has (a balanced grid)
+            per_split = [{r["seed"] for r in group if _split(r) == s} for s in {_split(r) for r in group}]
+            common = set.intersection(*per_split)
+            group = [r for r in group if r["seed"] in common]
+        group.sort(key=lambda r: (_split(r), r["seed"]))
         test_m, test_s = _mean_std([r["test_accuracy"] for r in group])
         val_m, val_s = _mean_std([r["val_accuracy"] for r in group])
+        splits = sorted({_split(r) for r in group})
+        split_means = [statistics.fmean(r["test_accuracy"] for r in group if _split(r) == s) for s in splits]
+        split_val = [statistics.fmean(r["val_accuracy"] for r in group if _split(r) == s) for s in splits]
         current = name in ALL and recipe_key(ALL[name], group[0]["image_size"]) == key
         rows.append({
             "recipe": name, "key": key, "current": current, "study": name in RECIPES,
             "description": ALL[name].description if current else group[0]["settings"]["description"],
             "image_size": group[0]["image_size"],
-            "seeds": [r["seed"] for r in group], "test_mean": test_m, "test_std": test_s, "val_mean": val_m,
+            "seeds": [r["seed"] for r in group], "splits": splits, "runs": [[_split(r), r["seed"]] for r in group],
+            "split_test_means": split_means, "split_val_means": split_val,
+            "split_spread": statistics.stdev(split_means) if len(split_means) > 1 else None,
+            "test_mean": test_m, "test_std": test_s, "val_mean": val_m,
             "val_std": val_s, "test": [r["test_accuracy"] for r in group], "val": [r["val_accuracy"] for r in group],
             "seconds_mean": statistics.fmean(r["seconds"]["total"] for r in group),
             "train_seconds_mean": statistics.fmean(r["seconds"]["train_total"] for r in group),
@@ -206,13 +237,16 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     def table(selected: list[dict[str, Any]]) -> list[str]:
-        lines = ["| recipe | what it does | test accuracy (mean ± std) | validation accuracy | seeds | "
-                 "wall time per run (s) |", "|---|---|---|---|---|---|"]
+        lines = ["| recipe | what it does | test accuracy, all runs (mean ± std) | test by split (mean per split) | "
+                 "spread due to split (std of split means) | validation accuracy | runs (splits × seeds) | "
+                 "wall time per run (s) |", "|---|---|---|---|---|---|---|---|"]
         for r in selected:
             name = f"**{r['recipe']}**" if r["recipe"] == DEFAULT_RECIPE else r["recipe"]
-            lines.append(f"| {name} | {r['description']} | {r['test_mean']:.3f} ± {r['test_std']:.3f} | "
-                         f"{r['val_mean']:.3f} ± {r['val_std']:.3f} | {len(r['seeds'])} | "
-                         f"{r['seconds_mean']:.0f} |")
+            by_split = ", ".join(f"{s}: {m:.3f}" for s, m in zip(r["splits"], r["split_test_means"], strict=True))
+            spread = "–" if r["split_spread"] is None else f"{r['split_spread']:.3f}"
+            lines.append(f"| {name} | {r['description']} | {r['test_mean']:.3f} ± {r['test_std']:.3f} | {by_split} | "
+                         f"{spread} | {r['val_mean']:.3f} ± {r['val_std']:.3f} | {len(r['runs'])} "
+                         f"({len(r['splits'])} × {len(r['runs']) / len(r['splits']):.3g}) | {r['seconds_mean']:.0f} |")
         return lines
 
     study = [r for r in rows if r["study"] and r["current"]]
@@ -221,15 +255,18 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any])
         "# Recipe study: flowers, MobileNet v1 α=0.25",
         "",
         f"Generated by `python bench/quality.py` on {meta['host']} ({meta['cpus']} CPUs, shared; load average "
-        f"{meta['load_min']}–{meta['load_max']} during the runs). Split: {meta['split']} (seed {SPLIT_SEED}, the same "
-        "for every run); the seed varies initialisation, shuffling, augmentation and dropout. Accuracy from "
+        f"{meta['load_min']}–{meta['load_max']} during the runs). Splits (ingest seed: train / validation / test): "
+        f"{meta['split']}. The split seed decides which photos land in which split; the training seed varies "
+        "initialisation, shuffling, augmentation and dropout. The default is picked on validation accuracy. "
+        "Accuracy from "
         "`evaluate` on the final model; wall time per run = backbone + train_head + fine_tune + both evaluations, "
         "in-process (the pipeline adds ~30% of per-step start-up on top).",
         "",
         *table(study),
         "",
-        "Per-seed test accuracy: " + "; ".join(
-            f"{r['recipe']} " + ", ".join(f"{v:.3f}" for v in r["test"]) for r in study) + ".",
+        "Per-run test accuracy (split/seed): " + "; ".join(
+            f"{r['recipe']} " + ", ".join(f"{v:.3f} ({s}/{t})" for v, (s, t) in zip(r["test"], r["runs"], strict=True))
+            for r in study) + ".",
         "",
     ]
     if explore:
@@ -282,7 +319,9 @@ def write_reports(data: dict[str, Any], output: Path) -> None:
     rows = summarise(data["runs"])
     loads = [v for r in data["runs"] for v in r.get("load_average") or [] if v is not None] or [0.0]
     meta = {"host": platform.node() or "this machine", "cpus": os.cpu_count(), "load_min": min(loads),
-            "load_max": max(loads), "split": data.get("split", "")}
+            "load_max": max(loads),
+            "split": "; ".join(f"{k}: {v}" for k, v in sorted((data.get("splits") or {}).items()))
+            or data.get("split", "")}
     data["summary"] = rows
     _write_json(output / "quality.json", data)
     write_markdown(output / "quality.md", rows, meta)
@@ -296,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", default=",".join(RECIPES),
                         help=f"comma-separated recipe names (default: the study's; also: {', '.join(EXPLORE)})")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
+    parser.add_argument("--split-seeds", default="0,1,2", help="comma-separated ingest seeds (one split each)")
     parser.add_argument("--output", type=Path, default=RESULTS, help="folder for quality.json/.md/.svg")
     parser.add_argument("--flowers", type=Path, default=SHARED / "flowers")
     parser.add_argument("--weights", type=Path, default=None,
@@ -314,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown recipe(s) {unknown}; known: {', '.join(ALL)}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    split_seeds = [int(s) for s in args.split_seeds.split(",") if s.strip()]
     json_path = args.output / "quality.json"
     data = _load(json_path)
     if args.report_only:
@@ -327,25 +368,31 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--flowers {args.flowers}: no such folder")
 
     args.work.mkdir(parents=True, exist_ok=True)
-    dataset = ensure_dataset(args.flowers, args.work)
     from components import dataset as ds
 
-    counts = ds.load_info(dataset).num_examples
-    data["split"] = f"{counts['train']} train / {counts['validation']} validation / {counts['test']} test"
-    done = {(r["recipe"], r["seed"], r["key"]) for r in data["runs"]}
-    todo = [(ALL[n], s) for n in names for s in seeds]
-    for i, (recipe, seed) in enumerate(todo, 1):
+    datasets = {}
+    for split_seed in split_seeds:
+        datasets[split_seed] = ensure_dataset(args.flowers, args.work, split_seed)
+        counts = ds.load_info(datasets[split_seed]).num_examples
+        data.setdefault("splits", {})[str(split_seed)] = (
+            f"{counts['train']} / {counts['validation']} / {counts['test']}")
+    done = {(r["recipe"], _split(r), r["seed"], r["key"]) for r in data["runs"]}
+    # Split-major: every recipe gets split 0 first, so a study cut short still compares recipes on one split.
+    todo = [(ALL[n], p, s) for p in split_seeds for s in seeds for n in names]
+    for i, (recipe, split_seed, seed) in enumerate(todo, 1):
         size = recipe.image_size or args.image_size
         key = recipe_key(recipe, size)
-        if (recipe.name, seed, key) in done:
-            log.info("[%d/%d] %s seed %d: already in %s, skipped", i, len(todo), recipe.name, seed, json_path)
+        what = f"{recipe.name} split {split_seed} seed {seed}"
+        if (recipe.name, split_seed, seed, key) in done:
+            log.info("[%d/%d] %s: already in %s, skipped", i, len(todo), what, json_path)
             continue
-        log.info("[%d/%d] %s seed %d at %d px: %s", i, len(todo), recipe.name, seed, size, recipe.description)
-        run = run_one(recipe, seed, size, dataset, args.work)
-        data["runs"] = [r for r in data["runs"] if (r["recipe"], r["seed"]) != (recipe.name, seed)
-                        or r["key"] != key] + [run]
+        log.info("[%d/%d] %s at %d px: %s", i, len(todo), what, size, recipe.description)
+        run = run_one(recipe, seed, size, datasets[split_seed], args.work, split_seed)
+        this = (recipe.name, split_seed, seed)
+        data["runs"] = [r for r in data["runs"] if (r["recipe"], _split(r), r["seed"]) != this or r["key"] != key]
+        data["runs"].append(run)
         write_reports(data, args.output)
-        log.info("[%d/%d] %s seed %d: validation %.3f, test %.3f, %.0f s", i, len(todo), recipe.name, seed,
+        log.info("[%d/%d] %s: validation %.3f, test %.3f, %.0f s", i, len(todo), what,
                  run["val_accuracy"], run["test_accuracy"], run["seconds"]["total"])
     write_reports(data, args.output)
     return 0

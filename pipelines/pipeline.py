@@ -220,7 +220,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
                             max_head_epochs=v["head_epochs"], max_fine_tune_epochs=v["fine_tune_epochs"])
             plan.set_display_name("recipe settings").set_caching_options(True)
             s = plan.outputs
-            # Per branch, so that a recipe can start from other weights (scratch: none). Branches asking for the
+            # Per branch, so that a recipe can start from other weights (a Recipe may say none). Branches asking for the
             # same weights get the same inputs, so KFP's cache builds that backbone once.
             branch_backbone = backbone_c(name=v["backbone"], alpha=v["backbone_alpha"], image_size=s["image_size"],
                                          weights=s["weights"], weights_sha256=v["weights_sha256"],

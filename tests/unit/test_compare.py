@@ -64,8 +64,9 @@ def test_recipe_names_are_checked():
 def test_branch_settings_cap_epochs_and_keep_the_recipes_choices():
     head_only = branch_settings("head_only", max_head_epochs=1, max_fine_tune_epochs=1)
     assert head_only.head_epochs == 1 and head_only.fine_tune_epochs == 0  # 0: fine_tune passes through
-    scratch = branch_settings("scratch", weights="/mirror/w.h5", image_size=96)
-    assert scratch.weights == "none" and scratch.image_size == 96 and scratch.batch_norm == "train"
+    trainable = branch_settings("all_trainable", weights="/mirror/w.h5", image_size=96)
+    assert trainable.weights == "/mirror/w.h5" and trainable.image_size == 96 and trainable.batch_norm == "train"
+    assert trainable.head_epochs == 0
     frozen = branch_settings("two_phase_bn_frozen", weights="/mirror/w.h5", max_fine_tune_epochs=1)
     assert frozen.weights == "/mirror/w.h5" and frozen.batch_norm == "frozen"
     assert frozen.fine_tune_epochs == 1 and frozen.warmup_epochs <= 1
