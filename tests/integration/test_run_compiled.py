@@ -123,3 +123,35 @@ def test_run_package_tiny_pipeline_end_to_end(tmp_path, synthetic_folder, capsys
     exported = next((output / "pipeline_root").glob("*/export/exported_model"))
     assert (exported / "saved_model.pb").is_file() or any(exported.rglob("saved_model.pb"))
     assert json.loads(next((output / "pipeline_root").glob("*/evaluate/executor_output.json")).read_text())
+
+
+@pytest.mark.slow
+def test_production_default_backbone_runs_end_to_end_with_random_weights(tmp_path, synthetic_folder, capsys):
+    """The compiled pipeline's own defaults (MobileNetV2 at 224 px; no such weights here, so weights=none) through
+    every step: the backbone's shapes and preprocessing mode, every layer unfrozen, a blessed, served export."""
+    package = commands.compile_pipeline(tmp_path / "pipeline.yaml", commands.CompileOptions(retries=0))
+    defaults = {name: spec.get("defaultValue") for name, spec in
+                yaml.safe_load(package.read_text())["root"]["inputDefinitions"]["parameters"].items()}
+    assert (defaults["backbone"], defaults["backbone_alpha"], defaults["image_size"]) == ("mobilenet_v2", 1.0, 224)
+    # `run` puts its laptop defaults (MobileNet α=0.25 at 160 px) first: name the package's own defaults again.
+    params = [f"backbone={defaults['backbone']}", f"backbone_alpha={defaults['backbone_alpha']}",
+              f"image_size={int(defaults['image_size'])}", "weights=none", "head_epochs=1", "fine_tune_epochs=1",
+              "min_accuracy=0", "batch_size=16"]
+    output = tmp_path / "out"
+    code, out, err = _run(["run", "--package", str(package), "--source", str(synthetic_folder), "--output",
+                           str(output), *[a for p in params for a in ("--param", p)]], capsys)
+    assert code == 0, (out[-3000:], err[-3000:])
+    run_dir = next((output / "pipeline_root").iterdir())
+    tuned = json.loads((run_dir / "fine-tune" / "tuned_model" / "model.json").read_text())
+    backbone = tuned["backbone"]
+    assert (backbone["name"], backbone["keras_name"], backbone["input_size"]) == ("mobilenet_v2", "MobileNetV2", 224)
+    assert backbone["preprocessing"] == "tf"  # keras.applications.mobilenet_v2.preprocess_input: pixels to [-1, 1]
+    assert backbone["weights"]["source"] == "none" and backbone["output_dim"] == 1280
+    assert tuned["training"]["train_head"]["augment"] is True  # the production default, not the demo's setting
+    # unfreeze_top=0 (the default): every backbone layer with weights trains, from the stem to the last 1x1 conv.
+    trainable = {name.rsplit("/", 1)[-1] for name in tuned["trainable_layers"]}
+    assert {"Conv1", "bn_Conv1", "block_16_project", "block_16_project_BN", "Conv_1", "Conv_1_bn"} <= trainable
+    assert len(trainable) >= 100
+    export = json.loads((run_dir / "export" / "exported_model" / "export.json").read_text())
+    assert export["input_size"] == 224 and export["serving_check"]["passed"], export["serving_check"]
+    assert export["outputs"]["probabilities"] == "float32 [None, 3]"
