@@ -11,8 +11,8 @@ _COMMANDS: tuple[tuple[str, str, str, str, str, Any, tuple[Param, ...], str], ..
     ("train-head", "train a new classification head on the frozen backbone",
      "Train dropout + dense softmax on top of a frozen backbone (output of `backbone`).",
      "backbone", "Model artifact directory (output of `backbone`)", HeadConfig, HEAD, "head.train_head"),
-    ("fine-tune", "unfreeze the top of the backbone and train at a low learning rate",
-     "Fine-tune a train-head model: AdamW, linear warmup then cosine decay, early stopping.",
+    ("fine-tune", "unfreeze the backbone (all of it, or its top) and train it with the head",
+     "Fine-tune a train-head model: AdamW, linear warmup then cosine decay, optional early stopping.",
      "model", "Model artifact directory (output of `train-head`)", FineTuneConfig, FINE_TUNE, "finetune.fine_tune"),
 )
 

@@ -1,4 +1,4 @@
-"""fine_tune: unfreeze the top of the backbone and train at a low learning rate (AdamW, warmup then cosine decay),
+"""fine_tune: unfreeze the backbone (all of it by default, or its top) and train it (AdamW, warmup then cosine decay),
 checkpointing every epoch and resuming.
 """
 
@@ -58,7 +58,7 @@ def _pass_through(config: FineTuneConfig) -> TrainResult:
 
 
 def fine_tune(config: FineTuneConfig) -> TrainResult:
-    """Unfreeze the top of the backbone and train at a low learning rate; write a Model artifact.
+    """Unfreeze the backbone (all of it, or the top `unfreeze_top` layers) and train; write a Model artifact.
 
     With `epochs=0` nothing trains: the input model is copied to the output unchanged (phase stays train_head).
     """
