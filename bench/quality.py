@@ -209,23 +209,20 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((run["recipe"], run["key"]), []).append(run)
     rows = []
     for (name, key), group in groups.items():
-        if len({_split(r) for r in group}) > 1:  # over several splits: the seeds every split has (a balanced grid)
-            per_split = [{r["seed"] for r in group if _split(r) == s} for s in {_split(r) for r in group}]
-            common = set.intersection(*per_split)
+        splits = sorted({_split(r) for r in group})
+        if len(splits) > 1:  # over several splits: only the seeds every split has (a balanced grid)
+            common = set.intersection(*({r["seed"] for r in group if _split(r) == s} for s in splits))
             group = [r for r in group if r["seed"] in common]
         group.sort(key=lambda r: (_split(r), r["seed"]))
         test_m, test_s = _mean_std([r["test_accuracy"] for r in group])
         val_m, val_s = _mean_std([r["val_accuracy"] for r in group])
-        splits = sorted({_split(r) for r in group})
         split_means = [statistics.fmean(r["test_accuracy"] for r in group if _split(r) == s) for s in splits]
-        split_val = [statistics.fmean(r["val_accuracy"] for r in group if _split(r) == s) for s in splits]
         current = name in ALL and recipe_key(ALL[name], group[0]["image_size"]) == key
         rows.append({
             "recipe": name, "key": key, "current": current, "study": name in RECIPES,
             "description": ALL[name].description if current else group[0]["settings"]["description"],
             "image_size": group[0]["image_size"],
-            "seeds": [r["seed"] for r in group], "splits": splits, "runs": [[_split(r), r["seed"]] for r in group],
-            "split_test_means": split_means, "split_val_means": split_val,
+            "splits": splits, "runs": [[_split(r), r["seed"]] for r in group], "split_test_means": split_means,
             "split_spread": statistics.stdev(split_means) if len(split_means) > 1 else None,
             "test_mean": test_m, "test_std": test_s, "val_mean": val_m,
             "val_std": val_s, "test": [r["test_accuracy"] for r in group], "val": [r["val_accuracy"] for r in group],
@@ -321,8 +318,7 @@ def write_reports(data: dict[str, Any], output: Path) -> None:
     loads = [v for r in data["runs"] for v in r.get("load_average") or [] if v is not None] or [0.0]
     meta = {"host": platform.node() or "this machine", "cpus": os.cpu_count(), "load_min": min(loads),
             "load_max": max(loads),
-            "split": "; ".join(f"{k}: {v}" for k, v in sorted((data.get("splits") or {}).items()))
-            or data.get("split", "")}
+            "split": "; ".join(f"{k}: {v}" for k, v in sorted((data.get("splits") or {}).items()))}
     data["summary"] = rows
     _write_json(output / "quality.json", data)
     write_markdown(output / "quality.md", rows, meta)
