@@ -407,6 +407,8 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
         "champion": champion,
         "data_fingerprint": info.report.get("data_fingerprint"),
         "data_source": info.report.get("source"),
+        # What the fine-tune guard kept (components/train/guard.py); None when the model was not fine-tuned.
+        "fine_tune_guard": ((meta.get("training") or {}).get("fine_tune") or {}).get("guard"),
         "config": {"min_accuracy": config.min_accuracy, "max_regression": config.max_regression,
                    "baseline_model": config.baseline_model, "champion_from": config.champion_from,
                    "class_change": config.class_change, "max_class_regression": config.max_class_regression},

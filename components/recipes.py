@@ -154,18 +154,19 @@ RECIPES: dict[str, Recipe] = {
             name="two_phase_bn_train",
             description="head 5 epochs, then all layers at lr 1e-4 with BatchNorm statistics adapting",
             head=PLAIN_HEAD,
-            fine_tune={**PLAIN_FINE_TUNE, "learning_rate": 1e-4},
+            fine_tune={**PLAIN_FINE_TUNE, "learning_rate": 1e-4, "batch_norm": "train"},
         ),
         Recipe(
             name="all_trainable",
             description="ImageNet init, everything trainable from the start (lr 1e-3, BN training)",
             head={**PLAIN_HEAD, "epochs": 0},
-            fine_tune=PLAIN_FINE_TUNE,
+            fine_tune={**PLAIN_FINE_TUNE, "learning_rate": 1e-3, "batch_norm": "train"},
         ),
         Recipe(
             name=DEFAULT_RECIPE,
-            description="the project's default: head 5 epochs, then all layers at lr 1e-3 with BatchNorm training; "
-                        "augmentation and label smoothing 0.1 in both phases",
+            description="the project's default: head 5 epochs, then all layers with the backbone family's peak lr "
+                        "and BatchNorm policy (components/train/family.py); augmentation and label smoothing 0.1 in "
+                        "both phases; the guard keeps the head if fine-tuning does not beat it",
         ),
     )
 }

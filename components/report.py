@@ -241,6 +241,9 @@ def render(
     model_line = (f"backbone {escape(str(backbone.get('keras_name') or backbone.get('name') or '?'))}, "
                   f"input {escape(str(model_meta.get('input_size', '?')))} px, phase "
                   f"{escape(str(model_meta.get('phase', '?')))}")
+    guard = evaluation.get("fine_tune_guard")
+    guard_html = (f'<p class="{"ok" if guard["kept"] == "final" else "bad"}">Fine-tune guard: '
+                  f'{escape(str(guard["message"]))}</p>' if guard else "")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Evaluation report</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -252,7 +255,7 @@ def render(
 {escape(evaluation["created"])}</p>
 <div class="cards">{cards_html}</div>
 <h2>Blessing</h2><ul>{rules}</ul>
-<h2>Training curves</h2><div class="curves">{curves}</div>
+<h2>Training curves</h2>{guard_html}<div class="curves">{curves}</div>
 <h2>Confusion matrix</h2><p class="muted">rows: true class · columns: predicted class</p>
 {confusion_svg(evaluation["confusion_matrix"], names)}
 <h2>Per class</h2>{_table(["class", "precision", "recall", "F1", "support"], class_rows)}

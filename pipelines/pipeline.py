@@ -312,7 +312,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         head_learning_rate: float = 1e-3,
         dropout: float = 0.2,
         fine_tune_epochs: int = 10,
-        fine_tune_learning_rate: float = 1e-3,
+        fine_tune_learning_rate: float = 0.0,
         unfreeze_top: int = 0,
         unfreeze_from: str = "",
         warmup_epochs: int = 1,
@@ -321,9 +321,10 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         augment: bool = True,
         label_smoothing: float = 0.1,
         class_weights: str = "auto",
-        batch_norm: str = "train",
+        batch_norm: str = "auto",
         checkpoint_dir: str = "",
         seed: int = 0,
+        deterministic: bool = True,
         min_accuracy: float = 0.7,
         baseline_model: str = "",
         max_regression: float = 0.0,
@@ -357,7 +358,9 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
             dropout: dropout rate before the classification head.
             fine_tune_epochs: maximum epochs of the second phase, training the unfrozen top of the backbone
                 (early stopping may end it sooner); 0 skips fine-tuning in effect.
-            fine_tune_learning_rate: peak learning rate of the fine-tuning phase (AdamW, warm-up then cosine).
+            fine_tune_learning_rate: peak learning rate of the fine-tuning phase (AdamW, warm-up then cosine);
+                0 means the backbone family's (1e-3 for MobileNet v1, 1e-4 for MobileNetV2 and families not
+                measured; components/train/family.py).
             unfreeze_top: how many layers at the top of the backbone to unfreeze; 0 with an empty unfreeze_from
                 means the fine-tune step's default.
             unfreeze_from: alternatively, the name of the first backbone layer to unfreeze (and all above it).
@@ -368,11 +371,15 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
             augment: random flips/rotations/zoom during training (Keras preprocessing layers, training only).
             label_smoothing: label smoothing of both training phases (0 = off).
             class_weights: "auto" (balanced weights from the training counts) or "none".
-            batch_norm: BatchNormalization policy while fine-tuning: "train" (statistics adapt to the new data;
-                the recipe study's best, docs/fine-tuning.md) or "frozen" (keeps the ImageNet statistics).
+            batch_norm: BatchNormalization policy while fine-tuning: "train" (statistics adapt to the new data),
+                "frozen" (keeps the ImageNet statistics, inference mode) or "auto" (the backbone family's: train
+                for MobileNet v1, frozen for MobileNetV2 and families not measured; docs/fine-tuning.md).
             checkpoint_dir: folder where fine_tune keeps checkpoints so that a retried attempt resumes (on Vertex
                 a /gcs/... path); empty uses AIP_CHECKPOINT_DIR when set (Vertex custom jobs), else no resume.
             seed: seed for splitting, shuffling, augmentation and initialisation.
+            deterministic: TensorFlow op determinism in both training phases, so that the same seed and data
+                give the same model (no measurable cost on CPU); turn off if an accelerator op has no
+                deterministic kernel.
             min_accuracy: the test accuracy a model needs to be blessed (and exported).
             baseline_model: a Model artifact or pushed version (local path or gs:// URI) the new model must not
                 fall behind; empty: the champion push_to/LATEST when push_to is set (none yet: thresholds only);

@@ -96,8 +96,10 @@ class TrainResult:
     replicas: int = 1
     seconds: float = 0.0
     epoch_seconds: list[float] = field(default_factory=list)
+    guard: dict[str, Any] | None = None  # fine_tune: what the guard kept (components/train/guard.py)
 
     def artifact_metadata(self) -> dict[str, Any]:
         """What the KFP components copy into their output Model artifact's metadata."""
+        extra = {"guard_kept": self.guard["kept"], "guard": self.guard["message"]} if self.guard else {}
         return {"phase": self.phase, "class_names": self.class_names,
-                **{k: float(v) for k, v in self.metrics.items()}}
+                **{k: float(v) for k, v in self.metrics.items()}, **extra}

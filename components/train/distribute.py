@@ -30,6 +30,23 @@ class Cluster:
     num_workers: int
 
 
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and TensorFlow; with `deterministic`, also TensorFlow's op determinism.
+
+    Op determinism makes every op (tf.data's parallel map and shuffle included) give the same result for the same
+    inputs, so a fixed seed reproduces a run bit for bit on the same machine: without it, two runs of the same
+    seed differed by 1-2 points of validation accuracy. It stays on for the rest of the process (TensorFlow has
+    no public way to turn it off again); each pipeline step is a process of its own.
+    """
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+
 def _cluster_from_env() -> tuple[int, bool, int]:
     """(number of workers, is this task the chief, this task's index) from TF_CONFIG."""
     config = settings.tf_config()

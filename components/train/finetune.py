@@ -11,6 +11,7 @@ from typing import Any
 from components import settings
 from components.errors import UserError
 from components.fsutil import atomic_directory, check_output_dir
+from components.train import family, guard
 from components.train.callbacks import (
     HistoryFile,
     _checkpoint_subdir,
@@ -26,6 +27,7 @@ from components.train.distribute import (
     fit_scope,
     mixed_precision_wanted,
     pick_strategy,
+    seed_everything,
     to_mixed_precision,
 )
 from components.train.model import (
@@ -75,7 +77,7 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
 
     import keras
 
-    keras.utils.set_random_seed(config.seed)
+    seed_everything(config.seed, config.deterministic)
     mixed = mixed_precision_wanted()
     with cluster.strategy.scope():
         model, meta = modelio.load_model(config.model)
@@ -85,7 +87,10 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
                             f"{config.model} was trained on {list(meta['class_names'])}; use the same dataset")
         if model.output_shape[-1] != info.num_classes:
             raise UserError(f"--model outputs {model.output_shape[-1]} classes, the dataset has {info.num_classes}")
-        unfrozen = unfreeze(model, config.unfreeze_top, config.unfreeze_from, config.batch_norm)
+        chosen, sources = family.resolve(
+            {"learning_rate": config.learning_rate, "batch_norm": config.batch_norm}, family.backbone_family(meta))
+        learning_rate, batch_norm = chosen["learning_rate"], chosen["batch_norm"]
+        unfrozen = unfreeze(model, config.unfreeze_top, config.unfreeze_from, batch_norm)
         if mixed:
             model = to_mixed_precision(model)
         size = _input_size(model)
@@ -94,14 +99,20 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
         total = config.epochs * steps_per_epoch
         if warmup:
             schedule = keras.optimizers.schedules.CosineDecay(
-                0.0, decay_steps=max(1, total - warmup), warmup_target=config.learning_rate, warmup_steps=warmup)
+                0.0, decay_steps=max(1, total - warmup), warmup_target=learning_rate, warmup_steps=warmup)
         else:
-            schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=max(1, total))
+            schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, total))
         _compile(model, keras.optimizers.AdamW(learning_rate=schedule), label_smoothing=config.label_smoothing)
 
     head_training = (meta.get("training") or {}).get("train_head") or {}
     class_weight = class_weights_from_counts(info) if head_training.get("class_weights", "auto") == "auto" else None
     history: dict[str, list[float]] = {}
+    val_ds = make_dataset(info, "validation", size, config.batch_size, training=False)
+    # The guard's epoch 0: the starting model, measured before any checkpoint is restored into it.
+    with fit_scope(model, cluster):
+        start = guard.measure(model, val_ds)
+    keeper = guard.best_epoch_keeper(start, model.get_weights())
+    log.info("fine_tune starts from validation accuracy %.4f, loss %.4f", start.accuracy, start.loss)
     backup = None
     initial_epoch = 0
     ckpt = _checkpoint_subdir(config, checkpoint_root, cluster) if checkpoint_root else None
@@ -120,6 +131,7 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
     with _output_scope(config.output, cluster) as tmp:
         callbacks: list[Any] = [
             _epoch_logger("fine_tune", config.epochs, HistoryFile(ckpt) if ckpt else None, history, epoch_seconds),
+            keeper,
             *_tensorboard("fine_tune", tmp, cluster.is_chief),
         ]
         if config.early_stopping_patience:
@@ -127,20 +139,25 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
                 monitor="val_loss", patience=config.early_stopping_patience, restore_best_weights=True))
         if backup is not None:
             callbacks.append(backup)  # after the logger: the history is on disk before the epoch counts as done
-        log.info("fine_tune: top %d of %d backbone layers unfrozen, batch norm %s, lr %.3g (warmup %d epochs), "
-                 "%d epochs", len(unfrozen), _backbone_size(model), config.batch_norm,
-                 config.learning_rate, config.warmup_epochs, config.epochs)
+        log.info("fine_tune: top %d of %d backbone layers unfrozen, batch norm %s (%s), lr %.3g (%s; warmup %d "
+                 "epochs), %d epochs", len(unfrozen), _backbone_size(model), batch_norm, sources["batch_norm"],
+                 learning_rate, sources["learning_rate"], config.warmup_epochs, config.epochs)
         train_ds = make_dataset(info, "train", size, config.batch_size, training=True, seed=config.seed)
-        val_ds = make_dataset(info, "validation", size, config.batch_size, training=False)
         with fit_scope(model, cluster):
             model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
                       class_weight=class_weight, callbacks=callbacks, verbose=_verbose(), shuffle=False)
+            decision = guard.apply(model, val_ds, start, keeper)
 
         result = finish("fine_tune", config, model, info=info, cluster=cluster, history=history,
                         epoch_seconds=epoch_seconds, started=started, mixed=mixed, meta=meta, directory=tmp,
                         training={"unfrozen_layers": len(unfrozen), "class_weight": class_weight,
-                                  "resumed_from_epoch": initial_epoch},
-                        epochs_run=epochs_run(history, initial_epoch), initial_epoch=initial_epoch)
+                                  "resumed_from_epoch": initial_epoch, "effective": chosen,
+                                  "effective_from": sources, "guard": decision.to_dict()},
+                        epochs_run=epochs_run(history, initial_epoch), initial_epoch=initial_epoch,
+                        guard=decision.to_dict())
+    if decision.kept != guard.KEPT_FINAL:  # the metrics of the model returned, not of the last epoch
+        kept = decision.start if decision.kept == guard.KEPT_START else decision.best
+        result.metrics.update(val_accuracy=kept.accuracy, val_loss=kept.loss)
     log_done(result, config.output, cluster)
     return result
 

@@ -14,6 +14,7 @@ from components.train.distribute import (
     fit_scope,
     mixed_precision_wanted,
     pick_strategy,
+    seed_everything,
     to_mixed_precision,
 )
 from components.train.model import _compile, _input_size, build_classifier
@@ -66,7 +67,7 @@ def train_head(config: HeadConfig) -> TrainResult:
     import keras
     import tensorflow as tf
 
-    keras.utils.set_random_seed(config.seed)
+    seed_everything(config.seed, config.deterministic)
     mixed = mixed_precision_wanted()
     with cluster.strategy.scope():
         extractor, backbone_meta = modelio.load_model(config.backbone)

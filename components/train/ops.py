@@ -25,6 +25,7 @@ def train_head_op(
     cache_features: str = "auto",
     label_smoothing: float = 0.1,
     seed: int = 0,
+    deterministic: bool = True,
 ) -> None:
     """Train a classification head (dropout + dense softmax) on the frozen backbone.
 
@@ -41,6 +42,7 @@ def train_head_op(
         cache_features: "auto" (on when augment is off), "on" or "off": run the backbone once and train on features.
         label_smoothing: Mix the one-hot targets with the uniform distribution by this much (0 = off).
         seed: Random seed.
+        deterministic: TensorFlow op determinism: the same seed and data give the same model.
     """
     arguments = dict(locals())  # every argument is handed on: HeadConfig takes the ones params.HEAD defines
     from components.train import HeadConfig, train_head
@@ -58,16 +60,18 @@ def fine_tune_op(
     unfreeze_top: int = 0,
     unfreeze_from: str = "",
     epochs: int = 10,
-    learning_rate: float = 1e-3,
+    learning_rate: float = 0.0,
     warmup_epochs: int = 1,
     batch_size: int = 32,
-    batch_norm: str = "train",
+    batch_norm: str = "auto",
     early_stopping_patience: int = 0,
     checkpoint_dir: str = "",
     label_smoothing: float = 0.1,
     seed: int = 0,
+    deterministic: bool = True,
 ) -> None:
-    """Fine-tune a train_head model: unfreeze the top of the backbone, AdamW with warmup + cosine decay.
+    """Fine-tune a train_head model: unfreeze the backbone, AdamW with warmup + cosine decay, and never return a
+    model worse on validation than the one it started from (the guard keeps the head or the best epoch).
 
     Args:
         dataset: Dataset artifact written by ingest.
@@ -76,14 +80,15 @@ def fine_tune_op(
         unfreeze_top: Unfreeze the top N backbone layers; 0 with unfreeze_from "" unfreezes all.
         unfreeze_from: Unfreeze every backbone layer from this one up; "" for none.
         epochs: Maximum epochs (early stopping may end sooner).
-        learning_rate: Peak learning rate after warmup.
+        learning_rate: Peak learning rate after warmup; 0 means the backbone family's (components/train/family.py).
         warmup_epochs: Epochs of linear warmup from 0.
         batch_size: Global batch size.
-        batch_norm: "train" (BN statistics adapt; the default, see docs/fine-tuning.md) or "frozen".
+        batch_norm: "train" (BN statistics adapt), "frozen" (inference mode) or "auto" (the backbone family's).
         early_stopping_patience: Epochs without val_loss improvement before stopping; 0 (default) disables.
         checkpoint_dir: Where to save state every epoch for resume; "" uses $AIP_CHECKPOINT_DIR when set.
         label_smoothing: Mix the one-hot targets with the uniform distribution by this much (0 = off).
         seed: Random seed.
+        deterministic: TensorFlow op determinism: the same seed and data give the same model.
     """
     arguments = dict(locals())  # every argument is handed on: FineTuneConfig takes the ones params.FINE_TUNE defines
     from components.train import FineTuneConfig, fine_tune

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-BATCH_NORM_MODES = ("frozen", "train")
+BATCH_NORM_MODES = ("auto", "frozen", "train")
 CLASS_WEIGHT_MODES = ("auto", "none")
 CACHE_FEATURE_MODES = ("auto", "on", "off")
 
@@ -103,6 +103,10 @@ LABEL_SMOOTHING = Param("label_smoothing", float, 0.1,
                         "mix the one-hot targets with the uniform distribution by this much (0 = off)",
                         _fraction, "in [0, 1)", pipeline="label_smoothing")
 SEED = Param("seed", int, 0, "random seed", _int_at_least(0), "an integer ≥ 0", recipe=False, pipeline="seed")
+DETERMINISTIC = Param("deterministic", bool, True,
+                      "reproducible training: TensorFlow op determinism, so the same seed and data give the same "
+                      "model (no measurable cost on CPU, docs/fine-tuning.md); turn off if an accelerator op has no "
+                      "deterministic kernel", recipe=False, pipeline="deterministic")
 
 HEAD: tuple[Param, ...] = (
     _epochs(5, "head_epochs", "training epochs; 0 writes the untrained classifier (fine_tune then trains everything)"),
@@ -118,6 +122,7 @@ HEAD: tuple[Param, ...] = (
           choices=CACHE_FEATURE_MODES, recipe=False),
     LABEL_SMOOTHING,
     SEED,
+    DETERMINISTIC,
 )
 
 FINE_TUNE: tuple[Param, ...] = (
@@ -126,13 +131,17 @@ FINE_TUNE: tuple[Param, ...] = (
     Param("unfreeze_from", str, None, "unfreeze every backbone layer from this one up", optional=True,
           pipeline="unfreeze_from"),
     _epochs(10, "fine_tune_epochs", "maximum epochs (early stopping may end sooner); 0 passes the model through"),
-    _learning_rate("fine_tune_learning_rate", "peak learning rate (AdamW, linear warmup then cosine decay)"),
+    Param("learning_rate", float, None,
+          "peak learning rate (AdamW, linear warmup then cosine decay); unset: the backbone family's "
+          "(components/train/family.py: 1e-3 for MobileNet v1, 1e-4 for MobileNetV2 and unmeasured families)",
+          _positive, "a number > 0", optional=True, pipeline="fine_tune_learning_rate"),
     Param("warmup_epochs", int, 1, "epochs of linear warmup from 0", _int_at_least(0), "an integer ≥ 0",
           pipeline="warmup_epochs"),
     BATCH_SIZE,
-    Param("batch_norm", str, "train",
-          "train: BN statistics adapt to the new data (the study's best, docs/fine-tuning.md); "
-          "frozen: BN layers keep their ImageNet statistics", choices=BATCH_NORM_MODES, pipeline="batch_norm"),
+    Param("batch_norm", str, "auto",
+          "train: BN statistics adapt to the new data; frozen: BN layers keep their ImageNet statistics (inference "
+          "mode); auto: the backbone family's (train for MobileNet v1, frozen for MobileNetV2 and unmeasured "
+          "families; docs/fine-tuning.md)", choices=BATCH_NORM_MODES, pipeline="batch_norm"),
     Param("early_stopping_patience", int, 0,
           "stop after this many epochs without val_loss gain and keep the best; 0: off, the cosine schedule runs "
           "to its end", _int_at_least(0), "an integer ≥ 0, 0 to disable", pipeline="early_stopping_patience"),
@@ -141,6 +150,7 @@ FINE_TUNE: tuple[Param, ...] = (
           recipe=False, pipeline="checkpoint_dir"),
     LABEL_SMOOTHING,
     SEED,
+    DETERMINISTIC,
 )
 
 PHASES: dict[str, tuple[Param, ...]] = {"train_head": HEAD, "fine_tune": FINE_TUNE}

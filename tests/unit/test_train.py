@@ -138,10 +138,15 @@ def test_unfreeze_top_and_from_with_frozen_batch_norm(artifacts: dict) -> None:
 
 @pytest.mark.parametrize("batch_norm", ["frozen", "train"])
 def test_fine_tune_batch_norm_statistics(artifacts: dict, tmp_path: Path, batch_norm: str) -> None:
-    before = _bn_stats(_load(artifacts["head"])[0])
-    result = fine_tune(FineTuneConfig(dataset=str(artifacts["dataset"]), model=str(artifacts["head"]),
+    # From the untrained (uniform) classifier, so that one epoch improves on the start and the guard keeps the
+    # trained model (the module's head is already perfect on validation: a fine-tune could only tie or lose).
+    train_head(HeadConfig(dataset=str(artifacts["dataset"]), backbone=str(artifacts["backbone"]),
+                          output=str(tmp_path / "h0"), epochs=0, augment=False))
+    before = _bn_stats(_load(tmp_path / "h0")[0])
+    result = fine_tune(FineTuneConfig(dataset=str(artifacts["dataset"]), model=str(tmp_path / "h0"),
                                       output=str(tmp_path / "tuned"), epochs=1, warmup_epochs=0,
-                                      batch_norm=batch_norm, early_stopping_patience=0))
+                                      learning_rate=1e-3, batch_norm=batch_norm, early_stopping_patience=0))
+    assert result.guard["kept"] == "final", result.guard
     model, meta = _load(tmp_path / "tuned")
     after = _bn_stats(model)
     assert before.keys() == after.keys() and before
@@ -279,7 +284,7 @@ def test_fine_tune_with_two_local_workers(artifacts: dict, tmp_path: Path) -> No
             for p in procs:
                 p.kill()
             raise
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-2000:] for e in errs)
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-6000:] for e in errs)
     meta = json.loads((tmp_path / "tuned" / "model.json").read_text())
     assert meta["training"]["fine_tune"]["strategy"] == "MultiWorkerMirroredStrategy"
     assert meta["training"]["fine_tune"]["replicas"] == 2
@@ -314,12 +319,16 @@ def test_components_match_the_interface() -> None:
 
     head_inputs = train_head_op.component_spec.inputs
     assert set(head_inputs) == {"dataset", "backbone", "epochs", "learning_rate", "batch_size", "dropout", "augment",
-                                "class_weights", "cache_features", "label_smoothing", "seed"}
+                                "class_weights", "cache_features", "label_smoothing", "seed", "deterministic"}
     assert set(train_head_op.component_spec.outputs) == {"model"}
     assert set(fine_tune_op.component_spec.outputs) == {"tuned_model"}
     assert fine_tune_op.component_spec.inputs["unfreeze_top"].default == 0
     assert fine_tune_op.component_spec.inputs["checkpoint_dir"].default == ""
     assert fine_tune_op.component_spec.inputs["label_smoothing"].default == 0.1
+    # Unset: the backbone family's (components/train/family.py).
+    assert fine_tune_op.component_spec.inputs["learning_rate"].default == 0.0
+    assert fine_tune_op.component_spec.inputs["batch_norm"].default == "auto"
+    assert fine_tune_op.component_spec.inputs["deterministic"].default is True
 
 
 # --- the study's levers: a zero-initialised head, epochs=0, label smoothing ----------------------------------------
@@ -394,3 +403,67 @@ def test_label_smoothing_trains_and_is_recorded(artifacts: dict, tmp_path: Path)
         FineTuneConfig(dataset="d", model="m", output="o", epochs=-1)
     with pytest.raises(UserError, match="--epochs must be an integer ≥ 0"):
         HeadConfig(dataset="d", backbone="b", output="o", epochs=-1)
+
+
+def test_guard_returns_the_starting_model_when_fine_tuning_ruins_it(
+    artifacts: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A learning rate of 3 wrecks the backbone in one epoch: fine_tune hands back the head it started from."""
+    import logging
+
+    head, _ = _load(artifacts["head"])
+    x, _ = _pixels(artifacts["dataset"], "validation")
+    before = np.asarray(head(x, training=False))
+    with caplog.at_level(logging.INFO, logger="kfp_finetune.train"):
+        result = fine_tune(FineTuneConfig(dataset=str(artifacts["dataset"]), model=str(artifacts["head"]),
+                                          output=str(tmp_path / "ruined"), epochs=2, learning_rate=3.0,
+                                          warmup_epochs=0, batch_norm="train", label_smoothing=0.0))
+    model, meta = _load(tmp_path / "ruined")
+    guard = meta["training"]["fine_tune"]["guard"]
+    assert guard["kept"] == "start", guard
+    assert guard["final"]["accuracy"] < guard["start"]["accuracy"]  # the training itself did ruin it
+    assert "did not improve on the head: kept the head" in guard["message"]
+    assert "kept the head" in caplog.text
+    np.testing.assert_allclose(np.asarray(model(x, training=False)), before, atol=1e-5)
+    assert result.guard == guard and result.metrics["val_accuracy"] == pytest.approx(guard["start"]["accuracy"])
+    assert result.artifact_metadata()["guard_kept"] == "start"
+    # The history still shows what fine-tuning did, and the report and evaluation.json say what was kept.
+    assert len(meta["history"]["fine_tune"]["loss"]) == 2
+    from components.evaluate import EvaluateConfig, evaluate
+
+    evaluation = evaluate(EvaluateConfig(dataset=str(artifacts["dataset"]), model=str(tmp_path / "ruined"),
+                                         output=str(tmp_path / "eval"), split="validation")).evaluation
+    assert evaluation["fine_tune_guard"]["kept"] == "start"
+    assert "kept the head" in (tmp_path / "eval" / "report.html").read_text()
+
+
+def test_guard_decision_rules() -> None:
+    from components.train.guard import KEPT_BEST, KEPT_FINAL, KEPT_START, Score, decide
+
+    start = Score(0.80, 0.60)
+    assert decide(start, Score(0.85, 0.70), 3, Score(0.90, 0.50)).kept == KEPT_FINAL  # better final is kept as is
+    assert decide(start, Score(0.80, 0.60), 1, Score(0.80, 0.60)).kept == KEPT_FINAL  # a tie is not worse
+    assert decide(start, Score(0.80, 0.65), 2, Score(0.84, 0.55)).kept == KEPT_BEST  # same accuracy, higher loss
+    worse = decide(start, Score(0.70, 0.90), 2, Score(0.79, 0.50))
+    assert worse.kept == KEPT_START and "kept the head" in worse.message
+    assert decide(start, Score(0.70, 0.90), None, None).kept == KEPT_START
+
+
+def test_fine_tune_defaults_follow_the_backbone_family(artifacts: dict, tmp_path: Path) -> None:
+    """Unset lr / BN policy come from components/train/family.py by the model's family; explicit values win."""
+    from components.train import family
+
+    assert family.resolve({"learning_rate": None, "batch_norm": "auto"}, "mobilenet")[0] == {
+        "learning_rate": 1e-3, "batch_norm": "train"}
+    v2, where = family.resolve({"learning_rate": None, "batch_norm": "auto"}, "mobilenet_v2")
+    assert v2 == family.FAMILY_DEFAULTS["mobilenet_v2"].settings() and where["batch_norm"] == "family mobilenet_v2"
+    other, where = family.resolve({"learning_rate": 5e-5, "batch_norm": "auto"}, "efficientnet")
+    assert other == {"learning_rate": 5e-5, "batch_norm": family.FALLBACK.batch_norm}
+    assert where == {"learning_rate": "given", "batch_norm": "fallback (family efficientnet not measured)"}
+    fine_tune(FineTuneConfig(dataset=str(artifacts["dataset"]), model=str(artifacts["head"]),
+                             output=str(tmp_path / "tuned"), epochs=1, warmup_epochs=0))
+    _, meta = _load(tmp_path / "tuned")
+    recorded = meta["training"]["fine_tune"]
+    assert recorded["learning_rate"] is None and recorded["batch_norm"] == "auto"  # what was asked
+    assert recorded["effective"] == {"learning_rate": 1e-3, "batch_norm": "train"}  # what the family table gave
+    assert recorded["effective_from"]["learning_rate"] == "family mobilenet"
