@@ -139,12 +139,14 @@ def test_one_season_of_scheduled_retraining(backend, tmp_path, weights_mirror, m
         assert season.versions() == [v1] and season.latest() == v1
     champion3 = season.latest()
 
-    # Week 4, a broken recipe on the same data: trained (settings changed), not blessed, LATEST unchanged, and the
-    # evaluation names the champion and the reason.
+    # Week 4, a broken recipe on the same data (no head phase, fine-tune at lr 10): trained (settings changed); the
+    # fine-tune guard can only hand back the untrained head or a wrecked epoch, so it is not blessed, LATEST stays,
+    # and the evaluation names the champion, the reason and what the guard kept.
     before = season.versions()
-    w4 = season.run("week4", "fine_tune_learning_rate=10")
+    w4 = season.run("week4", "head_epochs=0", "fine_tune_learning_rate=10")
     assert w4["status"] == "settings changed" and w4["blessed"] == "False", w4
     ev4 = season.evaluation(w4)
+    assert ev4["fine_tune_guard"]["kept"] in ("start", "best_epoch"), ev4["fine_tune_guard"]
     assert ev4["champion"]["version"] == champion3 and ev4["champion"]["decision"].startswith("challenger refused")
     assert ev4["blessing"]["reasons"]
     assert season.versions() == before and season.latest() == champion3
