@@ -318,6 +318,7 @@ def _resolve_baseline(config: EvaluateConfig) -> tuple[str | None, dict[str, Any
     champion = registry.resolve_champion(config.champion_from)
     if champion is None:
         return None, {"status": "no champion yet", "push_to": config.champion_from,
+                      "latest": registry.read_latest(config.champion_from),  # export swaps LATEST from this
                       "reason": f"no champion yet at {config.champion_from} (no LATEST): blessed on thresholds alone"}
     return champion.uri, {"status": "compared", "uri": champion.uri, "version": champion.version,
                           "push_to": config.champion_from, "reason": f"champion {champion.version} (LATEST)",

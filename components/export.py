@@ -13,12 +13,14 @@ TensorFlow-only process the way a model server loads it (one test image per clas
 instances, plus a replay of the `assets.extra/tf_serving_warmup_requests` file it writes); a failing check is
 recorded in export.json and nothing is pushed.
 
-Push (`push_to`, components.registry): a complete champion goes to `<push_to>/<version>/` (version = UTC timestamp
-in milliseconds, digits only so TF Serving orders it, or the run id): the SavedModel folder, the Model artifact
-(`model/model.keras` + `model/model.json`), the data fingerprint and `version.json` (fingerprint, training settings,
-lineage), version.json last; only then is `<push_to>/LATEST` rewritten. A push that fails part-way leaves LATEST on
-the previous version and no visible version. A model whose model.keras SHA-256 equals the champion's is not pushed
-again. gs:// goes through google-cloud-storage with parallel uploads (components.gcs).
+Push (`push_to`, components.registry): a complete champion goes to `<push_to>/<version>/`, a folder claimed
+exclusively (version = the run id, or a UTC timestamp in milliseconds taken at push time, digits only and above every
+numeric version there, so TF Serving orders them): the SavedModel folder, the Model artifact (`model/model.keras` +
+`model/model.json`), the data fingerprint and `version.json` (fingerprint, training settings, lineage), version.json
+last; only then does `<push_to>/LATEST` move, by compare-and-swap from the champion the evaluation compared against.
+If LATEST moved meanwhile, the version is kept but not promoted, and the push says so. A push that fails part-way
+leaves LATEST on the previous version and no visible version. A model whose model.keras SHA-256 equals the
+champion's is not pushed again. gs:// goes through google-cloud-storage with parallel uploads (components.gcs).
 
 Optional: register the pushed gs:// version in Vertex AI Model Registry (`Model.upload`, a new version of
 `parent_model` when given, the prebuilt TensorFlow serving container).
@@ -47,7 +49,7 @@ from components.registry import PUSH_RETRY_SECONDS, new_version, push, read_late
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
-    from components import serving
+    from components import registry, serving
 
 log = logging.getLogger("kfp_finetune.export")
 
@@ -135,6 +137,8 @@ class ExportResult:
     pushed_uri: str = ""
     skipped_push: str = ""  # why a push was not made (e.g. the champion is this very model)
     version: str = ""
+    promoted: bool = False  # whether LATEST moved to the pushed version
+    not_promoted: str = ""  # why it did not (LATEST moved since the evaluation): one line naming both versions
     vertex_model: str = ""
     class_names: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -251,14 +255,15 @@ def lineage(meta: dict[str, Any], evaluation: dict[str, Any] | None, pipeline_jo
 
 
 def _push_version(config: "ExportConfig", meta: dict[str, Any], evaluation: dict[str, Any] | None,
-                  version: str, model_sha: str) -> str:
-    """Stage the export + the Model artifact + version.json, and push it through components.registry."""
+                  model_sha: str) -> "registry.Pushed":
+    """Stage the export + the Model artifact + version.json; push it (named at push time unless --run-id names it;
+    LATEST moves only from the champion the evaluation compared against)."""
     from components import registry
     from components.fingerprint import canonical_settings
 
     metrics = (evaluation or {}).get("metrics") or {}
     record = {
-        "version": version,
+        "version": config.run_id,  # the registry sets the name it claims
         "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "model_sha256": model_sha,
         "class_names": list(meta.get("class_names") or []),
@@ -271,7 +276,7 @@ def _push_version(config: "ExportConfig", meta: dict[str, Any], evaluation: dict
     }
     parent = Path(config.output).parent
     with tempfile.TemporaryDirectory(prefix=".push-", dir=parent) as staging:
-        stage = Path(staging) / version
+        stage = Path(staging) / "version"
         shutil.copytree(config.output, stage)
         (stage / registry.MODEL_DIR).mkdir()
         for name in ("model.keras", "model.json"):
@@ -279,15 +284,16 @@ def _push_version(config: "ExportConfig", meta: dict[str, Any], evaluation: dict
         write_json(stage / "data_fingerprint.json", {"data_fingerprint": record["data_fingerprint"],
                                                 "source": record["lineage"]["source"]})
         write_json(stage / registry.VERSION_FILE, record)
-        return registry.push(stage, config.push_to, version)
+        return registry.push(stage, config.push_to, config.run_id,
+                             expect=registry.evaluated_champion(evaluation, config.push_to))
 
 
 # --- Vertex AI Model Registry ----------------------------------------------------------------------------------
 
 
 def vertex_upload_args(vertex: VertexConfig, artifact_uri: str, version: str, class_names: list[str],
-                       evaluation: dict[str, Any] | None) -> dict[str, Any]:
-    """The keyword arguments of `aiplatform.Model.upload`, built and checked without any network access."""
+                       evaluation: dict[str, Any] | None, default_version: bool = True) -> dict[str, Any]:
+    """`aiplatform.Model.upload`'s arguments, built and checked offline (default_version: False when not promoted)."""
     if not artifact_uri.startswith("gs://"):
         raise UserError(f"Vertex AI needs a gs:// artifact URI (got {artifact_uri!r})")
     labels = {"kfp-finetune-version": re.sub(r"[^a-z0-9_-]", "-", version.lower())[:63], **vertex.labels}
@@ -301,7 +307,7 @@ def vertex_upload_args(vertex: VertexConfig, artifact_uri: str, version: str, cl
         "description": description[:2048],
         "labels": labels,
         "version_aliases": [f"v{re.sub(r'[^a-z0-9-]', '-', version.lower())}"[:128]],
-        "is_default_version": True,
+        "is_default_version": default_version,
         "sync": True,
     }
     if vertex.parent_model:
@@ -363,7 +369,6 @@ def export(config: ExportConfig) -> ExportResult:
     evaluation = read_evaluation(config.evaluation) if config.evaluation else None
     if evaluation is not None:
         _check_evaluation(evaluation, config.model, class_names, pushing=config.push_to is not None)
-    version = new_version(config.run_id) if config.push_to else ""
     duplicate = _duplicate_of_champion(config) if config.push_to else ""
 
     with atomic_directory(config.output) as tmp:
@@ -377,27 +382,29 @@ def export(config: ExportConfig) -> ExportResult:
             "outputs": {"probabilities": f"float32 [None, {len(class_names)}]", "class_id": "int32 [None]",
                         "class_name": "string [None]"},
             "class_names": class_names, "input_size": _input_size(model), "source_model": str(config.model),
-            "version": version or None,
+            "version": config.run_id,  # without --run-id the version is named at push time (version.json)
             "serving_check": check.as_dict(), "serving_requirements": _serving_requirements(tmp),
         })
     log.info("exported SavedModel (%s: %s -> %s) to %s", SIGNATURE, INPUT_NAME, ", ".join(OUTPUT_NAMES),
              config.output)
 
-    result = ExportResult(saved_model_dir=str(config.output), version=version, class_names=class_names,
+    result = ExportResult(saved_model_dir=str(config.output), class_names=class_names,
                           serving_check=check.as_dict())
     if not check.passed:
         raise UserError(f"serving check failed, so nothing was pushed: {check.reason} (details in "
                         f"{Path(config.output) / EXPORT_FILE})")
     if config.push_to and duplicate:
-        result.skipped_push, result.version = duplicate, ""
+        result.skipped_push = duplicate
         log.warning("not pushed: %s", duplicate)
     elif config.push_to:
         from components.evaluate import file_sha256
 
-        result.pushed_uri = _push_version(config, meta, evaluation, version,
-                                          file_sha256(Path(config.model) / "model.keras"))
+        pushed = _push_version(config, meta, evaluation, file_sha256(Path(config.model) / "model.keras"))
+        result.pushed_uri, result.version, result.promoted = pushed.uri, pushed.version, pushed.promoted
+        result.not_promoted = pushed.message
         if config.vertex is not None:
-            args = vertex_upload_args(config.vertex, result.pushed_uri, version, class_names, evaluation)
+            args = vertex_upload_args(config.vertex, result.pushed_uri, pushed.version, class_names, evaluation,
+                                      default_version=pushed.promoted)
             result.vertex_model = vertex_upload(config.vertex, args)
     result.seconds = time.perf_counter() - started
     return result
@@ -441,8 +448,8 @@ def _run(args: argparse.Namespace) -> int:
     result = export(ExportConfig(model=args.model, output=args.output, evaluation=args.evaluation,
                                  push_to=args.push_to, run_id=args.run_id, vertex=vertex,
                                  dataset=args.dataset))
-    if result.pushed_uri:
-        log.info("pushed version %s to %s", result.version, result.pushed_uri)
+    if result.pushed_uri and result.promoted:
+        log.info("pushed version %s to %s; LATEST names it", result.version, result.pushed_uri)
     return 0
 
 
@@ -485,6 +492,7 @@ def export_op(
                                  settings=training_settings or None, pipeline_job=pipeline_job or None))
     exported_model.metadata.update({"class_names": result.class_names, "signature": "serving_default",
                                     "pushed_uri": result.pushed_uri, "version": result.version,
-                                    "skipped_push": result.skipped_push})
+                                    "skipped_push": result.skipped_push, "promoted": result.promoted,
+                                    "not_promoted": result.not_promoted})
     outputs = namedtuple("ExportOutputs", ["pushed_uri"])
     return outputs(result.pushed_uri)

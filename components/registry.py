@@ -13,55 +13,80 @@ Layout of a destination:
         data_fingerprint.json       the data fingerprint and source
         model/model.keras           the Model artifact it was exported from (a baseline for the next run)
         model/model.json
-        version.json                version, created, data fingerprint, training settings, lineage; WRITTEN LAST
+        version.json                version, created, data fingerprint, training settings, lineage, and
+                                    expected_latest (the LATEST this push was allowed to replace); WRITTEN LAST
+        claim.json                  gs:// only: the exclusive claim of the folder, written FIRST
+        promoted.json               written once LATEST has named this version
+
+A push claims its version folder exclusively (components.registry_store), so two pushes never mix their files: the
+second one gets a one-line error naming the version. Without --run-id the version name is taken at push time: the
+UTC time in milliseconds, and above every numeric version already there, so later pushes get higher numbers.
 
 A version is complete when its version.json exists. A push writes version.json after every other file and only then
-moves LATEST, so a push that fails part-way leaves a folder without version.json: `versions`, champion resolution and
-rollback never see it, and the push tries to delete what it wrote. Local pushes are a rename of a finished folder.
-LATEST is one object (gs://) or a file replaced by rename (local): moving it is atomic.
+moves LATEST, by compare-and-swap from the LATEST it expects: the champion its evaluation compared against (or,
+without one, the LATEST it saw when it started). When LATEST has moved meanwhile (another run promoted, an operator
+rolled back), the version is kept but not promoted, and the push says so in one line naming both versions. When the
+LATEST write itself fails, the complete version stays, LATEST is unchanged and the push fails; `versions` lists such
+versions as "not promoted" and `rollback --to VERSION` promotes one (by the same swap). A push that fails before
+version.json leaves a folder `versions`, champion resolution and rollback never see, and tries to delete it.
 """
 
 import argparse
+import json
 import logging
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from components import gcs
+from components import registry_store as store
 from components.errors import UserError
 from components.fsutil import read_json
+from components.registry_store import CLAIM_FILE, LATEST_FILE, LOCK_FILE, PROMOTED_FILE, VERSION_FILE  # noqa: F401
 
 log = logging.getLogger("kfp_finetune.registry")
 
-LATEST_FILE = "LATEST"
-VERSION_FILE = "version.json"
 MODEL_DIR = "model"
 # How long one file upload of a push keeps retrying transient errors (the library's default is 120 s).
 PUSH_RETRY_SECONDS = 60.0
+# How many version names a push without --run-id tries when others claim them first.
+NAME_ATTEMPTS = 50
+
+
+class _Current:
+    """The `expect` of a push that was not evaluated against this destination: the LATEST seen when it starts."""
+
+    def __repr__(self) -> str:
+        return "CURRENT"
+
+
+CURRENT = _Current()
 
 
 @dataclass
 class Version:
-    """One complete pushed version: its name, URI, and version.json."""
+    """One complete pushed version: its name, URI, version.json, and whether LATEST ever named it.
+
+    `promoted` is None for versions pushed before promotion was recorded (unknown).
+    """
 
     version: str
     uri: str
     record: dict[str, Any]
+    promoted: bool | None = None
 
     @property
     def model_uri(self) -> str:
         return f"{self.uri.rstrip('/')}/{MODEL_DIR}"
 
 
-def _join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts]) if gcs.is_gcs(base) else str(Path(base, *parts))
-
-
+_join = store.join
 def check_destination(push_to: str) -> None:
     """Fail now, before any training, when `push_to` cannot be written (no credentials, no bucket, read-only)."""
     probe = f".kfp-finetune-probe-{uuid.uuid4().hex[:12]}"
@@ -81,47 +106,44 @@ def check_destination(push_to: str) -> None:
                         "write to") from exc
 
 
-# --- reading -----------------------------------------------------------------------------------------------------
+# --- reading (every failure is one line: components.registry_store) ---------------------------------------------
 
 
 def read_latest(push_to: str) -> str | None:
     """The version LATEST names under a push destination, or None when nothing was pushed yet."""
-    if gcs.is_gcs(push_to):
-        text = gcs.read_text_if_exists(_join(push_to, LATEST_FILE), what="--push-to")
-        return (text or "").strip() or None
-    file = Path(push_to) / LATEST_FILE
-    return (file.read_text().strip() or None) if file.is_file() else None
+    return store.read_latest(push_to).version
 
 
-def _read_record(push_to: str, version: str) -> dict[str, Any] | None:
-    uri = _join(push_to, version, VERSION_FILE)
-    if gcs.is_gcs(push_to):
-        import json
-
-        text = gcs.read_text_if_exists(uri, what="--push-to")
-        return json.loads(text) if text else None
-    return read_json(uri, "--push-to") if Path(uri).is_file() else None
+def _promoted(record: dict[str, Any], marked: bool) -> bool | None:
+    if marked:
+        return True
+    return False if "expected_latest" in record else None  # a push without the field never recorded promotion
 
 
 def list_versions(push_to: str) -> list[Version]:
     """Every complete version under `push_to`, oldest first (by creation time, then name)."""
     found: list[Version] = []
     if gcs.is_gcs(push_to):
-        import json
-
         bucket, prefix = gcs.split_uri(push_to.rstrip("/"))
         prefix = f"{prefix}/" if prefix else ""
-        records = [b for b in gcs.list_blobs(push_to)
-                   if b.name.endswith("/" + VERSION_FILE) and b.name[len(prefix):].count("/") == 1]
-        for blob in records:
-            version = blob.name[len(prefix):].split("/")[0]
-            found.append(Version(version, f"gs://{bucket}/{prefix}{version}", json.loads(blob.download_as_text())))
+        names = [b.name[len(prefix):] for b in gcs.list_blobs(push_to)]
+        marked = {n.split("/")[0] for n in names if n.count("/") == 1 and n.endswith("/" + PROMOTED_FILE)}
+        for name in names:
+            if name.count("/") == 1 and name.endswith("/" + VERSION_FILE):
+                version = name.split("/")[0]
+                record = store.read_record(push_to, version)
+                if record is not None:
+                    found.append(Version(version, f"gs://{bucket}/{prefix}{version}", record,
+                                         _promoted(record, version in marked)))
     else:
-        base = Path(push_to)
-        if base.is_dir():
-            for child in base.iterdir():
-                if child.is_dir() and not child.name.startswith(".") and (child / VERSION_FILE).is_file():
-                    found.append(Version(child.name, str(child), read_json(child / VERSION_FILE, "--push-to")))
+        for version in store.child_names(push_to):
+            if version.startswith("."):
+                continue
+            record = store.read_record(push_to, version)
+            if record is not None:
+                folder = Path(push_to) / version
+                found.append(Version(version, str(folder), record,
+                                     _promoted(record, (folder / PROMOTED_FILE).is_file())))
     return sorted(found, key=lambda v: (str(v.record.get("created", "")), v.version))
 
 
@@ -130,12 +152,12 @@ def resolve_champion(push_to: str) -> Version | None:
     latest = read_latest(push_to)
     if latest is None:
         return None
-    record = _read_record(push_to, latest)
+    record = store.read_record(push_to, latest)
     if record is None:
         log.warning("%s: LATEST names %s, which is not a complete version (no %s); treating as no champion",
                     push_to, latest, VERSION_FILE)
         return None
-    return Version(latest, _join(push_to, latest), record)
+    return Version(latest, _join(push_to, latest), record, True)
 
 
 def fetch_model(version: Version, staging: str | os.PathLike) -> str:
@@ -152,10 +174,7 @@ def fetch_model(version: Version, staging: str | os.PathLike) -> str:
 
 
 def read_file(version: Version, name: str) -> str | None:
-    uri = _join(version.uri, name)
-    if gcs.is_gcs(uri):
-        return gcs.read_text_if_exists(uri, what="--push-to")
-    return Path(uri).read_text() if Path(uri).is_file() else None
+    return store.read_text(_join(version.uri, name), version.uri)
 
 
 # --- writing -----------------------------------------------------------------------------------------------------
@@ -169,57 +188,140 @@ def new_version(run_id: str | None = None) -> str:
     return now.strftime("%Y%m%d%H%M%S") + f"{now.microsecond // 1000:03d}"
 
 
-def _write_latest(push_to: str, version: str) -> None:
-    if gcs.is_gcs(push_to):
-        gcs.write_text(_join(push_to, LATEST_FILE), version + "\n", what="--push-to")
-    else:
-        base = Path(push_to)
-        tmp = base / f".{LATEST_FILE}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.write_text(version + "\n")
-        os.replace(tmp, base / LATEST_FILE)
-    log.info("LATEST -> %s", version)
+def _names_to_try(push_to: str) -> Iterator[str]:
+    """Numeric names from now on, each above every numeric version already there (claimed or complete)."""
+    highest = max((int(n) for n in store.child_names(push_to) if n.isascii() and n.isdigit()), default=0)
+    first = max(int(new_version()), highest + 1)
+    return (str(first + i) for i in range(NAME_ATTEMPTS))
 
 
-def push(local_dir: str | os.PathLike, push_to: str, version: str, retry_seconds: float = PUSH_RETRY_SECONDS) -> str:
-    """Copy `local_dir` to `<push_to>/<version>/` (its version.json last), then point LATEST at it.
+def same_destination(a: str, b: str) -> bool:
+    if gcs.is_gcs(a) or gcs.is_gcs(b):
+        return a.rstrip("/") == b.rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
 
-    Returns the version URI. A failure raises UserError with LATEST unchanged; the partial version is deleted
-    where possible, and without its version.json it is invisible to `versions`, the champion and rollback.
+
+def evaluated_champion(evaluation: dict[str, Any] | None, push_to: str) -> Any:
+    """The LATEST `evaluation` compared against at `push_to` (None: none yet), or CURRENT when it did not look there.
+
+    evaluation.json's `champion` section records it: `version` for a compared champion (or one whose classes
+    changed), `latest` for "no champion yet" (what LATEST named then, usually nothing).
+    """
+    champion = (evaluation or {}).get("champion") or {}
+    if not champion.get("push_to") or not same_destination(str(champion["push_to"]), push_to):
+        return CURRENT
+    if champion.get("version"):
+        return str(champion["version"])
+    if champion.get("status") == "no champion yet":
+        return champion.get("latest")
+    return CURRENT
+
+
+@dataclass
+class Pushed:
+    """Where a push went, and whether LATEST moved to it (`message` says why not)."""
+
+    uri: str
+    version: str
+    promoted: bool
+    expected: str | None
+    latest: str | None
+    message: str = ""
+
+
+def push(local_dir: str | os.PathLike, push_to: str, version: str | None = None, expect: Any = CURRENT,
+         retry_seconds: float = PUSH_RETRY_SECONDS) -> Pushed:
+    """Copy `local_dir` to `<push_to>/<version>/` (claimed first, its version.json last), then swap LATEST to it.
+
+    `version`: the folder name (a run id), or None for a numeric name taken now, above every one there.
+    `expect`: the LATEST this version may replace (the champion its evaluation compared against; None: no LATEST),
+    or CURRENT for whatever LATEST names as the push starts. If LATEST names something else by then, the version is
+    kept but not promoted (Pushed.promoted False, a warning naming both). A failure before version.json raises
+    UserError and deletes the partial version where possible; a failed LATEST write raises UserError too, with the
+    complete version kept (listed as not promoted) and LATEST unchanged.
     """
     local_dir = Path(local_dir)
     if not (local_dir / VERSION_FILE).is_file():
         raise UserError(f"{local_dir}: no {VERSION_FILE}; a pushed version needs one (export writes it)")
-    if gcs.is_gcs(push_to):
-        from google.cloud.storage.retry import DEFAULT_RETRY
+    record = read_json(local_dir / VERSION_FILE, f"{local_dir}")
+    if expect is CURRENT:
+        expect = read_latest(push_to)
+    version = _claim(push_to, version)
+    target = _join(push_to, version)
+    record.update(version=version, expected_latest=expect)
+    with tempfile.TemporaryDirectory(prefix=".version-json-") as tmp:
+        store_record = Path(tmp) / VERSION_FILE
+        store_record.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+        if gcs.is_gcs(push_to):
+            _upload(local_dir, store_record, push_to, target, retry_seconds)
+        else:
+            _place(local_dir, store_record, Path(target))
+    try:
+        swap = store.swap_latest(push_to, expect, version)
+    except UserError as exc:
+        raise UserError(f"version {version} is complete at {target} but LATEST was not moved ({exc}); LATEST still "
+                        f"names {read_latest_quietly(push_to)}; `versions` lists {version} as not promoted and "
+                        f"`kfp-finetune rollback --push-to {push_to} --to {version}` promotes it") from exc
+    if swap.swapped:
+        store.mark_promoted(push_to, version, expect)
+        return Pushed(target, version, True, expect, version)
+    message = (f"version {version} was pushed to {push_to} but not promoted: LATEST moved from {expect} (the "
+               f"champion this run was compared against) to {swap.latest} meanwhile; "
+               f"`kfp-finetune rollback --push-to {push_to} --to {version}` promotes it")
+    log.warning("%s", message)
+    return Pushed(target, version, False, expect, swap.latest, message)
 
-        target = _join(push_to, version)
-        if gcs.list_blobs(target):
-            raise UserError(f"--push-to: {target} already exists; give another --run-id")
-        files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p != local_dir / VERSION_FILE)
-        retry = DEFAULT_RETRY.with_timeout(retry_seconds)
+
+def read_latest_quietly(push_to: str) -> str:
+    try:
+        return str(read_latest(push_to))
+    except UserError:
+        return "(unreadable)"
+
+
+def _claim(push_to: str, version: str | None) -> str:
+    if version is not None:
+        if not store.claim(push_to, version):
+            raise UserError(f"--push-to {push_to}: version {version} already exists there (pushed, or claimed by a "
+                            "push in flight); give another --run-id")
+        return version
+    for name in _names_to_try(push_to):
+        if store.claim(push_to, name):
+            return name
+    raise UserError(f"--push-to {push_to}: {NAME_ATTEMPTS} version names in a row were taken by other pushes; "
+                    "push again")
+
+
+def _upload(local_dir: Path, record: Path, push_to: str, target: str, retry_seconds: float) -> None:
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p != local_dir / VERSION_FILE)
+    retry = DEFAULT_RETRY.with_timeout(retry_seconds)
+    try:
+        gcs.upload_many(files, [f"{target}/{p.relative_to(local_dir).as_posix()}" for p in files], retry=retry)
+        gcs.upload_many([record], [f"{target}/{VERSION_FILE}"], retry=retry)
+    except UserError as exc:
+        _cleanup_gcs(target)
+        raise UserError(f"push to {target} failed, LATEST not changed: {exc}") from exc
+    log.info("pushed %d files to %s", len(files) + 1, target)
+
+
+def _place(local_dir: Path, record: Path, target: Path) -> None:
+    """Local: build the version beside the claimed (empty) folder, then rename it over the claim."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        shutil.copytree(local_dir, staging, dirs_exist_ok=True)
+        shutil.copy2(record, staging / VERSION_FILE)
+        os.replace(staging, target)  # replaces the empty folder that is our claim
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
         try:
-            gcs.upload_many(files, [f"{target}/{p.relative_to(local_dir).as_posix()}" for p in files], retry=retry)
-            gcs.upload_many([local_dir / VERSION_FILE], [f"{target}/{VERSION_FILE}"], retry=retry)
-        except UserError as exc:
-            _cleanup_gcs(target)
-            raise UserError(f"push to {target} failed, LATEST not changed: {exc}") from exc
-        log.info("pushed %d files to %s", len(files) + 1, target)
-    else:
-        base = Path(push_to)
-        target_path = base / version
-        if target_path.exists():
-            raise UserError(f"--push-to: {target_path} already exists; give another --run-id")
-        base.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=base))
-        try:
-            shutil.copytree(local_dir, staging, dirs_exist_ok=True)
-            os.replace(staging, target_path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        target = str(target_path)
-    _write_latest(push_to, version)
-    return target
+            target.rmdir()  # give the claim back: a failed push leaves nothing
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise UserError(f"push to {target} failed, LATEST not changed ({exc.strerror or exc})") from exc
+        raise
 
 
 def _cleanup_gcs(target: str) -> None:
@@ -234,7 +336,11 @@ def _cleanup_gcs(target: str) -> None:
 
 
 def rollback(push_to: str, to: str | None = None) -> tuple[str | None, str]:
-    """Point LATEST at `to` (default: the complete version before the current one). Returns (old, new)."""
+    """Point LATEST at `to` (default: the last promoted version before the current one). Returns (old, new).
+
+    The move is a compare-and-swap from the LATEST read here: if a push or another rollback moves LATEST meanwhile,
+    nothing changes and a UserError says so.
+    """
     versions = list_versions(push_to)
     if not versions:
         raise UserError(f"--push-to {push_to}: no complete versions to roll back to")
@@ -244,17 +350,30 @@ def rollback(push_to: str, to: str | None = None) -> tuple[str | None, str]:
         if current not in names:
             raise UserError(f"--push-to {push_to}: LATEST ({current}) is not a complete version; name one with --to "
                             f"(versions: {', '.join(names)})")
-        i = names.index(current)
-        if i == 0:
-            raise UserError(f"--push-to {push_to}: {current} is the oldest version; nothing before it to roll back to")
-        to = names[i - 1]
+        earlier = versions[:names.index(current)]
+        promoted = [v.version for v in earlier if v.promoted is not False]  # skip versions LATEST never named
+        if not promoted:
+            raise UserError(f"--push-to {push_to}: {current} is the oldest version{' ever promoted' if earlier else ''}"
+                            "; nothing before it to roll back to (name one with --to)")
+        to = promoted[-1]
     elif to not in names:
         raise UserError(f"--to {to}: not a complete version under {push_to} (versions: {', '.join(names)})")
-    _write_latest(push_to, to)
+    swap = store.swap_latest(push_to, current, to)
+    if not swap.swapped:
+        raise UserError(f"--push-to {push_to}: LATEST moved from {current} to {swap.latest} while rolling back; "
+                        "nothing changed; look at `kfp-finetune versions` and roll back again if still wanted")
+    store.mark_promoted(push_to, to, current)
     return current, to
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------------
+
+
+def status_of(version: Version, latest: str | None) -> str:
+    """'LATEST', 'promoted' (a former champion), 'not promoted' (pushed, never LATEST), or '-' (not recorded)."""
+    if version.version == latest:
+        return "LATEST"
+    return {True: "promoted", False: "not promoted", None: "-"}[version.promoted]
 
 
 def version_rows(push_to: str) -> list[dict[str, Any]]:
@@ -264,18 +383,22 @@ def version_rows(push_to: str) -> list[dict[str, Any]]:
         metrics = v.record.get("metrics") or {}
         rows.append({"version": v.version, "created": v.record.get("created", ""),
                      "accuracy": metrics.get("accuracy"), "fingerprint": str(v.record.get("data_fingerprint", "")),
-                     "classes": len(v.record.get("class_names") or []), "latest": v.version == latest})
+                     "classes": len(v.record.get("class_names") or []), "latest": v.version == latest,
+                     "status": status_of(v, latest)})
     return rows
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("versions", help="list the versions pushed to a destination and which one is LATEST",
                               description="List every complete version under a push destination (local or gs://): "
-                                          "date, test accuracy, data fingerprint; * marks LATEST.")
+                                          "date, test accuracy, status, data fingerprint; * marks LATEST. Status "
+                                          "'not promoted': pushed, but LATEST never named it (it moved meanwhile, "
+                                          "or the LATEST write failed); `rollback --to` promotes it.")
     p.add_argument("--push-to", required=True, help="the push destination (local folder or gs:// prefix)")
     p.set_defaults(func=_versions_cli)
-    r = subparsers.add_parser("rollback", help="point LATEST at an earlier version (atomic)",
-                              description="Move LATEST to VERSION, or to the version before the current one.")
+    r = subparsers.add_parser("rollback", help="point LATEST at an earlier version (compare-and-swap)",
+                              description="Move LATEST to VERSION, or to the last promoted version before the "
+                                          "current one. Nothing changes when LATEST moves while this runs.")
     r.add_argument("--push-to", required=True, help="the push destination (local folder or gs:// prefix)")
     r.add_argument("--to", default=None, metavar="VERSION", help="the version to make LATEST (default: the previous)")
     r.set_defaults(func=_rollback_cli)
@@ -286,11 +409,11 @@ def _versions_cli(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no versions under {args.push_to}")
         return 0
-    print(f"  {'version':<24} {'created':<21} {'accuracy':>8}  {'classes':>7}  fingerprint")
+    print(f"  {'version':<24} {'created':<21} {'accuracy':>8}  {'classes':>7}  {'status':<12}  fingerprint")
     for row in rows:
         acc = f"{row['accuracy']:.4f}" if isinstance(row["accuracy"], int | float) else "-"
         print(f"{'*' if row['latest'] else ' '} {row['version']:<24} {row['created']:<21} {acc:>8}  "
-              f"{row['classes']:>7}  {row['fingerprint'][:16]}")
+              f"{row['classes']:>7}  {row['status']:<12}  {row['fingerprint'][:16]}")
     return 0
 
 

@@ -126,7 +126,40 @@ def test_push_is_a_complete_champion_and_never_a_duplicate(chain, blessed_eval, 
                                 push_to=str(dest), run_id="run-2"))
     assert again.pushed_uri == "" and "run-1" in again.skipped_push
     assert read_latest(str(dest)) == "run-1"
-    assert sorted(p.name for p in dest.iterdir()) == [LATEST_FILE, "run-1"]  # no temp leftovers
+    assert sorted(p.name for p in dest.iterdir()) == [".LATEST.lock", LATEST_FILE, "run-1"]  # no temp leftovers
+
+
+@pytest.mark.slow  # one evaluation and two exports: ~60 s
+def test_two_challengers_evaluated_against_one_champion(chain, blessed_eval, tmp_path, caplog):
+    """Overlapping runs: A and B were both compared with champion v1 (evaluation.json says so); A is pushed first,
+    so B is kept but not promoted, and export says so in one line naming both versions."""
+    import logging
+
+    from components import registry
+    from components.evaluate import EvaluateConfig, evaluate
+    from tests.unit.test_registry import make_version_dir
+
+    dest = tmp_path / "registry"
+    registry.push(make_version_dir(tmp_path, "v1"), str(dest), "v1")
+    weak_eval = tmp_path / "weak_eval"
+    assert evaluate(EvaluateConfig(dataset=str(chain.dataset), model=str(chain.weak), output=str(weak_eval),
+                                   min_accuracy=0.0)).blessed
+    results = []
+    for name, model, evaluation in (("a", chain.strong, blessed_eval), ("b", chain.weak, weak_eval)):
+        record = json.loads((evaluation / "evaluation.json").read_text())
+        record["champion"] = {"status": "compared", "version": "v1", "push_to": str(dest)}  # as evaluate writes it
+        (tmp_path / f"eval-{name}").mkdir()
+        (tmp_path / f"eval-{name}" / "evaluation.json").write_text(json.dumps(record))
+        with caplog.at_level(logging.WARNING, logger="kfp_finetune.registry"):
+            results.append(export(ExportConfig(model=str(model), output=str(tmp_path / f"export-{name}"),
+                                               evaluation=str(tmp_path / f"eval-{name}"), push_to=str(dest))))
+    a, b = results
+    assert a.promoted and not b.promoted and read_latest(str(dest)) == a.version
+    assert int(b.version) > int(a.version) and Path(b.pushed_uri).is_dir()
+    assert f"LATEST moved from v1 (the champion this run was compared against) to {a.version}" in b.not_promoted
+    assert b.not_promoted in caplog.text
+    record = json.loads((Path(b.pushed_uri) / "version.json").read_text())
+    assert record["version"] == b.version and record["expected_latest"] == "v1"
 
 
 def test_export_push_to_emulator_is_servable(chain, blessed_eval, gcs_bucket, tmp_path, flowers_dir):
@@ -148,7 +181,8 @@ def test_export_push_to_emulator_is_servable(chain, blessed_eval, gcs_bucket, tm
     # The export, plus what makes it a complete champion: the Model artifact, the data fingerprint, version.json.
     assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()) == sorted(
         [p.relative_to(tmp_path / "export").as_posix() for p in (tmp_path / "export").rglob("*") if p.is_file()]
-        + ["data_fingerprint.json", "model/model.json", "model/model.keras", "version.json"])
+        + ["claim.json", "data_fingerprint.json", "model/model.json", "model/model.keras", "promoted.json",
+           "version.json"])
     serving = tf.saved_model.load(str(local)).signatures["serving_default"]
     out = serving(image_bytes=tf.constant(_flower_images(flowers_dir)[:2]))
     assert out["probabilities"].shape == (2, 3)

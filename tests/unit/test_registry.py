@@ -56,7 +56,8 @@ def test_local_versions_latest_and_rollback(tmp_path, capsys):
     assert registry.rollback(dest, to="v3") == ("v1", "v3")
     with pytest.raises(UserError, match="not a complete version"):
         registry.rollback(dest, to="v9-partial")
-    assert sorted(p.name for p in Path(dest).iterdir() if p.name.startswith(".LATEST")) == []  # no temp leftovers
+    # No temp leftovers: only the lock file that LATEST's compare-and-swap holds.
+    assert sorted(p.name for p in Path(dest).iterdir() if p.name.startswith(".LATEST")) == [registry.LOCK_FILE]
     with pytest.raises(UserError, match="already exists"):
         registry.push(make_version_dir(tmp_path / "again", "v1"), dest, "v1")
 
