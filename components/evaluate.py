@@ -241,14 +241,8 @@ def _local_model_dir(uri: str, staging: Path) -> str:
 
     if not gcs.is_gcs(uri):
         return uri
-    blobs = gcs.list_blobs(uri)
-    if not blobs:
-        raise UserError(f"--baseline-model {uri}: no objects under that prefix")
-    _, prefix = gcs.split_uri(uri.rstrip("/") + "/")
-    bucket = gcs.split_uri(uri)[0]
-    names = [b.name for b in blobs]
-    gcs.download_many([f"gs://{bucket}/{n}" for n in names], [staging / n[len(prefix):] for n in names])
-    log.info("downloaded baseline %s (%d files)", uri, len(names))
+    files = gcs.download_tree(uri, staging, "--baseline-model")
+    log.info("downloaded baseline %s (%d files)", uri, len(files))
     return str(staging)
 
 

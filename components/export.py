@@ -164,20 +164,29 @@ def write_saved_model(model: "keras.Model", class_names: list[str], directory: s
     size = _input_size(model)
     names = tf.constant(list(class_names), dtype=tf.string)
 
+    # A batch of 0 never reaches the model (oneDNN on AMD EPYC with AVX-512 failed on it: "Incompatible shapes:
+    # [0,96,96,3] vs. [8]"): each endpoint answers it with outputs of shape (0, classes) / (0,) and the same dtypes.
+    def empty_outputs() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        return tf.zeros([0, len(class_names)], tf.float32), tf.zeros([0], tf.int32), tf.zeros([0], tf.string)
+
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
     def serve(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
-        pixels = tf.map_fn(
-            lambda b: decode_image(b, size), image_bytes,
-            fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32),
-        )
-        probabilities = tf.cast(model(pixels, training=False), tf.float32)
-        class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
-        return {"probabilities": probabilities, "class_id": class_id, "class_name": tf.gather(names, class_id)}
+        def classify() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            pixels = tf.map_fn(
+                lambda b: decode_image(b, size), image_bytes,
+                fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32),
+            )
+            probabilities = tf.cast(model(pixels, training=False), tf.float32)
+            class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
+            return probabilities, class_id, tf.gather(names, class_id)
+
+        return dict(zip(OUTPUT_NAMES, tf.cond(tf.shape(image_bytes)[0] > 0, classify, empty_outputs), strict=True))
 
     # For batch prediction (components.predict): decoded pixels in, probabilities out, no string handling.
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
     def predict_pixels(pixels: tf.Tensor) -> tf.Tensor:
-        return tf.cast(model(pixels, training=False), tf.float32)
+        return tf.cond(tf.shape(pixels)[0] > 0, lambda: tf.cast(model(pixels, training=False), tf.float32),
+                       lambda: empty_outputs()[0])
 
     archive = keras.export.ExportArchive()
     archive.track(model)

@@ -9,7 +9,8 @@ What goes into the digest, one line per image file ingest would read, sorted:
 - tfds:NAME[:VERSION]: the name itself (a published TFDS version does not change).
 The same files with the same contents give the same fingerprint on every machine; a file added, removed, renamed or
 rewritten changes it. Files ingest skips by name (hidden files, files outside class folders, non-image extensions)
-do not count.
+do not count, nor what it never reads (components.safefiles: symlinks leading out of the source, devices, FIFOs,
+sockets); a symlinked folder outside the source is not walked.
 
 In the pipeline this is the first step. Its fingerprint is an input of `ingest`, so KFP's cache key changes exactly
 when the data does. With `push_to`, it also compares the fingerprint and the training settings with the champion's
@@ -95,10 +96,10 @@ def _gcs_lines(uri: str) -> list[str]:
 
 
 def _manifest_lines(source: str) -> tuple[list[str], int]:
-    from components.ingest_sources import _read_manifest
+    from components.ingest_sources import _read_manifest, read_manifest_text
 
     listing = _read_manifest(source)
-    manifest = gcs.read_text(source) if gcs.is_gcs(source) else Path(source).read_text(encoding="utf-8-sig")
+    manifest = read_manifest_text(source)
     lines = [f"manifest\t{hashlib.sha256(manifest.encode()).hexdigest()}"]
     remote: dict[str, list[str]] = {}
     for e in listing.entries:

@@ -72,24 +72,61 @@ def download_many(
     uris: Iterable[str], destinations: Iterable[str | os.PathLike], workers: int = DEFAULT_WORKERS
 ) -> None:
     """Download gs:// objects to local files in parallel. Raises UserError naming the first failure."""
+    uris = list(uris)
+    failed = try_download_many(uris, destinations, workers)
+    if failed:
+        first = min(failed)
+        raise UserError(f"cannot download {uris[first]}: {failed[first]}")
+
+
+def try_download_many(
+    uris: Iterable[str], destinations: Iterable[str | os.PathLike], workers: int = DEFAULT_WORKERS
+) -> dict[int, str]:
+    """Download gs:// objects to local files in parallel; {index: one-line error} for those that failed, whose
+    destination files are removed (transfer_manager leaves an empty or partial file behind)."""
     from google.cloud.storage import transfer_manager
 
     gcs = client()
-    by_bucket: dict[str, list[tuple[storage.Blob, Path]]] = {}
-    for uri, dest in zip(uris, destinations, strict=True):
+    by_bucket: dict[str, list[tuple[int, storage.Blob, Path]]] = {}
+    failed: dict[int, str] = {}
+    for i, (uri, dest) in enumerate(zip(uris, destinations, strict=True)):
         bucket, name = split_uri(uri)
+        parts = Path(dest).parts
+        if ".." in parts[next((k for k, p in enumerate(parts) if p != ".."), len(parts)):]:
+            failed[i] = f"the local destination {dest} climbs out of its folder ('..' in an object name?)"
+            continue
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
-        by_bucket.setdefault(bucket, []).append((gcs.bucket(bucket).blob(name), Path(dest)))
-    for bucket, pairs in by_bucket.items():
+        by_bucket.setdefault(bucket, []).append((i, gcs.bucket(bucket).blob(name), Path(dest)))
+    for triples in by_bucket.values():
         results = transfer_manager.download_many(
-            [(blob, str(dest)) for blob, dest in pairs],
+            [(blob, str(dest)) for _, blob, dest in triples],
             max_workers=workers,
             worker_type=transfer_manager.THREAD,
             raise_exception=False,
         )
-        for (blob, _), result in zip(pairs, results, strict=True):
+        for (i, _, dest), result in zip(triples, results, strict=True):
             if isinstance(result, Exception):
-                raise UserError(f"cannot download gs://{bucket}/{blob.name}: {result}")
+                failed[i] = _short(result)
+                dest.unlink(missing_ok=True)
+    return failed
+
+
+def download_tree(uri: str, local_dir: str | os.PathLike, what: str) -> list[Path]:
+    """Every object under the gs:// prefix `uri` into `local_dir`, keeping the names below the prefix; UserError
+    (naming `what`) when there is none or a name would land outside `local_dir` (`..`, a leading `/`)."""
+    from components import safefiles
+
+    blobs = list_blobs(uri)
+    if not blobs:
+        raise UserError(f"{what} {uri}: no objects under that prefix")
+    bucket, prefix = split_uri(uri.rstrip("/") + "/")
+    try:
+        dests = [Path(safefiles.join_inside(local_dir, b.name[len(prefix):], f"{what} gs://{bucket}/{b.name}"))
+                 for b in blobs]
+    except ValueError as exc:
+        raise UserError(f"{exc}; refusing to download") from None
+    download_many([f"gs://{bucket}/{b.name}" for b in blobs], dests)
+    return dests
 
 
 def download_file(uri: str, dest: str | os.PathLike) -> Path:
@@ -175,6 +212,10 @@ def delete(uri: str) -> None:
 
 def read_text(uri: str) -> str:
     return _on_blob(uri, "read", lambda blob: blob.download_as_text())
+
+
+def read_bytes(uri: str) -> bytes:
+    return _on_blob(uri, "read", lambda blob: blob.download_as_bytes())
 
 
 def exists(uri: str) -> bool:

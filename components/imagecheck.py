@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from components import safefiles
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff"}
@@ -63,6 +66,7 @@ class FileHash:
     sha256: str | None
     size: int
     error: str | None = None
+    reason: str | None = None  # safefiles' reason when the file was refused (not_regular_file, too_large, ...)
 
 
 @dataclass(frozen=True)
@@ -81,16 +85,25 @@ class ImageResult:
 
 
 def hash_file(path: str) -> FileHash:
-    digest = hashlib.sha256()
-    size = 0
+    """SHA-256 of a regular file within safefiles' size bound (a FIFO or device swapped in is refused, not read)."""
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(READ_CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
+        data = safefiles.read_bytes(path)
+    except safefiles.UnsafeFile as exc:
+        return FileHash(None, 0, exc.detail, exc.reason)
     except OSError as exc:
-        return FileHash(None, 0, f"{type(exc).__name__}: {exc.strerror or exc}")
-    return FileHash(digest.hexdigest(), size)
+        return FileHash(None, 0, _os_error(exc))
+    return hash_bytes(data)
+
+
+def _os_error(exc: OSError) -> str:
+    return f"{type(exc).__name__}: {exc.strerror or exc}"
+
+
+def exception_text(exc: BaseException) -> str:
+    """An exception's message without object addresses (Pillow says "cannot identify image file <_io.BytesIO object
+    at 0x7f...>"): skip reasons must be the same on every run."""
+    text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(exc)).strip()
+    return text or type(exc).__name__
 
 
 def hash_bytes(data: bytes) -> FileHash:
@@ -125,9 +138,11 @@ def decode_image(path: str, max_side: int | None = None) -> ImageResult:
     """Fully decode `path`; return its bytes unchanged when they are RGB/grey JPEG or PNG within `max_side`,
     otherwise RGB JPEG/PNG bytes re-encoded from the decoded pixels."""
     try:
-        data = Path(path).read_bytes()
+        data = safefiles.read_bytes(path)
+    except safefiles.UnsafeFile as exc:
+        return ImageResult(False, reason=exc.reason, detail=exc.detail)
     except OSError as exc:
-        return ImageResult(False, reason=UNREADABLE, detail=f"{type(exc).__name__}: {exc.strerror or exc}")
+        return ImageResult(False, reason=UNREADABLE, detail=_os_error(exc))
     return decode_bytes(data, max_side)
 
 
@@ -159,8 +174,7 @@ def decode_bytes(data: bytes, max_side: int | None = None) -> ImageResult:
     except MemoryError:
         raise
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ... on bad files
-        message = str(exc) or type(exc).__name__
-        return ImageResult(False, reason=CORRUPT, detail=f"cannot decode: {message}")
+        return ImageResult(False, reason=CORRUPT, detail=f"cannot decode: {exception_text(exc)}")
     if too_big:
         scale = max_side / max(width, height)
         rgb = rgb.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.LANCZOS)

@@ -37,9 +37,12 @@ from components.dataset import REPORT_FILE, SPLITS
 from components.errors import UserError
 from components.fsutil import atomic_directory, check_output_dir, write_json
 from components.ingest_sources import (  # noqa: F401  (the listing reasons, re-exported)
+    DOWNLOAD_FAILED,
     HIDDEN,
     NOT_IMAGE,
+    NOT_REGULAR,
     OUTSIDE_CLASS,
+    OUTSIDE_SOURCE,
     _collect,
     _Entry,
     _Listing,
@@ -52,7 +55,7 @@ log = logging.getLogger(__name__)
 MISSING = "missing"
 DUPLICATE = "duplicate"
 CONFLICT = "label_conflict"
-BAD_REASONS = imagecheck.BAD_REASONS | {MISSING}
+BAD_REASONS = imagecheck.BAD_REASONS | {MISSING, DOWNLOAD_FAILED}
 
 TARGET_SHARD_BYTES = 64 << 20
 MAX_AUTO_SHARDS = 1024
@@ -252,7 +255,7 @@ def _build(config: IngestConfig, listing: _Listing, out: Path, start: float) -> 
     entries = []
     for entry in listing.entries:
         if entry.local is None:
-            skipped.append(_skip(entry.ref, MISSING, "could not be downloaded"))
+            skipped.append(_skip(entry.ref, DOWNLOAD_FAILED, entry.error or "could not be downloaded"))
         else:
             entries.append(entry)
     num_candidates = len(listing.entries)
@@ -267,7 +270,7 @@ def _build(config: IngestConfig, listing: _Listing, out: Path, start: float) -> 
         hashes = tqdm(hashes, total=len(entries), unit="file", desc="hash", mininterval=1.0, leave=False)
         for entry, fh in zip(entries, hashes, strict=True):
             if fh.sha256 is None:
-                reason = MISSING if "FileNotFound" in (fh.error or "") else imagecheck.UNREADABLE
+                reason = fh.reason or (MISSING if "FileNotFound" in (fh.error or "") else imagecheck.UNREADABLE)
                 skipped.append(_skip(entry.ref, reason, fh.error or ""))
                 continue
             group = groups.setdefault(fh.sha256, [])

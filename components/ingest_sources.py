@@ -2,6 +2,10 @@
 manifest (`path,label`) or a TFDS dataset (`tfds:NAME[:VERSION]`), listed as entries (what the report shows, the
 label, the local file to read) and skipped files, with gs:// objects downloaded to a staging folder.
 
+Only regular files inside the source root (after `realpath`) are listed for reading (components.safefiles):
+a symlink that leads out (to a file or a folder), a device, a FIFO or a socket is skipped with its reason, and a
+symlinked folder outside the root is neither walked nor a class. Manifest rows follow the same rule.
+
 Split out of components/ingest.py (which builds the dataset from a listing); `components.fingerprint` and the Beam
 ingest reuse the same listing rules.
 """
@@ -14,7 +18,7 @@ import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from components import gcs, imagecheck
+from components import gcs, imagecheck, safefiles
 from components.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -23,6 +27,9 @@ log = logging.getLogger(__name__)
 HIDDEN = "hidden"
 NOT_IMAGE = "not_image"
 OUTSIDE_CLASS = "outside_class_folder"
+OUTSIDE_SOURCE = safefiles.OUTSIDE_SOURCE
+NOT_REGULAR = safefiles.NOT_REGULAR
+DOWNLOAD_FAILED = "download_failed"
 
 TFDS_PROBE_URL = "https://storage.googleapis.com/"
 TFDS_PROBE_TIMEOUT_S = 8.0
@@ -33,6 +40,7 @@ class _Entry:
     ref: str  # what the report shows: a local path or a gs:// URI
     label: str
     local: str | None = None  # the local file to read (None until a gs:// object is downloaded)
+    error: str = ""  # why a gs:// object could not be downloaded (after its retry)
 
 
 @dataclass
@@ -50,6 +58,8 @@ def _skip(path: str, reason: str, detail: str = "") -> dict[str, str]:
 
 def _classify(rel_parts: tuple[str, ...]) -> str | None:
     """The skip reason for a file at `rel_parts` below the source root, or None when it is a candidate image."""
+    if any(part in (".", "..") for part in rel_parts):  # an object name that would climb out of its folder
+        return OUTSIDE_SOURCE
     if any(part.startswith(".") for part in rel_parts):
         return HIDDEN
     if len(rel_parts) < 2:
@@ -64,8 +74,10 @@ def _list_folder(root: Path, source: str) -> _Listing:
         raise UserError(f"--source {source}: no such directory; check the path")
     if not root.is_dir():
         raise UserError(f"--source {source} is not a directory (for a manifest, name it *.csv)")
+    base = safefiles.real_root(root)
     entries, skipped = [], []
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = sorted(p.name for p in root.iterdir()
+                     if p.is_dir() and not p.name.startswith(".") and safefiles.inside(os.path.realpath(p), base))
     seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         st = os.stat(dirpath)
@@ -73,16 +85,29 @@ def _list_folder(root: Path, source: str) -> _Listing:
             dirnames.clear()
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirnames.sort()
+        dirnames[:] = [d for d in sorted(dirnames) if _folder_inside(os.path.join(dirpath, d), base, skipped)]
         for name in sorted(filenames):
             path = Path(dirpath) / name
             rel = path.relative_to(root).parts
             reason = _classify(rel)
+            found = safefiles.check(path, base) if not reason else None
             if reason:
                 skipped.append(_skip(str(path), reason))
-            else:
-                entries.append(_Entry(str(path), rel[0], str(path)))
+            elif found is not None and not found.ok and found.reason != safefiles.MISSING:
+                skipped.append(_skip(str(path), found.reason or "", found.detail))
+            else:  # a dangling symlink stays a candidate: reading it reports it missing
+                entries.append(_Entry(str(path), rel[0], found.real if found and found.ok else str(path)))
+    skipped.sort(key=lambda s: (s["path"], s["reason"]))
     return _Listing(source, entries, skipped, classes, {c: str(root / c) for c in classes})
+
+
+def _folder_inside(path: str, base: str, skipped: list[dict[str, str]]) -> bool:
+    """Whether to walk the folder `path`; a (symlinked) folder that resolves outside `base` is skipped."""
+    real = os.path.realpath(path)
+    if safefiles.inside(real, base):
+        return True
+    skipped.append(_skip(path, OUTSIDE_SOURCE, f"a folder that resolves to {real}, outside {base}; not read"))
+    return False
 
 
 def _list_gcs(uri: str) -> _Listing:
@@ -106,21 +131,14 @@ def _list_gcs(uri: str) -> _Listing:
 
 def _read_manifest(source: str) -> _Listing:
     """A CSV with a `path,label` header; paths relative to the manifest's folder, or gs:// URIs."""
-    if gcs.is_gcs(source):
-        text = gcs.read_text(source)
-        base = posixpath.dirname(source)
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise UserError(f"--source {source}: manifest not found; check the path")
-        text = path.read_text(encoding="utf-8-sig")
-        base = str(path.resolve().parent)
+    text = read_manifest_text(source)
+    base = posixpath.dirname(source) if gcs.is_gcs(source) else str(Path(source).resolve().parent)
     reader = csv.DictReader(io.StringIO(text))
     header = [h.strip().lower() for h in reader.fieldnames or []]
     if "path" not in header or "label" not in header:
         raise UserError(f"--source {source}: the manifest needs a 'path,label' header line (found {header or 'none'})")
     reader.fieldnames = header
-    entries, classes = [], set()
+    entries, skipped, classes = [], [], set()
     for line, row in enumerate(reader, start=2):
         rel, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
         if not rel or not label:
@@ -145,9 +163,35 @@ def _read_manifest(source: str) -> _Listing:
                     f"--source {source} line {line}: path {rel!r} escapes the manifest's folder; "
                     "move the file below it or use a gs:// URI"
                 )
-        entries.append(_Entry(ref, label, None if gcs.is_gcs(ref) else ref))
         classes.add(label)
-    return _Listing(source, entries, [], sorted(classes), {c: f"label {c!r} in {source}" for c in classes})
+        local = None
+        if not gcs.is_gcs(ref):
+            found = safefiles.check(ref, base)
+            if not found.ok and found.reason != safefiles.MISSING:  # missing: reported when it is read
+                skipped.append(_skip(ref, found.reason or "", f"line {line}: {found.detail}"))
+                continue
+            local = found.real if found.ok else ref
+        entries.append(_Entry(ref, label, local))
+    return _Listing(source, entries, skipped, sorted(classes), {c: f"label {c!r} in {source}" for c in classes})
+
+
+def read_manifest_text(source: str) -> str:
+    """A manifest's text (local or gs://): UTF-8 with or without a BOM; a one-line UserError naming the line of a
+    byte that is not UTF-8, or why the file cannot be read."""
+    if gcs.is_gcs(source):
+        data = gcs.read_bytes(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise UserError(f"--source {source}: manifest not found; check the path")
+        try:
+            data = safefiles.read_bytes(path)
+        except OSError as exc:
+            raise UserError(f"--source {source}: cannot read the manifest ({exc.strerror or exc})") from exc
+    try:
+        return safefiles.decode_text(data, f"--source {source}")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _network_reachable(url: str, timeout: float) -> str | None:
@@ -239,16 +283,18 @@ def _collect(source: str, staging: Path) -> _Listing:
 
 
 def _download(entries: list[_Entry], dests: list[str]) -> None:
-    """Parallel download (transfer_manager); objects that still fail one retry keep `local` unset (-> missing)."""
-    try:
-        gcs.download_many([e.ref for e in entries], dests)
-    except UserError as exc:
-        log.warning("some downloads failed (%s); retrying those once", exc)
-        for entry, dest in zip(entries, dests, strict=True):
-            if not Path(dest).is_file():
-                try:
-                    gcs.download_file(entry.ref, dest)
-                except UserError:
-                    continue
-    for entry, dest in zip(entries, dests, strict=True):
-        entry.local = dest if Path(dest).is_file() else None
+    """Parallel download (transfer_manager); the objects that fail are retried once, and those that fail again keep
+    `local` unset with the error in `error` (ingest reports them as download_failed)."""
+    failed = gcs.try_download_many([e.ref for e in entries], dests)
+    if failed:
+        first = min(failed)
+        log.warning("%d of %d downloads failed (first: %s: %s); retrying those once", len(failed), len(entries),
+                    entries[first].ref, failed[first])
+        again = sorted(failed)
+        still = gcs.try_download_many([entries[i].ref for i in again], [dests[i] for i in again], workers=4)
+        failed = {again[j]: error for j, error in still.items()}
+        if failed:
+            log.warning("%d downloads failed again after the retry; reported as %s", len(failed), DOWNLOAD_FAILED)
+    for i, (entry, dest) in enumerate(zip(entries, dests, strict=True)):
+        entry.local = None if i in failed else dest
+        entry.error = failed.get(i, "")

@@ -46,6 +46,7 @@ from components.predict_io import (  # noqa: F401  (re-exported: the reading and
     TF_FORMATS,
     Item,
     RowWriter,
+    input_root,
     iter_items,
     list_inputs,
     load_item,
@@ -172,13 +173,8 @@ def resolve_model(model: str, staging: str) -> str:
         model = f"{model.rstrip('/')}/{latest}"
         log.info("--model: LATEST names version %s -> %s", latest, model)
     if gcs.is_gcs(model):
-        blobs = gcs.list_blobs(model)
-        if not blobs:
-            raise UserError(f"--model {model}: nothing there (and no LATEST)")
-        bucket, prefix = gcs.split_uri(model)
-        prefix = prefix.rstrip("/") + "/"
         local = Path(staging) / "model"
-        gcs.download_many([f"gs://{bucket}/{b.name}" for b in blobs], [local / b.name[len(prefix):] for b in blobs])
+        gcs.download_tree(model, local, "--model")
         return str(local)
     if not Path(model).is_dir():
         raise UserError(f"--model {model}: no such folder")
@@ -189,7 +185,7 @@ def resolve_model(model: str, staging: str) -> str:
 
 
 def _predict_pixels(classifier: Classifier, items: Iterator[Item], batch_size: int, k: int, writer: RowWriter,
-                    result: PredictResult, skip: Callable[[str, str], None], bar: Any) -> None:
+                    result: PredictResult, skip: Callable[[str, str], None], bar: Any, root: str | None) -> None:
     """The fast path: the threads read and check the files; decode + resize run in a tf.data parallel map (C++
     threads, as a hand-written tf.data loop would), batched into the model. An image TensorFlow fails to decode
     is dropped there (ignore_errors) and noticed by its missing index: it goes through `load_item` (imagecheck's
@@ -238,7 +234,7 @@ def _predict_pixels(classifier: Classifier, items: Iterator[Item], batch_size: i
             file = files.pop(next_index)
             reason = skips.pop(next_index, None)
             if reason is None:  # dropped by TensorFlow's decode: the full check says why, or converts it
-                item = load_item(file, size, False)
+                item = load_item(file, size, False, root=root)
                 if item.skip_reason:
                     reason = item.skip_reason
                 else:
@@ -272,6 +268,7 @@ def predict(config: PredictConfig, progress: bool = True) -> PredictResult:
         names = classifier.class_names
         k = min(config.top_k, len(names))
         files, total = list_inputs(config.input)
+        root = input_root(config.input)
         result = PredictResult(output=config.output, model=model_dir)
         writer = RowWriter(config.output, k)
         workers = config.workers or max(2, os.cpu_count() or 2)
@@ -298,7 +295,7 @@ def predict(config: PredictConfig, progress: bool = True) -> PredictResult:
             with tqdm(total=total, unit="img", desc="predict", disable=not progress, mininterval=1.0) as bar:
                 window = max(2 * config.batch_size, 4 * workers)
                 if classifier.wants_bytes:  # an export without predict_pixels: decode in the threads
-                    for item in iter_items(files, classifier.size, True, workers, window):
+                    for item in iter_items(files, classifier.size, True, workers, window, root=root):
                         if item.skip_reason:
                             flush()  # keep the rows in input order
                             skip(item.file, item.skip_reason)
@@ -310,8 +307,8 @@ def predict(config: PredictConfig, progress: bool = True) -> PredictResult:
                     flush()
                 else:
                     _predict_pixels(classifier, iter_items(files, classifier.size, False, workers, window,
-                                                           decode=False),
-                                    config.batch_size, k, writer, result, skip, bar)
+                                                           decode=False, root=root),
+                                    config.batch_size, k, writer, result, skip, bar, root)
         except BaseException:
             writer.abort()
             raise

@@ -2,6 +2,10 @@
 worker threads (header check, decode, imagecheck's full decode for what TensorFlow cannot read), and writing the
 rows (.jsonl / .csv via a temporary file, gs:// uploaded when complete).
 
+Local files are read under components.safefiles' rule: regular files only (a device, FIFO or socket gets the row
+`not_regular_file: ...`), at most `safefiles.MAX_FILE_BYTES`, and inside the input folder after `realpath` (a symlink
+leading out: `outside_source: ...`); a file named by a CSV row must resolve inside the folder its name gives.
+
 Split out of components/predict.py (the model, the predict loop, the CLI and the component), which re-exports
 `list_inputs`, `Item`, `load_item`, `read_item`, `iter_items` and `RowWriter`.
 """
@@ -18,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from components import gcs
+from components import gcs, safefiles
 from components.errors import UserError
 
 CSV_COLUMNS = ("file", "path", "uri", "image")
@@ -39,8 +43,14 @@ def _local_files(folder: Path) -> list[str]:
 
 
 def _csv_files(path: Path) -> list[str]:
-    with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    """The files a CSV list names (UTF-8, with or without a BOM)."""
+    try:
+        text = safefiles.read_text(path, f"--input {path}")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    except OSError as exc:
+        raise UserError(f"--input {path}: cannot read the list ({exc.strerror or exc})") from exc
+    rows = [r for r in csv.reader(io.StringIO(text, newline="")) if r and any(c.strip() for c in r)]
     if not rows:
         return []
     header = [c.strip().lower() for c in rows[0]]
@@ -72,6 +82,14 @@ def _gcs_files(prefix: str) -> Iterator[str]:
         raise UserError(f"--input {prefix}: cannot list ({exc})") from exc
 
 
+def input_root(source: str) -> str | None:
+    """The folder every local file of `source` must resolve inside (a folder input: itself, after realpath); None for
+    a CSV list or gs:// (a listed file must then resolve inside its own folder)."""
+    if gcs.is_gcs(source) or Path(source).is_file():
+        return None
+    return safefiles.real_root(source)
+
+
 def list_inputs(source: str) -> tuple[Iterator[str], int | None]:
     """(the files to predict, their count when known up front)."""
     if gcs.is_gcs(source):
@@ -90,12 +108,14 @@ class Item(NamedTuple):
     skip_reason: str | None = None
 
 
-def _read(file: str, gcs_client: Any) -> bytes:
+def _read(file: str, gcs_client: Any, root: str | None) -> bytes:
+    """The bytes of `file`; safefiles.UnsafeFile when a local file breaks the rule (see the module docstring)."""
     if gcs.is_gcs(file):
         bucket, name = gcs.split_uri(file)
         return gcs_client.bucket(bucket).blob(name).download_as_bytes()
-    with open(file, "rb") as f:
-        return f.read()
+    if root is None:
+        root = os.path.realpath(os.path.dirname(os.path.abspath(file)))
+    return safefiles.read_bytes(file, root)
 
 
 def _header_problem(data: bytes) -> str | None:
@@ -116,42 +136,39 @@ def _header_problem(data: bytes) -> str | None:
     except Image.DecompressionBombError as exc:
         return f"{imagecheck.TOO_LARGE}: {exc}"
     except Exception as exc:  # Pillow raises many kinds on bad headers
-        return f"{imagecheck.CORRUPT}: cannot decode: {str(exc) or type(exc).__name__}"
+        return f"{imagecheck.CORRUPT}: cannot decode: {imagecheck.exception_text(exc)}"
     if width * height > imagecheck.MAX_PIXELS:
         return (f"{imagecheck.TOO_LARGE}: {width}x{height} pixels is over the {imagecheck.MAX_PIXELS:,}-pixel "
                 "limit (decompression bomb?)")
     return None
 
 
-def _full_check(file: str, data: bytes) -> tuple[bytes | None, str | None]:
-    """components.imagecheck's full decode: (RGB JPEG/PNG bytes, None) or (None, reason)."""
+def _full_check(data: bytes) -> tuple[bytes | None, str | None]:
+    """components.imagecheck's full decode of bytes already read: (RGB JPEG/PNG bytes, None) or (None, reason)."""
     from components import imagecheck
 
-    if gcs.is_gcs(file):
-        with tempfile.NamedTemporaryFile(suffix=Path(file).suffix) as tmp:
-            tmp.write(data)
-            tmp.flush()
-            result = imagecheck.decode_image(tmp.name)
-    else:
-        result = imagecheck.decode_image(file)
+    result = imagecheck.decode_bytes(data)
     if not result.ok:
         return None, f"{result.reason}: {result.detail}" if result.detail else str(result.reason)
     return result.data, None
 
 
-def _read_checked(file: str, gcs_client: Any = None) -> tuple[bytes, Item | None]:
+def _read_checked(file: str, gcs_client: Any = None, root: str | None = None) -> tuple[bytes, Item | None]:
     """The file's bytes, or a skipped Item when it cannot be read or its header is not an image's."""
     from components import imagecheck
 
     try:
-        data = _read(file, gcs_client)
+        data = _read(file, gcs_client, root)
+    except safefiles.UnsafeFile as exc:
+        kind = imagecheck.UNREADABLE if exc.reason == safefiles.MISSING else exc.reason
+        return b"", Item(file, skip_reason=f"{kind}: {exc.detail}"[:300])
     except Exception as exc:  # OSError locally, google.api_core errors for gs://
         return b"", Item(file, skip_reason=f"{imagecheck.UNREADABLE}: {type(exc).__name__}: {exc}"[:300])
     problem = _header_problem(data)
     return data, (Item(file, skip_reason=problem) if problem else None)
 
 
-def load_item(file: str, size: int, want_bytes: bool, gcs_client: Any = None) -> Item:
+def load_item(file: str, size: int, want_bytes: bool, gcs_client: Any = None, root: str | None = None) -> Item:
     """Read, check and decode one file; never raises for a bad file (the Item carries the reason)."""
     import numpy as np
     import tensorflow as tf
@@ -159,7 +176,7 @@ def load_item(file: str, size: int, want_bytes: bool, gcs_client: Any = None) ->
     from components import imagecheck
     from components.dataset import decode_image
 
-    data, skipped = _read_checked(file, gcs_client)
+    data, skipped = _read_checked(file, gcs_client, root)
     if skipped is not None:
         return skipped
     for attempt in range(2):
@@ -169,7 +186,7 @@ def load_item(file: str, size: int, want_bytes: bool, gcs_client: Any = None) ->
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
             if attempt:
                 return Item(file, skip_reason=f"{imagecheck.CORRUPT}: TensorFlow cannot decode it")
-            converted, reason = _full_check(file, data)
+            converted, reason = _full_check(data)
             if reason:
                 return Item(file, skip_reason=reason)
             data = converted
@@ -180,13 +197,13 @@ def load_item(file: str, size: int, want_bytes: bool, gcs_client: Any = None) ->
 TF_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP", "WEBP"})
 
 
-def read_item(file: str, gcs_client: Any = None) -> Item:
+def read_item(file: str, gcs_client: Any = None, root: str | None = None) -> Item:
     """Read one file and check its header; `data` = bytes TensorFlow can decode (converted when needed)."""
-    data, skipped = _read_checked(file, gcs_client)
+    data, skipped = _read_checked(file, gcs_client, root)
     if skipped is not None:
         return skipped
     if _format(data) not in TF_FORMATS:
-        converted, reason = _full_check(file, data)
+        converted, reason = _full_check(data)
         return Item(file, skip_reason=reason) if reason else Item(file, data=converted)
     return Item(file, data=data)
 
@@ -202,17 +219,17 @@ def _format(data: bytes) -> str | None:
 
 
 def iter_items(files: Iterator[str], size: int, want_bytes: bool, workers: int, window: int,
-               decode: bool = True) -> Iterator[Item]:
+               decode: bool = True, root: str | None = None) -> Iterator[Item]:
     """load_item (or read_item when not `decode`) over `files` on a thread pool, in input order, with at most
-    `window` files in flight."""
+    `window` files in flight; `root`: see `input_root`."""
     gcs_client = None
     pending: deque[Future] = deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict-read") as pool:
         for file in files:
             if gcs_client is None and gcs.is_gcs(file):
                 gcs_client = gcs.client()
-            pending.append(pool.submit(load_item, file, size, want_bytes, gcs_client) if decode
-                           else pool.submit(read_item, file, gcs_client))
+            pending.append(pool.submit(load_item, file, size, want_bytes, gcs_client, root) if decode
+                           else pool.submit(read_item, file, gcs_client, root))
             if len(pending) >= window:
                 yield pending.popleft().result()
         while pending:

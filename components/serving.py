@@ -321,11 +321,16 @@ def run_server(saved_model_dir: str | os.PathLike, body: dict[str, Any], warmup:
     from components import settings
 
     python = python or settings.serving_python() or sys.executable
+    if os.sep in python:  # a path, not a name looked up on PATH: the subprocess runs in another directory
+        python = os.path.abspath(python)
+    # Absolute paths only: the server process runs in its own working directory (relative ones would miss).
     with tempfile.TemporaryDirectory(prefix="serving-check-") as tmp:
+        tmp = os.path.abspath(tmp)
         request = Path(tmp) / "request.json"
         request.write_text(json.dumps(body))
-        job = {"saved_model": str(saved_model_dir), "signature": SIGNATURE, "input": INPUT_NAME,
-               "request": str(request), "warmup": str(warmup) if warmup else None, "output": f"{tmp}/out.json"}
+        job = {"saved_model": os.path.abspath(saved_model_dir), "signature": SIGNATURE, "input": INPUT_NAME,
+               "request": str(request), "warmup": os.path.abspath(warmup) if warmup else None,
+               "output": f"{tmp}/out.json"}
         (Path(tmp) / "job.json").write_text(json.dumps(job))
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
