@@ -16,6 +16,10 @@ classes differ from the dataset's (a class added or removed): no comparison; `cl
 thresholds) or "refuse". `max_class_regression` (< 1) adds a rule per class: its recall may not drop by more than
 that against the baseline. evaluation.json's `champion` says which case applied, and why.
 
+Calibration (`calibrate`, on by default; components/calibration.py): a temperature T fitted on the validation split,
+ECE (15 equal-width bins) and NLL before and after on the split, and a reliability diagram, in evaluation.json
+`calibration` and the report; export serves softmax(log(p) / T). `max_ece` < 1 adds a blessing rule on the ECE.
+
 Errors (UserError, nothing written): the model's class names differ from the dataset's; the split is missing or
 empty; an explicit baseline's class names differ.
 """
@@ -36,8 +40,11 @@ from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 from components import __version__, settings
+from components.blessing import EPSILON, NO_BASELINE, baseline_dir, bless  # noqa: F401 (re-exported)
+from components.blessing import resolve_baseline as _resolve_baseline
 from components.errors import UserError
 from components.fsutil import atomic_directory, check_output_dir, read_json, write_json
+from components.release_params import EVALUATE as PARAMS
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -50,9 +57,6 @@ EVALUATION_FILE = "evaluation.json"
 REPORT_FILE = "report.html"
 BATCH_SIZE = 32
 MAX_MISTAKES = 12
-# Accuracies are ratios of counts; compare with a little slack so 0.8 - 0.1 does not fail 0.7 by rounding.
-EPSILON = 1e-9
-NO_BASELINE = "none"  # baseline_model value that turns the comparison off
 CLASS_CHANGE_POLICIES = ("bless", "refuse")
 
 
@@ -70,6 +74,8 @@ class EvaluateConfig:
     champion_from: str | None = None  # a push destination: its LATEST is the baseline unless one is named
     class_change: str = "bless"  # when the champion's classes differ: "bless" on thresholds, or "refuse"
     max_class_regression: float = 1.0  # how far any class's recall may drop against the baseline (1: no rule)
+    calibrate: bool = PARAMS[0].default  # fit a temperature on the validation split (components/calibration.py)
+    max_ece: float = PARAMS[1].default  # bless only at or below this ECE of the served probabilities (1: no rule)
 
     def __post_init__(self) -> None:
         for name in ("dataset", "model", "output", "split"):
@@ -83,6 +89,8 @@ class EvaluateConfig:
             object.__setattr__(self, "baseline_model", None)
         if self.champion_from is not None and not str(self.champion_from).strip():
             object.__setattr__(self, "champion_from", None)
+        for p in PARAMS:
+            p.validate(getattr(self, p.name))
         if self.class_change not in CLASS_CHANGE_POLICIES:
             raise UserError(f"--class-change {self.class_change!r} must be one of {', '.join(CLASS_CHANGE_POLICIES)}")
 
@@ -110,12 +118,6 @@ class Predictions(NamedTuple):
     probabilities: np.ndarray  # [N, C] float32
 
 
-def input_size(model: "keras.Model", what: str) -> int:
-    from components import modelio
-
-    return modelio.input_size(model, what)
-
-
 def split_dataset(info: "DatasetInfo", split: str, size: int, batch_size: int = BATCH_SIZE) -> Any:
     """(pixels, label) batches of one split, in file order, decoded exactly as in training."""
     import tensorflow as tf
@@ -131,6 +133,8 @@ def predict(model: "keras.Model", info: "DatasetInfo", split: str, what: str) ->
     """Class probabilities of every example of the split, with their labels, in file order."""
     import tensorflow as tf
     from tqdm.auto import tqdm
+
+    from components.modelio import input_size
 
     size = input_size(model, what)
     n = info.num_examples.get(split, 0)
@@ -235,101 +239,29 @@ def _load_classifier(path: str, info: "DatasetInfo", what: str) -> tuple["keras.
     return model, meta
 
 
-def _local_model_dir(uri: str, staging: Path) -> str:
-    """A gs:// Model artifact downloaded into `staging`; a local path as is."""
-    from components import gcs
-
-    if not gcs.is_gcs(uri):
-        return uri
-    files = gcs.download_tree(uri, staging, "--baseline-model")
-    log.info("downloaded baseline %s (%d files)", uri, len(files))
-    return str(staging)
-
-
 def file_sha256(path: str | os.PathLike) -> str:
     from components.fsutil import file_sha256
 
     return file_sha256(path)
 
 
-# --- blessing --------------------------------------------------------------------------------------------------
+def _calibrate(config: EvaluateConfig, model: "keras.Model", info: "DatasetInfo", pred: Predictions) -> dict:
+    """evaluation.json's `calibration`: a temperature fitted on the validation split (T = 1 when off or empty)."""
+    from components import calibration
 
-
-def bless(
-    accuracy: float, min_accuracy: float, baseline_accuracy: float | None = None, max_regression: float = 0.0,
-    recalls: dict[str, float] | None = None, baseline_recalls: dict[str, float] | None = None,
-    max_class_regression: float = 1.0, refuse: str | None = None,
-) -> dict[str, Any]:
-    """The blessing decision: every rule with its numbers, whether it passed, and the reasons when not.
-
-    `refuse`: a reason that refuses the model whatever its numbers (the class-change policy "refuse")."""
-    rules = [{
-        "rule": "accuracy >= min_accuracy",
-        "accuracy": accuracy,
-        "min_accuracy": min_accuracy,
-        "passed": accuracy + EPSILON >= min_accuracy,
-        "detail": f"accuracy {accuracy:.4f} vs min_accuracy {min_accuracy:.4f}",
-    }]
-    if baseline_accuracy is not None:
-        floor = baseline_accuracy - max_regression
-        rules.append({
-            "rule": "accuracy >= baseline_accuracy - max_regression",
-            "accuracy": accuracy,
-            "baseline_accuracy": baseline_accuracy,
-            "max_regression": max_regression,
-            "passed": accuracy + EPSILON >= floor,
-            "detail": f"accuracy {accuracy:.4f} vs baseline {baseline_accuracy:.4f} - {max_regression:.4f} "
-                      f"= {floor:.4f}",
-        })
-    if baseline_recalls is not None and recalls is not None and max_class_regression < 1.0:
-        for name in sorted(baseline_recalls):
-            now, before = recalls.get(name, 0.0), baseline_recalls[name]
-            rules.append({
-                "rule": "class recall >= baseline recall - max_class_regression",
-                "class": name, "recall": now, "baseline_recall": before,
-                "max_class_regression": max_class_regression,
-                "passed": now + EPSILON >= before - max_class_regression,
-                "detail": f"class {name}: recall {now:.4f} vs baseline {before:.4f} - {max_class_regression:.4f}",
-            })
-    if refuse:
-        rules.append({"rule": "class_change policy", "passed": False, "detail": refuse})
-    reasons = [f"failed {r['rule']}: {r['detail']}" for r in rules if not r["passed"]]
-    return {"blessed": not reasons, "rules": rules, "reasons": reasons}
-
-
-def _resolve_baseline(config: EvaluateConfig) -> tuple[str | None, dict[str, Any]]:
-    """(the baseline to measure, or None; the `champion` section of evaluation.json)."""
-    explicit = config.baseline_model
-    if explicit and explicit.strip().lower() == NO_BASELINE:
-        return None, {"status": "off", "reason": "baseline_model is 'none': no comparison"}
-    if explicit:
-        return explicit, {"status": "compared", "uri": explicit, "version": None,
-                          "reason": "baseline_model named explicitly"}
-    if not config.champion_from:
-        return None, {"status": "off", "reason": "no baseline_model and no push_to: no comparison"}
-    from components import registry
-
-    champion = registry.resolve_champion(config.champion_from)
-    if champion is None:
-        return None, {"status": "no champion yet", "push_to": config.champion_from,
-                      "latest": registry.read_latest(config.champion_from),  # export swaps LATEST from this
-                      "reason": f"no champion yet at {config.champion_from} (no LATEST): blessed on thresholds alone"}
-    return champion.uri, {"status": "compared", "uri": champion.uri, "version": champion.version,
-                          "push_to": config.champion_from, "reason": f"champion {champion.version} (LATEST)",
-                          "data_fingerprint": champion.record.get("data_fingerprint")}
-
-
-def _baseline_dir(uri: str, staging: Path) -> str:
-    """A local Model artifact folder for a baseline: a Model dir, a gs:// prefix, or a pushed version folder."""
-    from components import gcs, registry
-
-    if gcs.is_gcs(uri):
-        if gcs.list_blobs(f"{uri.rstrip('/')}/{registry.MODEL_DIR}"):
-            uri = f"{uri.rstrip('/')}/{registry.MODEL_DIR}"
-        return _local_model_dir(uri, staging)
-    if (Path(uri) / registry.MODEL_DIR / "model.keras").is_file():
-        return str(Path(uri) / registry.MODEL_DIR)
-    return uri
+    validation = None
+    if not config.calibrate:
+        reason = "calibrate is off"
+    elif not info.num_examples.get("validation", 0):
+        reason = f"dataset {info.path} has no validation split to fit a temperature on"
+    else:
+        val = pred if config.split == "validation" else predict(model, info, "validation", "model (validation)")
+        validation, reason = (val.probabilities, val.labels), ""
+    section = calibration.measure(validation, (pred.probabilities, pred.labels), config.split)
+    if reason:
+        section["reason"] = reason
+        log.info("no temperature scaling: %s", reason)
+    return section
 
 
 # --- the step --------------------------------------------------------------------------------------------------
@@ -347,13 +279,14 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
     pred = predict(model, info, config.split, "model")
     measured = compute_metrics(pred, list(info.class_names))
     metrics = measured["metrics"]
+    calibration = _calibrate(config, model, info, pred)
 
     baseline: dict[str, Any] | None = None
     baseline_uri, champion = _resolve_baseline(config)
     refuse = None
     if baseline_uri:
         with tempfile.TemporaryDirectory(prefix="kfp-finetune-baseline-") as staging:
-            local = _baseline_dir(baseline_uri, Path(staging))
+            local = baseline_dir(baseline_uri, Path(staging))
             from components import modelio
 
             base_names = list((read_json(Path(local) / modelio.META_FILE, "--baseline-model")
@@ -378,7 +311,8 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
     base_recall = {k: v["recall"] for k, v in baseline["per_class"].items()} if baseline else None
     blessing = bless(metrics["accuracy"], config.min_accuracy,
                      baseline["metrics"]["accuracy"] if baseline else None, config.max_regression,
-                     recall, base_recall, config.max_class_regression, refuse)
+                     recall, base_recall, config.max_class_regression, refuse,
+                     ece=calibration["after"]["ece"], max_ece=config.max_ece)
     if baseline:
         champion["decision"] = ("challenger not worse than the baseline: blessed" if blessing["blessed"] else
                                 "challenger refused: " + "; ".join(blessing["reasons"]))
@@ -400,13 +334,16 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
         "confusion_matrix": measured["confusion_matrix"],
         "baseline": baseline,
         "champion": champion,
+        # The temperature export serves with, ECE/NLL before and after, the reliability bins (calibration.py).
+        "calibration": calibration,
         "data_fingerprint": info.report.get("data_fingerprint"),
         "data_source": info.report.get("source"),
         # What the fine-tune guard kept (components/train/guard.py); None when the model was not fine-tuned.
         "fine_tune_guard": ((meta.get("training") or {}).get("fine_tune") or {}).get("guard"),
         "config": {"min_accuracy": config.min_accuracy, "max_regression": config.max_regression,
                    "baseline_model": config.baseline_model, "champion_from": config.champion_from,
-                   "class_change": config.class_change, "max_class_regression": config.max_class_regression},
+                   "class_change": config.class_change, "max_class_regression": config.max_class_regression,
+                   "calibrate": config.calibrate, "max_ece": config.max_ece},
         "kfp_finetune_version": __version__,
     }
     worst = worst_mistakes(pred)
@@ -425,6 +362,9 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
              config.model, config.split, metrics["num_examples"], seconds, metrics["accuracy"], metrics["loss"],
              metrics["top_k"], metrics["top_k_accuracy"], metrics["macro_f1"],
              f"; baseline accuracy {baseline['metrics']['accuracy']:.4f}" if baseline else "")
+    log.info("calibration (%s): T %.3f; ECE %.4f -> %.4f, NLL %.4f -> %.4f on %s", calibration["status"],
+             calibration["temperature"], calibration["before"]["ece"], calibration["after"]["ece"],
+             calibration["before"]["nll"], calibration["after"]["nll"], config.split)
     log.info("%s%s", "blessed" if blessing["blessed"] else "NOT blessed",
              "" if blessing["blessed"] else ": " + "; ".join(blessing["reasons"]))
     return EvaluateResult(
@@ -439,6 +379,8 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    from components.train.params import add_arguments
+
     p = subparsers.add_parser(
         "evaluate", help="measure a model on a split, write evaluation.json + report.html, decide blessed",
         description="Evaluate a classifier (output of train-head or fine-tune) on one split of a Dataset. "
@@ -460,15 +402,18 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="when the champion's classes differ from the dataset's: bless on thresholds, or refuse")
     p.add_argument("--max-class-regression", type=float, default=1.0,
                    help="how far any class's recall may drop against the baseline (default 1: no per-class rule)")
+    add_arguments(p, PARAMS)
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    from components.train.params import config_kwargs
+
     evaluate(EvaluateConfig(
         dataset=args.dataset, model=args.model, output=args.output, split=args.split,
         min_accuracy=args.min_accuracy, baseline_model=args.baseline_model, max_regression=args.max_regression,
         champion_from=args.champion_from, class_change=args.class_change,
-        max_class_regression=args.max_class_regression,
+        max_class_regression=args.max_class_regression, **config_kwargs(PARAMS, args),
     ))
     return 0
 
@@ -491,6 +436,8 @@ def evaluate_op(
     champion_from: str = "",
     class_change: str = "bless",
     max_class_regression: float = 1.0,
+    calibrate: bool = True,
+    max_ece: float = 1.0,
 ) -> NamedTuple("EvaluateOutputs", [("blessed", bool), ("accuracy", float)]):
     """Evaluate a classifier on one split, write a report, and decide whether it is blessed.
 
@@ -509,6 +456,9 @@ def evaluate_op(
             on this split); no LATEST: thresholds only. baseline_model "none" turns the comparison off.
         class_change: When the champion's classes differ from the dataset's: "bless" on thresholds, or "refuse".
         max_class_regression: How far any class's recall may drop against the baseline (1 = no such rule).
+        calibrate: Fit a temperature T on the validation split (minimising NLL); export serves softmax(log(p) / T).
+        max_ece: Blessed only if the expected calibration error (15 bins) of the served probabilities is at most
+            this (1 = no such rule).
 
     Returns:
         blessed: Whether every blessing rule passed (use with dsl.If to gate export).
@@ -523,6 +473,7 @@ def evaluate_op(
         dataset=dataset.path, model=model.path, output=evaluation.path, split=split, min_accuracy=min_accuracy,
         baseline_model=baseline_model or None, max_regression=max_regression,
         champion_from=champion_from or None, class_change=class_change, max_class_regression=max_class_regression,
+        calibrate=calibrate, max_ece=max_ece,
     ))
     m = result.metrics
     for key in ("accuracy", "loss", "top_k_accuracy", "macro_f1", "weighted_f1"):
@@ -530,6 +481,10 @@ def evaluate_op(
     metrics.log_metric("num_examples", float(m["num_examples"]))
     if result.baseline_metrics:
         metrics.log_metric("baseline_accuracy", float(result.baseline_metrics["accuracy"]))
+    calibration = result.evaluation["calibration"]
+    metrics.log_metric("temperature", float(calibration["temperature"]))
+    for when in ("before", "after"):
+        metrics.log_metric(f"ece_{when}_calibration", float(calibration[when]["ece"]))
     metrics.log_metric("blessed", float(result.blessed))
     classification_metrics.log_confusion_matrix(result.class_names, result.confusion_matrix)
     shutil.copyfile(f"{evaluation.path}/{REPORT_FILE}", report.path)

@@ -3,7 +3,10 @@
 SavedModel: `serving_default` takes `image_bytes`, a 1-D tf.string batch of encoded JPEG/PNG images of any size,
 decodes and resizes them inside the graph with `components.dataset.decode_image` (the very decode+resize training
 and evaluation used) and returns `probabilities` [batch, classes] float32, `class_id` [batch] int32 and
-`class_name` [batch] string. TF Serving and Vertex AI Prediction host it unchanged (JSON clients send
+`class_name` [batch] string, and `logits` [batch, classes]: log of the model's probabilities (its logits up to a
+per-row constant). `probabilities` are calibrated: softmax(logits / T) with the temperature T evaluate fitted on the
+validation split (evaluation.json `calibration.temperature`; T = 1 without one), recorded in export.json
+`calibration`. TF Serving and Vertex AI Prediction host it unchanged (JSON clients send
 `{"image_bytes": {"b64": ...}}`). The output directory is the SavedModel itself, with model.json and
 evaluation.json beside saved_model.pb.
 
@@ -22,8 +25,12 @@ If LATEST moved meanwhile, the version is kept but not promoted, and the push sa
 leaves LATEST on the previous version and no visible version. A model whose model.keras SHA-256 equals the
 champion's is not pushed again. gs:// goes through google-cloud-storage with parallel uploads (components.gcs).
 
-Optional: register the pushed gs:// version in Vertex AI Model Registry (`Model.upload`, a new version of
-`parent_model` when given, the prebuilt TensorFlow serving container).
+LiteRT (`tflite`: fp16 | int8 | both, components/tflite_export.py): `tflite/model_<variant>.tflite` + `labels.txt`,
+each checked with the LiteRT interpreter on the test split (export.json `tflite`); only those within
+`max_tflite_drop` of the Keras accuracy are pushed with the version; `tflite_required` fails the export otherwise.
+
+Optional (components/vertex_model.py): register the pushed gs:// version in Vertex AI Model Registry
+(`Model.upload`, a new version of `parent_model` when given, the prebuilt TensorFlow serving container).
 """
 
 import argparse
@@ -42,9 +49,19 @@ from kfp import dsl
 from kfp.dsl import Artifact, Input, Model, Output
 
 from components import settings
+from components.calibration import LOG_FLOOR
 from components.errors import UserError
 from components.fsutil import atomic_directory, check_output_dir, read_json, write_json
 from components.registry import PUSH_RETRY_SECONDS, new_version, push, read_latest  # noqa: F401 (re-exported)
+from components.release_params import EXPORT as PARAMS
+from components.release_params import tflite_variants
+from components.vertex_model import (  # noqa: F401 (re-exported: callers of export use these names)
+    DEFAULT_SERVING_IMAGE,
+    VERTEX_REGION_PATTERN,
+    VertexConfig,
+    vertex_upload,
+    vertex_upload_args,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -57,37 +74,9 @@ LATEST_FILE = "LATEST"
 EXPORT_FILE = "export.json"
 SIGNATURE = "serving_default"
 INPUT_NAME = "image_bytes"
-OUTPUT_NAMES = ("probabilities", "class_id", "class_name")
+# probabilities: calibrated, softmax(logits / T); logits: log(p) of the Keras model (uncalibrated, to a constant).
+OUTPUT_NAMES = ("probabilities", "class_id", "class_name", "logits")
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# Vertex AI's prebuilt TensorFlow prediction image: 2.15 is the newest TF line Vertex offers, and it loads this
-# SavedModel (checked: every op of the export is in TF 2.15.1's registry, tests/golden/tf2.15_ops.txt, and the
-# serving check passes with tensorflow-cpu 2.15.1 as the server; docs/serving.md).
-DEFAULT_SERVING_IMAGE = "us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-15:latest"
-VERTEX_REGION_PATTERN = re.compile(r"^[a-z]+-[a-z]+\d+$")
-
-
-@dataclass(frozen=True)
-class VertexConfig:
-    """Where and how to register the pushed version in Vertex AI Model Registry."""
-
-    project: str
-    region: str
-    display_name: str
-    parent_model: str | None = None
-    serving_image: str = DEFAULT_SERVING_IMAGE
-    labels: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not str(self.project or "").strip():
-            raise UserError("--vertex-project is required with --vertex-upload")
-        if not VERTEX_REGION_PATTERN.match(str(self.region or "")):
-            raise UserError(f"--vertex-region must be a region like us-central1 (got {self.region!r})")
-        if not str(self.display_name or "").strip() or len(self.display_name) > 128:
-            raise UserError("--vertex-display-name must be 1..128 characters")
-        if not str(self.serving_image or "").strip():
-            raise UserError("--vertex-serving-image is empty")
-        if self.parent_model is not None and not str(self.parent_model).strip():
-            object.__setattr__(self, "parent_model", None)
 
 
 @dataclass(frozen=True)
@@ -105,8 +94,13 @@ class ExportConfig:
     pipeline_job: str | None = None  # the KFP pipeline job / run name, recorded in the lineage
     # Where the serving check takes one test image per class from (default: the evaluation's dataset).
     dataset: str | None = None
+    tflite: str = PARAMS[0].default  # none | fp16 | int8 | both (components/tflite_export.py)
+    max_tflite_drop: float = PARAMS[1].default  # a .tflite more than this below Keras's accuracy is not pushed
+    tflite_required: bool = PARAMS[2].default  # a requested .tflite that will not ship fails the export
 
     def __post_init__(self) -> None:
+        for p in PARAMS:
+            p.validate(getattr(self, p.name))
         for name in ("model", "output"):
             if not str(getattr(self, name) or "").strip():
                 raise UserError(f"--{name} is required")
@@ -143,6 +137,8 @@ class ExportResult:
     class_names: list[str] = field(default_factory=list)
     seconds: float = 0.0
     serving_check: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0  # the calibration the serving signature applies
+    tflite: dict[str, Any] = field(default_factory=dict)  # export.json's `tflite` section ({} when none asked for)
 
 
 # --- the serving SavedModel ------------------------------------------------------------------------------------
@@ -154,8 +150,10 @@ def _input_size(model: "keras.Model") -> int:
     return modelio.input_size(model)
 
 
-def write_saved_model(model: "keras.Model", class_names: list[str], directory: str | os.PathLike) -> None:
-    """Write a SavedModel whose serving_default maps encoded images to probabilities, class_id and class_name."""
+def write_saved_model(model: "keras.Model", class_names: list[str], directory: str | os.PathLike,
+                      temperature: float = 1.0) -> None:
+    """Write a SavedModel whose serving_default maps encoded images to probabilities (calibrated with
+    `temperature`: softmax(logits / T)), class_id, class_name and logits (log of the model's probabilities)."""
     import keras
     import tensorflow as tf
 
@@ -166,27 +164,33 @@ def write_saved_model(model: "keras.Model", class_names: list[str], directory: s
 
     # A batch of 0 never reaches the model (oneDNN on AMD EPYC with AVX-512 failed on it: "Incompatible shapes:
     # [0,96,96,3] vs. [8]"): each endpoint answers it with outputs of shape (0, classes) / (0,) and the same dtypes.
-    def empty_outputs() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        return tf.zeros([0, len(class_names)], tf.float32), tf.zeros([0], tf.int32), tf.zeros([0], tf.string)
+    def empty_outputs() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+        return (tf.zeros([0, len(class_names)], tf.float32), tf.zeros([0], tf.int32), tf.zeros([0], tf.string),
+                tf.zeros([0, len(class_names)], tf.float32))
+
+    def calibrated(pixels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(softmax(logits / T), logits): the head is a softmax, so log(p) are its logits up to a per-row
+        constant (components/calibration.py); floored so that a probability of 0 gives a finite logit."""
+        logits = tf.math.log(tf.maximum(tf.cast(model(pixels, training=False), tf.float32), LOG_FLOOR))
+        return tf.nn.softmax(logits / tf.constant(temperature, tf.float32), axis=-1), logits
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
     def serve(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
-        def classify() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        def classify() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
             pixels = tf.map_fn(
                 lambda b: decode_image(b, size), image_bytes,
                 fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32),
             )
-            probabilities = tf.cast(model(pixels, training=False), tf.float32)
+            probabilities, logits = calibrated(pixels)
             class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
-            return probabilities, class_id, tf.gather(names, class_id)
+            return probabilities, class_id, tf.gather(names, class_id), logits
 
         return dict(zip(OUTPUT_NAMES, tf.cond(tf.shape(image_bytes)[0] > 0, classify, empty_outputs), strict=True))
 
-    # For batch prediction (components.predict): decoded pixels in, probabilities out, no string handling.
+    # For batch prediction (components.predict): decoded pixels in, (calibrated) probabilities out, no strings.
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
     def predict_pixels(pixels: tf.Tensor) -> tf.Tensor:
-        return tf.cond(tf.shape(pixels)[0] > 0, lambda: tf.cast(model(pixels, training=False), tf.float32),
-                       lambda: empty_outputs()[0])
+        return tf.cond(tf.shape(pixels)[0] > 0, lambda: calibrated(pixels)[0], lambda: empty_outputs()[0])
 
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -196,7 +200,7 @@ def write_saved_model(model: "keras.Model", class_names: list[str], directory: s
 
 
 def _serving_check(saved_model_dir: Path, model: "keras.Model", class_names: list[str], config: ExportConfig,
-                   evaluation: dict[str, Any] | None) -> "serving.ServingCheck":
+                   evaluation: dict[str, Any] | None, temperature: float) -> "serving.ServingCheck":
     """components.serving's check with one test image per class (synthetic images when no dataset is at hand)."""
     from components import serving
 
@@ -207,7 +211,7 @@ def _serving_check(saved_model_dir: Path, model: "keras.Model", class_names: lis
         log.warning("serving check: no dataset at hand (--dataset, or the evaluation's dataset %r): sending "
                     "synthetic images instead of real ones", dataset)
         samples = serving.synthetic_images(len(class_names))
-    return serving.check_saved_model(saved_model_dir, model, class_names, samples)
+    return serving.check_saved_model(saved_model_dir, model, class_names, samples, temperature=temperature)
 
 
 def _serving_requirements(saved_model_dir: Path) -> dict[str, Any]:
@@ -264,10 +268,10 @@ def lineage(meta: dict[str, Any], evaluation: dict[str, Any] | None, pipeline_jo
 
 
 def _push_version(config: "ExportConfig", meta: dict[str, Any], evaluation: dict[str, Any] | None,
-                  model_sha: str) -> "registry.Pushed":
+                  model_sha: str, tflite: dict[str, Any] | None = None) -> "registry.Pushed":
     """Stage the export + the Model artifact + version.json; push it (named at push time unless --run-id names it;
     LATEST moves only from the champion the evaluation compared against)."""
-    from components import registry
+    from components import registry, tflite_export
     from components.fingerprint import canonical_settings
 
     metrics = (evaluation or {}).get("metrics") or {}
@@ -287,6 +291,7 @@ def _push_version(config: "ExportConfig", meta: dict[str, Any], evaluation: dict
     with tempfile.TemporaryDirectory(prefix=".push-", dir=parent) as staging:
         stage = Path(staging) / "version"
         shutil.copytree(config.output, stage)
+        tflite_export.prune(stage, tflite)  # only the .tflite files that passed max_tflite_drop go with the version
         (stage / registry.MODEL_DIR).mkdir()
         for name in ("model.keras", "model.json"):
             shutil.copy2(Path(config.model) / name, stage / registry.MODEL_DIR / name)
@@ -295,53 +300,6 @@ def _push_version(config: "ExportConfig", meta: dict[str, Any], evaluation: dict
         write_json(stage / registry.VERSION_FILE, record)
         return registry.push(stage, config.push_to, config.run_id,
                              expect=registry.evaluated_champion(evaluation, config.push_to))
-
-
-# --- Vertex AI Model Registry ----------------------------------------------------------------------------------
-
-
-def vertex_upload_args(vertex: VertexConfig, artifact_uri: str, version: str, class_names: list[str],
-                       evaluation: dict[str, Any] | None, default_version: bool = True) -> dict[str, Any]:
-    """`aiplatform.Model.upload`'s arguments, built and checked offline (default_version: False when not promoted)."""
-    if not artifact_uri.startswith("gs://"):
-        raise UserError(f"Vertex AI needs a gs:// artifact URI (got {artifact_uri!r})")
-    labels = {"kfp-finetune-version": re.sub(r"[^a-z0-9_-]", "-", version.lower())[:63], **vertex.labels}
-    accuracy = (evaluation or {}).get("metrics", {}).get("accuracy")
-    description = (f"{len(class_names)} classes: {', '.join(class_names)}"
-                   + (f"; test accuracy {accuracy:.4f}" if accuracy is not None else ""))
-    args: dict[str, Any] = {
-        "display_name": vertex.display_name,
-        "artifact_uri": artifact_uri,
-        "serving_container_image_uri": vertex.serving_image,
-        "description": description[:2048],
-        "labels": labels,
-        "version_aliases": [f"v{re.sub(r'[^a-z0-9-]', '-', version.lower())}"[:128]],
-        "is_default_version": default_version,
-        "sync": True,
-    }
-    if vertex.parent_model:
-        args["parent_model"] = vertex.parent_model
-    return args
-
-
-def vertex_upload(vertex: VertexConfig, args: dict[str, Any], credentials: Any = None,
-                  api_endpoint: str | None = None) -> str:
-    """Upload to Vertex AI Model Registry; returns the model's resource name (with version)."""
-    from google.cloud import aiplatform
-
-    init: dict[str, Any] = {"project": vertex.project, "location": vertex.region}
-    if credentials is not None:
-        init["credentials"] = credentials
-    if api_endpoint:
-        init["api_endpoint"] = api_endpoint
-    aiplatform.init(**init)
-    try:
-        model = aiplatform.Model.upload(**args)
-    except Exception as exc:  # google.api_core errors, auth errors, network errors
-        raise UserError(f"Vertex AI Model.upload of {args['artifact_uri']} failed: {exc}") from exc
-    name = f"{model.resource_name}@{model.version_id}" if getattr(model, "version_id", None) else model.resource_name
-    log.info("registered in Vertex AI Model Registry: %s", name)
-    return name
 
 
 def _duplicate_of_champion(config: "ExportConfig") -> str:
@@ -363,7 +321,7 @@ def _duplicate_of_champion(config: "ExportConfig") -> str:
 
 def export(config: ExportConfig) -> ExportResult:
     """Write the serving SavedModel to `config.output`; push it when `config.push_to` is set."""
-    from components import modelio
+    from components import calibration, modelio, tflite_export
 
     started = time.perf_counter()
     check_output_dir(config.output)
@@ -379,36 +337,50 @@ def export(config: ExportConfig) -> ExportResult:
     if evaluation is not None:
         _check_evaluation(evaluation, config.model, class_names, pushing=config.push_to is not None)
     duplicate = _duplicate_of_champion(config) if config.push_to else ""
+    temperature = calibration.temperature_of(evaluation)
+    tflite: dict[str, Any] = {}
 
     with atomic_directory(config.output) as tmp:
-        write_saved_model(model, class_names, tmp)
-        check = _serving_check(tmp, model, class_names, config, evaluation)
+        write_saved_model(model, class_names, tmp, temperature)
+        check = _serving_check(tmp, model, class_names, config, evaluation, temperature)
+        if tflite_variants(config.tflite):
+            tflite = tflite_export.export_tflite(
+                model, class_names, tmp, tflite_variants(config.tflite),
+                config.dataset or (evaluation or {}).get("dataset"), config.max_tflite_drop, temperature)
         write_json(tmp / modelio.META_FILE, meta)
         if evaluation is not None:
-            write_json(tmp / "evaluation.json", evaluation)
+            write_json(tmp / "evaluation.json", {**evaluation, "tflite": tflite} if tflite else evaluation)
+            tflite_export.copy_report(config.evaluation, tmp, tflite)
         write_json(tmp / EXPORT_FILE, {
             "signature": SIGNATURE, "inputs": {INPUT_NAME: "tf.string [None]: encoded JPEG/PNG, any size"},
-            "outputs": {"probabilities": f"float32 [None, {len(class_names)}]", "class_id": "int32 [None]",
-                        "class_name": "string [None]"},
+            "outputs": {"probabilities": f"float32 [None, {len(class_names)}]: softmax(logits / temperature)",
+                        "class_id": "int32 [None]", "class_name": "string [None]",
+                        "logits": f"float32 [None, {len(class_names)}]: log of the model's probabilities"},
+            "calibration": {"temperature": temperature,
+                            "source": "evaluation.json calibration" if evaluation and evaluation.get("calibration")
+                            else "none (T = 1): no calibrated evaluation"},
             "class_names": class_names, "input_size": _input_size(model), "source_model": str(config.model),
             "version": config.run_id,  # without --run-id the version is named at push time (version.json)
             "serving_check": check.as_dict(), "serving_requirements": _serving_requirements(tmp),
+            "tflite": tflite or None,
         })
     log.info("exported SavedModel (%s: %s -> %s) to %s", SIGNATURE, INPUT_NAME, ", ".join(OUTPUT_NAMES),
              config.output)
 
     result = ExportResult(saved_model_dir=str(config.output), class_names=class_names,
-                          serving_check=check.as_dict())
+                          serving_check=check.as_dict(), temperature=temperature, tflite=tflite)
     if not check.passed:
         raise UserError(f"serving check failed, so nothing was pushed: {check.reason} (details in "
                         f"{Path(config.output) / EXPORT_FILE})")
+    if config.tflite_required:
+        tflite_export.require(tflite, config.output)
     if config.push_to and duplicate:
         result.skipped_push = duplicate
         log.warning("not pushed: %s", duplicate)
     elif config.push_to:
         from components.evaluate import file_sha256
 
-        pushed = _push_version(config, meta, evaluation, file_sha256(Path(config.model) / "model.keras"))
+        pushed = _push_version(config, meta, evaluation, file_sha256(Path(config.model) / "model.keras"), tflite)
         result.pushed_uri, result.version, result.promoted = pushed.uri, pushed.version, pushed.promoted
         result.not_promoted = pushed.message
         if config.vertex is not None:
@@ -438,6 +410,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--run-id", default=None, help="version folder name (default: UTC timestamp in ms)")
     p.add_argument("--dataset", default=None,
                    help="Dataset artifact for the serving check's test images (default: the evaluation's dataset)")
+    from components.train.params import add_arguments
+
+    add_arguments(p.add_argument_group("LiteRT (TFLite) models for phones (optional)"), PARAMS)
     v = p.add_argument_group("Vertex AI Model Registry (optional)")
     v.add_argument("--vertex-upload", action="store_true", help="register the pushed gs:// version in Vertex AI")
     v.add_argument("--vertex-project", default=None, help="GCP project (default: $GOOGLE_CLOUD_PROJECT)")
@@ -449,6 +424,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from components.train.params import config_kwargs
+
     vertex = None
     if args.vertex_upload:
         vertex = VertexConfig(project=args.vertex_project or settings.gcp_project() or "", region=args.vertex_region,
@@ -456,7 +433,7 @@ def _run(args: argparse.Namespace) -> int:
                               serving_image=args.vertex_serving_image)
     result = export(ExportConfig(model=args.model, output=args.output, evaluation=args.evaluation,
                                  push_to=args.push_to, run_id=args.run_id, vertex=vertex,
-                                 dataset=args.dataset))
+                                 dataset=args.dataset, **config_kwargs(PARAMS, args)))
     if result.pushed_uri and result.promoted:
         log.info("pushed version %s to %s; LATEST names it", result.version, result.pushed_uri)
     return 0
@@ -475,6 +452,9 @@ def export_op(
     fingerprint: str = "",
     training_settings: dict = {},  # noqa: B006 (KFP reads the default from the signature)
     pipeline_job: str = "",
+    tflite: str = "none",
+    max_tflite_drop: float = 0.01,
+    tflite_required: bool = False,
 ) -> NamedTuple("ExportOutputs", [("pushed_uri", str)]):
     """Export a blessed classifier as a serving SavedModel and push a versioned copy.
 
@@ -488,6 +468,10 @@ def export_op(
         fingerprint: The data fingerprint (fingerprint step), recorded in the pushed version.
         training_settings: The run's training settings, recorded so that the next run can skip unchanged data.
         pipeline_job: The pipeline job name (dsl.PIPELINE_JOB_NAME_PLACEHOLDER), recorded in the lineage.
+        tflite: Also write LiteRT models in tflite/ with labels.txt: "none", "fp16", "int8" (full-integer, uint8
+            image input) or "both"; each is checked with the LiteRT interpreter on the test split.
+        max_tflite_drop: A .tflite whose test accuracy is more than this below the Keras model's is not pushed.
+        tflite_required: Fail the export (nothing pushed) when a requested .tflite does not convert or pass.
 
     Returns:
         pushed_uri: Where the version was pushed ("" when push_to is "").
@@ -498,10 +482,13 @@ def export_op(
 
     result = export(ExportConfig(model=model.path, output=exported_model.path, evaluation=evaluation.path,
                                  push_to=push_to or None, run_id=run_id or None, fingerprint=fingerprint or None,
-                                 settings=training_settings or None, pipeline_job=pipeline_job or None))
+                                 settings=training_settings or None, pipeline_job=pipeline_job or None,
+                                 tflite=tflite, max_tflite_drop=max_tflite_drop, tflite_required=tflite_required))
     exported_model.metadata.update({"class_names": result.class_names, "signature": "serving_default",
                                     "pushed_uri": result.pushed_uri, "version": result.version,
                                     "skipped_push": result.skipped_push, "promoted": result.promoted,
-                                    "not_promoted": result.not_promoted})
+                                    "not_promoted": result.not_promoted, "temperature": result.temperature,
+                                    "tflite": sorted(n for n, m in (result.tflite.get("models") or {}).items()
+                                                     if m.get("push"))})
     outputs = namedtuple("ExportOutputs", ["pushed_uri"])
     return outputs(result.pushed_uri)

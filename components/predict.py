@@ -4,8 +4,9 @@
                          [--top-k K] [--batch-size N]
 
 --model: an export (SavedModel folder from `kfp-finetune export`), a Model artifact (model.keras + model.json from
-train-head / fine-tune), or a push destination (folder or gs:// prefix holding LATEST): then the version LATEST
-names. A gs:// model is copied to a temporary folder first (models are small; images are not).
+train-head / fine-tune), a LiteRT model (`tflite/model_<variant>.tflite` of an export, run by the LiteRT interpreter,
+class names from the `labels.txt` beside it), or a push destination (folder or gs:// prefix holding LATEST): then
+the version LATEST names. A gs:// model is copied to a temporary folder first (models are small; images are not).
 
 --input: a folder (searched recursively for image file names), a gs:// prefix (listed page by page, each object
 downloaded when its turn comes), or a .csv file whose column `file` (or `path`, `uri`, `image`; else the first
@@ -118,11 +119,14 @@ class Classifier:
 
         self.path = path
         root = Path(path)
+        self._bytes_fn: Callable[[Any], Any] | None = None
+        if root.suffix == ".tflite":
+            self._load_tflite(root)
+            return
         self.meta = modelio.read_meta(root)
         self.class_names = list(self.meta.get("class_names") or [])
         if not self.class_names:
             raise UserError(f"--model {path}: model.json has no class_names (give a trained classifier)")
-        self._bytes_fn: Callable[[Any], Any] | None = None
         if (root / modelio.MODEL_FILE).is_file():
             model, _ = modelio.load_model(root)
             self.size = modelio.input_size(model, f"--model {path}")
@@ -150,6 +154,23 @@ class Classifier:
             raise UserError(f"--model {path}: neither model.keras (a Model artifact) nor saved_model.pb (an export)")
         log.info("model %s (%s, %d classes, %dx%d)", path, self.kind, len(self.class_names), self.size, self.size)
 
+    def _load_tflite(self, root: Path) -> None:
+        """A .tflite in the LiteRT interpreter, one image per invoke (the interpreter's input is [1, S, S, 3])."""
+        import numpy as np
+
+        from components.tflite_export import LABELS_FILE, LiteModel
+
+        labels = root.parent / LABELS_FILE
+        if not root.is_file() or not labels.is_file():
+            raise UserError(f"--model {root}: a .tflite needs the file and {LABELS_FILE} beside it (class names)")
+        self.meta = {}
+        self.class_names = [line for line in labels.read_text(encoding="utf-8").splitlines() if line]
+        lite = LiteModel(root)
+        self.size, self.kind = lite.size, "tflite"
+        self._pixels_fn = lambda batch: np.stack([lite.probabilities(x) for x in np.asarray(batch)]) \
+            if len(batch) else np.zeros([0, len(self.class_names)], np.float32)
+        log.info("model %s (tflite, %d classes, %dx%d)", root, len(self.class_names), self.size, self.size)
+
     @property
     def wants_bytes(self) -> bool:
         return self._bytes_fn is not None
@@ -172,10 +193,16 @@ def resolve_model(model: str, staging: str) -> str:
     if latest:
         model = f"{model.rstrip('/')}/{latest}"
         log.info("--model: LATEST names version %s -> %s", latest, model)
+    if gcs.is_gcs(model) and model.endswith(".tflite"):  # the file and labels.txt beside it
+        local = Path(staging) / "model"
+        gcs.download_tree(model.rsplit("/", 1)[0], local, "--model")
+        return str(local / model.rsplit("/", 1)[1])
     if gcs.is_gcs(model):
         local = Path(staging) / "model"
         gcs.download_tree(model, local, "--model")
         return str(local)
+    if model.endswith(".tflite") and Path(model).is_file():
+        return model
     if not Path(model).is_dir():
         raise UserError(f"--model {model}: no such folder")
     return model

@@ -1,8 +1,9 @@
 """The evaluation report: one self-contained HTML page (inline SVG and data URIs, no scripts, fonts or network).
 
 Sections: headline metrics and the blessing decision, training curves of every phase (from model.json `history`),
-a confusion-matrix heatmap, the per-class table, the dataset summary (from the ingest report) and thumbnails of
-the worst mistakes. Pure Python: no TensorFlow import, so it can be unit-tested and rendered quickly.
+a confusion-matrix heatmap, calibration (ECE/NLL before and after temperature scaling, a reliability diagram), the
+LiteRT models when export converted some, the per-class table, the dataset summary (from the ingest report) and
+thumbnails of the worst mistakes. Pure Python: no TensorFlow import, so it can be unit-tested and rendered quickly.
 """
 
 from __future__ import annotations
@@ -159,6 +160,91 @@ def confusion_svg(matrix: Sequence[Sequence[int]], class_names: Sequence[str], c
     return "".join(parts)
 
 
+def reliability_svg(before: Sequence[dict[str, Any]], after: Sequence[dict[str, Any]] | None = None,
+                    size: int = 300) -> str:
+    """Reliability diagram: accuracy per confidence bin (bars: before calibration; dots: after), with the diagonal
+    of perfect calibration. Bins are the equal-width ones of components.calibration (lower, upper, count,
+    accuracy, confidence)."""
+    left, top, pad = 44, 12, 34
+    side = size - left - 12
+    width, height = size, top + side + pad
+
+    def xy(conf: float, acc: float) -> tuple[float, float]:
+        return left + side * conf, top + side * (1 - acc)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             'aria-label="reliability diagram">',
+             f'<rect x="{left}" y="{top}" width="{side}" height="{side}" fill="#fafafa" stroke="#ccc"/>']
+    for k in range(6):
+        v = k / 5
+        x, y = xy(v, v)
+        parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end" font-size="11">{v:.1f}</text>')
+        parts.append(f'<text x="{x:.1f}" y="{top + side + 14}" text-anchor="middle" font-size="11">{v:.1f}</text>')
+    x0, y0 = xy(0, 0)
+    x1, y1 = xy(1, 1)
+    parts.append(f'<line x1="{x0}" y1="{y0}" x2="{x1}" y2="{y1}" stroke="#999" stroke-dasharray="4,4"/>')
+    for b in before:
+        if not b["count"]:
+            continue
+        bx, by = xy(b["lower"], b["accuracy"])
+        parts.append(f'<rect x="{bx:.1f}" y="{by:.1f}" width="{side * (b["upper"] - b["lower"]):.1f}" '
+                     f'height="{top + side - by:.1f}" fill="{CURVE_COLOURS["train"]}" fill-opacity="0.55" '
+                     f'stroke="#fff"><title>confidence {b["lower"]:.2f}-{b["upper"]:.2f}: {b["count"]} examples, '
+                     f'accuracy {b["accuracy"]:.3f}, mean confidence {b["confidence"]:.3f}</title></rect>')
+    for b in after or ():
+        if b["count"]:
+            cx, cy = xy(b["confidence"], b["accuracy"])
+            parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="{CURVE_COLOURS["val"]}">'
+                         f'<title>after calibration: {b["count"]} examples, accuracy {b["accuracy"]:.3f}, '
+                         f'mean confidence {b["confidence"]:.3f}</title></circle>')
+    parts.append(f'<text x="{left + side / 2:.0f}" y="{height - 4}" text-anchor="middle" font-size="11">'
+                 'confidence (top-1 probability)</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def calibration_section(calibration: dict[str, Any] | None) -> str:
+    """ECE and NLL before and after temperature scaling, the temperature, and the reliability diagram."""
+    if not calibration:
+        return '<p class="muted">no calibration in this evaluation</p>'
+    c = calibration
+    fitted = c.get("status") == "fitted"
+    rows = [["ECE", c["before"]["ece"], c["after"]["ece"]], ["NLL", c["before"]["nll"], c["after"]["nll"]]]
+    val = c.get("validation")
+    if val:
+        rows += [["validation ECE", val["before"]["ece"], val["after"]["ece"]],
+                 ["validation NLL", val["before"]["nll"], val["after"]["nll"]]]
+    head = (f'<p>temperature <b>T = {c["temperature"]:.3f}</b>, fitted on the validation split by minimising NLL; '
+            "the export serves softmax(log(p) / T). " if fitted else
+            f'<p class="muted">not calibrated ({escape(str(c.get("reason") or c.get("status")))}): T = 1. ')
+    head += (f'ECE: {int(c["ece_bins"])} equal-width bins of the top-1 confidence, on split '
+             f'<b>{escape(str(c["split"]))}</b>.{" " + escape(c["note"]) if c.get("note") else ""}</p>')
+    legend = ('<p class="muted">bars: accuracy per confidence bin before calibration; dots: after (at their mean '
+              "confidence); dashed: perfect calibration</p>")
+    return (head + _table(["", "before", "after"], rows) + legend
+            + reliability_svg(c["reliability_before"], c["reliability_after"] if fitted else None))
+
+
+def tflite_section(tflite: dict[str, Any] | None) -> str:
+    """The LiteRT models export converted and checked (components/tflite_export.py): one row per model."""
+    if not tflite or not tflite.get("models"):
+        return ""
+    rows = []
+    for name, m in tflite["models"].items():
+        if m.get("error"):
+            rows.append([name, "-", "-", "-", "-", "-", f"conversion failed: {m['error']}"])
+            continue
+        rows.append([name, m["accuracy"], m["accuracy_drop"], m["top1_agreement"], f'{m["size_bytes"] / 1e6:.2f} MB',
+                     f'{m["latency_ms"]:.2f} ms', "pushed" if m.get("push") else f'not pushed: {m.get("reason", "")}'])
+    keras = tflite.get("keras") or {}
+    note = (f'<p class="muted">on split {escape(str(tflite.get("split")))} ({tflite.get("examples")} images, the '
+            f'serving decode and resize); Keras accuracy {format_value(keras.get("accuracy"))}; latency: median '
+            "single-image CPU time with the LiteRT interpreter, 1 thread; max_tflite_drop "
+            f'{format_value(tflite.get("max_tflite_drop"))}</p>')
+    return ("<h2>LiteRT (TFLite) models</h2>" + note
+            + _table(["model", "accuracy", "drop vs Keras", "top-1 agreement", "size", "latency", "push"], rows))
+
+
 # --- the page --------------------------------------------------------------------------------------------------------
 
 _CSS = """
@@ -258,6 +344,8 @@ def render(
 <h2>Training curves</h2>{guard_html}<div class="curves">{curves}</div>
 <h2>Confusion matrix</h2><p class="muted">rows: true class · columns: predicted class</p>
 {confusion_svg(evaluation["confusion_matrix"], names)}
+<h2>Calibration</h2>{calibration_section(evaluation.get("calibration"))}
+{tflite_section(evaluation.get("tflite"))}
 <h2>Per class</h2>{_table(["class", "precision", "recall", "F1", "support"], class_rows)}
 <h2>Worst mistakes</h2><p class="muted">misclassified examples, most confident first</p>{mistakes_html}
 <h2>Dataset</h2>{_dataset_section(ingest_report, names)}

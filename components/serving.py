@@ -345,8 +345,9 @@ def run_server(saved_model_dir: str | os.PathLike, body: dict[str, Any], warmup:
         return json.loads((Path(tmp) / "out.json").read_text())
 
 
-def keras_probabilities(model: keras.Model, images: list[bytes]) -> Any:
-    """The Keras model's probabilities on encoded images, through the training/evaluation decode."""
+def keras_probabilities(model: keras.Model, images: list[bytes], temperature: float = 1.0) -> Any:
+    """The Keras model's probabilities on encoded images, through the training/evaluation decode, calibrated with
+    `temperature` (softmax(log(p) / T), components/calibration.py) as the export serves them."""
     import numpy as np
     import tensorflow as tf
 
@@ -354,7 +355,12 @@ def keras_probabilities(model: keras.Model, images: list[bytes]) -> Any:
 
     size = int(model.input_shape[1])
     pixels = tf.stack([decode_image(tf.constant(b), size) for b in images])
-    return np.asarray(model(pixels, training=False), dtype="float64")
+    probabilities = np.asarray(model(pixels, training=False), dtype="float64")
+    if temperature == 1.0:
+        return probabilities
+    from components.calibration import apply_temperature
+
+    return apply_temperature(probabilities, temperature)
 
 
 def _compare(outputs: dict[str, Any], expected: Any, class_names: list[str], what: str) -> float:
@@ -378,7 +384,7 @@ def _compare(outputs: dict[str, Any], expected: Any, class_names: list[str], wha
 
 def check_saved_model(saved_model_dir: str | os.PathLike, model: keras.Model, class_names: list[str],
                       samples: list[tuple[str, bytes]], write_warmup_file: bool = True,
-                      timeout: float = CHECK_TIMEOUT_S) -> ServingCheck:
+                      timeout: float = CHECK_TIMEOUT_S, temperature: float = 1.0) -> ServingCheck:
     """Write the warmup file (one request per sample), then serve the SavedModel in a fresh TensorFlow-only
     process and compare what it answers with the Keras model. Never raises for a bad model: see `.reason`."""
     started = time.perf_counter()
@@ -391,7 +397,7 @@ def check_saved_model(saved_model_dir: str | os.PathLike, model: keras.Model, cl
     check.warmup_records = len(images) if warmup else 0
     try:
         served = run_server(saved_model_dir, vertex_body(images), warmup, timeout=timeout)
-        expected = keras_probabilities(model, images)
+        expected = keras_probabilities(model, images, temperature)
         check.server_tensorflow = served.get("tensorflow", "")
         inputs = served.get("inputs", {})
         if list(inputs) != [INPUT_NAME] or inputs[INPUT_NAME][0] != "string":

@@ -153,6 +153,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
     from components.fingerprint import STATUS_NO_NEW_DATA, fingerprint_op
     from components.ingest import ingest_op
     from components.registry import no_new_data_op
+    from components.release_params import EVALUATE, EXPORT
     from components.train import fine_tune_op, params, train_head_op
 
     options = options or CompileOptions()
@@ -253,13 +254,14 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         evaluate = evaluate_c(dataset=dataset, model=model, split="test", min_accuracy=v["min_accuracy"],
                               baseline_model=v["baseline_model"], max_regression=v["max_regression"],
                               champion_from=v["push_to"], class_change=v["class_change"],
-                              max_class_regression=v["max_class_regression"])
+                              max_class_regression=v["max_class_regression"],
+                              **params.step_arguments(EVALUATE, v))
         evaluate.set_display_name("evaluate")
         with dsl.If(evaluate.outputs["blessed"] == True, name="blessed"):  # noqa: E712 (a KFP condition)
             # No run_id: export then names the pushed version by UTC timestamp (digits), which TF Serving orders.
             export = export_c(model=model, evaluation=evaluate.outputs["evaluation"], push_to=v["push_to"],
                               fingerprint=v["fingerprint"], training_settings=v["training_settings"],
-                              pipeline_job=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+                              pipeline_job=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, **params.step_arguments(EXPORT, v))
             # Pushing is a side effect: never satisfy it from the cache.
             export.set_display_name("export").set_caching_options(False)
         return evaluate, export
@@ -332,6 +334,11 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         force_retrain: bool = False,
         class_change: str = "bless",
         max_class_regression: float = 1.0,
+        calibrate: bool = True,
+        max_ece: float = 1.0,
+        tflite: str = "none",
+        max_tflite_drop: float = 0.01,
+        tflite_required: bool = False,
     ) -> PipelineOutputs:
         """Fine-tune a Keras image classifier: ingest ∥ backbone → train_head → fine_tune → evaluate → export.
 
@@ -393,11 +400,20 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
             class_change: when the champion's classes differ from the data's: "bless" (on thresholds alone) or
                 "refuse"; the decision and its reason are written to evaluation.json.
             max_class_regression: how far any class's recall may drop against the champion (1 = no such rule).
+            calibrate: fit a temperature T on the validation split (minimising NLL); the export serves calibrated
+                probabilities softmax(log(p) / T) and keeps the logits as an output.
+            max_ece: bless only if the expected calibration error (15 equal-width bins, test split) of the served
+                probabilities is at most this (1 = no such rule).
+            tflite: also export LiteRT models for phones: "none", "fp16", "int8" (full-integer, uint8 image input)
+                or "both", each checked with the LiteRT interpreter on the test split.
+            max_tflite_drop: a .tflite whose test accuracy is more than this below the Keras model's is not pushed.
+            tflite_required: fail the export (nothing pushed) when a requested .tflite does not convert or pass.
         """
         values = dict(locals())  # the pipeline's parameters by name, for params.step_arguments / branch_arguments
         # What the skip decision compares with the champion's: every parameter that shapes the model.
         not_training = {"source", "checkpoint_dir", "min_accuracy", "baseline_model", "max_regression", "push_to",
-                        "force_retrain", "class_change", "max_class_regression"}
+                        "force_retrain", "class_change", "max_class_regression", "calibrate", "max_ece", "tflite",
+                        "max_tflite_drop", "tflite_required"}
         training_settings = {k: v for k, v in values.items()
                              if isinstance(v, pipeline_channel.PipelineParameterChannel) and k not in not_training}
         training_settings["compare_recipes"] = ",".join(options.compare_recipes)

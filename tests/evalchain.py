@@ -57,6 +57,26 @@ class Chain:
         return self._once("other_dataset", make)
 
     @property
+    def noisy_dataset(self) -> Path:
+        """The synthetic images with every 4th image of each class filed under the next class (25 % label noise):
+        no model gets its validation split all right, so a temperature has something to fit."""
+        import shutil
+
+        from components.ingest import IngestConfig, ingest
+
+        def make(out: Path) -> None:
+            src = self.root / "noisy_images"
+            classes = sorted(p.name for p in self.synthetic_folder.iterdir() if p.is_dir())
+            for i, cls in enumerate(classes):
+                for j, f in enumerate(sorted((self.synthetic_folder / cls).iterdir())):
+                    target = src / (classes[(i + 1) % len(classes)] if j % 4 == 3 else cls)
+                    target.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(f, target / f"{cls}_{f.name}")
+            ingest(IngestConfig(source=str(src), output=str(out), val_fraction=0.3, test_fraction=0.3, seed=0))
+
+        return self._once("noisy_dataset", make)
+
+    @property
     def backbone(self) -> Path:
         from components.backbone import BackboneConfig, build_backbone
 
@@ -101,6 +121,11 @@ class Chain:
         (A head that barely moves is no longer weak: the head starts at zero, so even a 1e-7 step points every logit
         the right way and argmax is perfect on this easy data.)"""
         return self._head("weak", self.dataset, 1, 1e-3, backbone=self.random_backbone)
+
+    @property
+    def noisy(self) -> Path:
+        """6 head epochs at lr 1e-2 on noisy_dataset, with the default label smoothing (0.1)."""
+        return self._head("noisy", self.noisy_dataset, 6, 1e-2)
 
     @property
     def other_model(self) -> Path:

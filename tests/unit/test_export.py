@@ -71,7 +71,7 @@ def test_serving_signature_matches_keras_on_flower_photos(chain, exported, flowe
     images = _flower_images(flowers_dir)
     serving = tf.saved_model.load(str(exported)).signatures["serving_default"]
     out = serving(image_bytes=tf.constant(images))
-    assert set(out) == {"probabilities", "class_id", "class_name"}
+    assert set(out) == {"probabilities", "class_id", "class_name", "logits"}
 
     model, meta = modelio.load_model(chain.strong)
     pixels = tf.stack([decode_image(b, evalchain.IMAGE_SIZE) for b in images])

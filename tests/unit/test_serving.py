@@ -134,10 +134,10 @@ def test_serving_check_refuses_a_broken_export_and_does_not_push(chain, blessed_
 
     real = export_module.write_saved_model
 
-    def broken(model, class_names, directory):  # noqa: ANN001
+    def broken(model, class_names, directory, temperature=1.0):  # noqa: ANN001
         other = keras.models.clone_model(model)
         other.set_weights([w + 0.5 for w in model.get_weights()])
-        real(other, class_names, directory)
+        real(other, class_names, directory, temperature)
 
     monkeypatch.setattr(export_module, "write_saved_model", broken)
     registry = tmp_path / "registry"

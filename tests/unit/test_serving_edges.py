@@ -62,7 +62,7 @@ def test_empty_batch_answers_zero_rows_on_every_endpoint_with_onednn(model, tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["serving_default"] == {"probabilities": ["float32", [0, len(CLASSES)]], "class_id": ["int32", [0]],
-                                      "class_name": ["string", [0]]}
+                                      "class_name": ["string", [0]], "logits": ["float32", [0, len(CLASSES)]]}
     assert out["predict_pixels"] == ["float32", [0, len(CLASSES)]]
     assert out["one"] == [1, len(CLASSES)]
 
