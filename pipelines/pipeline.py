@@ -326,7 +326,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         batch_norm: str = "auto",
         checkpoint_dir: str = "",
         seed: int = 0,
-        deterministic: bool = True,
+        determinism: str = "data",
         min_accuracy: float = 0.7,
         baseline_model: str = "",
         max_regression: float = 0.0,
@@ -384,9 +384,9 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
             checkpoint_dir: folder where fine_tune keeps checkpoints so that a retried attempt resumes (on Vertex
                 a /gcs/... path); empty uses AIP_CHECKPOINT_DIR when set (Vertex custom jobs), else no resume.
             seed: seed for splitting, shuffling, augmentation and initialisation.
-            deterministic: TensorFlow op determinism in both training phases, so that the same seed and data
-                give the same model (no measurable cost on CPU); turn off if an accelerator op has no
-                deterministic kernel.
+            determinism: reproducible training in both phases: "data" (seeded, ordered input: the same seed and
+                data give the same model on a CPU, at no measured cost), "ops" (also TensorFlow's op determinism,
+                for GPUs; ~1.7x slower BatchNorm-training epochs on CPU) or "off".
             min_accuracy: the test accuracy a model needs to be blessed (and exported).
             baseline_model: a Model artifact or pushed version (local path or gs:// URI) the new model must not
                 fall behind; empty: the champion push_to/LATEST when push_to is set (none yet: thresholds only);

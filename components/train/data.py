@@ -23,12 +23,13 @@ def _fits_in_memory(num_examples: int, size: int) -> bool:
 
 def make_dataset(
     info: "DatasetInfo", split: str, size: int, batch_size: int, *, training: bool, seed: int = 0,
-    cache: bool = True,
+    cache: bool = True, ordered: bool = True,
 ) -> "tf.data.Dataset":
     """Batches of (float32 pixels [B, size, size, 3] in 0..255, int32 labels) for one split.
 
     Parallel shard reads, AUTOTUNE decode+resize, `.cache()` of the decoded images when the split fits in memory
-    (so every epoch after the first skips JPEG decoding), a full shuffle when training, prefetch.
+    (so every epoch after the first skips JPEG decoding), a full shuffle when training, prefetch. `ordered=False`
+    lets the parallel decode hand training examples over in any order (determinism "off").
     """
     import tensorflow as tf
 
@@ -37,7 +38,7 @@ def make_dataset(
     n = info.require_split(split)
     ds = dataset.read_split(info.path, split, shuffle_files=training, seed=seed)
     ds = ds.map(lambda image, label: (dataset.decode_image(image, size), label),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=ordered or not training)
     # A known length lets Keras size its epochs: with an unknown one it runs an extra, empty step per epoch that
     # still advances optimizer.iterations (and so the learning-rate schedule).
     ds = ds.apply(tf.data.experimental.assert_cardinality(n))

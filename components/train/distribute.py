@@ -30,18 +30,19 @@ class Cluster:
     num_workers: int
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed Python, NumPy and TensorFlow; with `deterministic`, also TensorFlow's op determinism.
+def seed_everything(seed: int, determinism: str) -> None:
+    """Seed Python, NumPy and TensorFlow; with determinism "ops", also TensorFlow's op determinism.
 
-    Op determinism makes every op (tf.data's parallel map and shuffle included) give the same result for the same
-    inputs, so a fixed seed reproduces a run bit for bit on the same machine: without it, two runs of the same
-    seed differed by 1-2 points of validation accuracy. It stays on for the rest of the process (TensorFlow has
-    no public way to turn it off again); each pipeline step is a process of its own.
+    "data" (the default) needs nothing more here: the input pipeline keeps its order (components/train/data.py), and
+    on a CPU that alone made two runs of one seed give the same weights bit for bit (with the parallel map in any
+    order, two runs differed by 1-2 points of validation accuracy). "ops" makes every op deterministic, which GPUs
+    need (atomics in cuDNN kernels); it stays on for the rest of the process (TensorFlow has no public way to turn
+    it off again), and each pipeline step is a process of its own.
     """
     import keras
 
     keras.utils.set_random_seed(seed)
-    if deterministic:
+    if determinism == "ops":
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()

@@ -77,7 +77,7 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
 
     import keras
 
-    seed_everything(config.seed, config.deterministic)
+    seed_everything(config.seed, config.determinism)
     mixed = mixed_precision_wanted()
     with cluster.strategy.scope():
         model, meta = modelio.load_model(config.model)
@@ -142,7 +142,8 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
         log.info("fine_tune: top %d of %d backbone layers unfrozen, batch norm %s (%s), lr %.3g (%s; warmup %d "
                  "epochs), %d epochs", len(unfrozen), _backbone_size(model), batch_norm, sources["batch_norm"],
                  learning_rate, sources["learning_rate"], config.warmup_epochs, config.epochs)
-        train_ds = make_dataset(info, "train", size, config.batch_size, training=True, seed=config.seed)
+        train_ds = make_dataset(info, "train", size, config.batch_size, training=True, seed=config.seed,
+                                ordered=config.determinism != "off")
         with fit_scope(model, cluster):
             model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
                       class_weight=class_weight, callbacks=callbacks, verbose=_verbose(), shuffle=False)

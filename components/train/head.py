@@ -67,7 +67,7 @@ def train_head(config: HeadConfig) -> TrainResult:
     import keras
     import tensorflow as tf
 
-    seed_everything(config.seed, config.deterministic)
+    seed_everything(config.seed, config.determinism)
     mixed = mixed_precision_wanted()
     with cluster.strategy.scope():
         extractor, backbone_meta = modelio.load_model(config.backbone)
@@ -117,7 +117,8 @@ def train_head(config: HeadConfig) -> TrainResult:
             head_only.fit(train_ds, validation_data=val_ds, epochs=config.epochs, class_weight=class_weight,
                           callbacks=callbacks, verbose=_verbose(), shuffle=False)
         else:
-            train_ds = make_dataset(info, "train", size, config.batch_size, training=True, seed=config.seed)
+            train_ds = make_dataset(info, "train", size, config.batch_size, training=True, seed=config.seed,
+                                    ordered=config.determinism != "off")
             val_ds = make_dataset(info, "validation", size, config.batch_size, training=False)
             with fit_scope(model, cluster):
                 model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, class_weight=class_weight,

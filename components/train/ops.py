@@ -25,7 +25,7 @@ def train_head_op(
     cache_features: str = "auto",
     label_smoothing: float = 0.1,
     seed: int = 0,
-    deterministic: bool = True,
+    determinism: str = "data",
 ) -> None:
     """Train a classification head (dropout + dense softmax) on the frozen backbone.
 
@@ -42,7 +42,8 @@ def train_head_op(
         cache_features: "auto" (on when augment is off), "on" or "off": run the backbone once and train on features.
         label_smoothing: Mix the one-hot targets with the uniform distribution by this much (0 = off).
         seed: Random seed.
-        deterministic: TensorFlow op determinism: the same seed and data give the same model.
+        determinism: "data" (seeded, ordered input: the same seed and data give the same model on a CPU),
+            "ops" (also TensorFlow op determinism, for accelerators) or "off".
     """
     arguments = dict(locals())  # every argument is handed on: HeadConfig takes the ones params.HEAD defines
     from components.train import HeadConfig, train_head
@@ -68,7 +69,7 @@ def fine_tune_op(
     checkpoint_dir: str = "",
     label_smoothing: float = 0.1,
     seed: int = 0,
-    deterministic: bool = True,
+    determinism: str = "data",
 ) -> None:
     """Fine-tune a train_head model: unfreeze the backbone, AdamW with warmup + cosine decay, and never return a
     model worse on validation than the one it started from (the guard keeps the head or the best epoch).
@@ -88,7 +89,8 @@ def fine_tune_op(
         checkpoint_dir: Where to save state every epoch for resume; "" uses $AIP_CHECKPOINT_DIR when set.
         label_smoothing: Mix the one-hot targets with the uniform distribution by this much (0 = off).
         seed: Random seed.
-        deterministic: TensorFlow op determinism: the same seed and data give the same model.
+        determinism: "data" (seeded, ordered input: the same seed and data give the same model on a CPU),
+            "ops" (also TensorFlow op determinism, for accelerators) or "off".
     """
     arguments = dict(locals())  # every argument is handed on: FineTuneConfig takes the ones params.FINE_TUNE defines
     from components.train import FineTuneConfig, fine_tune

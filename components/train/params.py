@@ -103,10 +103,12 @@ LABEL_SMOOTHING = Param("label_smoothing", float, 0.1,
                         "mix the one-hot targets with the uniform distribution by this much (0 = off)",
                         _fraction, "in [0, 1)", pipeline="label_smoothing")
 SEED = Param("seed", int, 0, "random seed", _int_at_least(0), "an integer ≥ 0", recipe=False, pipeline="seed")
-DETERMINISTIC = Param("deterministic", bool, True,
-                      "reproducible training: TensorFlow op determinism, so the same seed and data give the same "
-                      "model (no measurable cost on CPU, docs/fine-tuning.md); turn off if an accelerator op has no "
-                      "deterministic kernel", recipe=False, pipeline="deterministic")
+DETERMINISM_MODES = ("off", "data", "ops")
+DETERMINISM = Param("determinism", str, "data",
+                    "reproducible training. data: seeded, ordered input (the same seed and data give the same model "
+                    "on the same CPU, at no measured cost); ops: also TensorFlow's op determinism (for accelerators; "
+                    "~1.7x slower BatchNorm-training epochs on CPU); off: parallel input in any order "
+                    "(docs/fine-tuning.md)", choices=DETERMINISM_MODES, recipe=False, pipeline="determinism")
 
 HEAD: tuple[Param, ...] = (
     _epochs(5, "head_epochs", "training epochs; 0 writes the untrained classifier (fine_tune then trains everything)"),
@@ -122,7 +124,7 @@ HEAD: tuple[Param, ...] = (
           choices=CACHE_FEATURE_MODES, recipe=False),
     LABEL_SMOOTHING,
     SEED,
-    DETERMINISTIC,
+    DETERMINISM,
 )
 
 FINE_TUNE: tuple[Param, ...] = (
@@ -150,7 +152,7 @@ FINE_TUNE: tuple[Param, ...] = (
           recipe=False, pipeline="checkpoint_dir"),
     LABEL_SMOOTHING,
     SEED,
-    DETERMINISTIC,
+    DETERMINISM,
 )
 
 PHASES: dict[str, tuple[Param, ...]] = {"train_head": HEAD, "fine_tune": FINE_TUNE}

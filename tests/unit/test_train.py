@@ -319,7 +319,7 @@ def test_components_match_the_interface() -> None:
 
     head_inputs = train_head_op.component_spec.inputs
     assert set(head_inputs) == {"dataset", "backbone", "epochs", "learning_rate", "batch_size", "dropout", "augment",
-                                "class_weights", "cache_features", "label_smoothing", "seed", "deterministic"}
+                                "class_weights", "cache_features", "label_smoothing", "seed", "determinism"}
     assert set(train_head_op.component_spec.outputs) == {"model"}
     assert set(fine_tune_op.component_spec.outputs) == {"tuned_model"}
     assert fine_tune_op.component_spec.inputs["unfreeze_top"].default == 0
@@ -328,7 +328,7 @@ def test_components_match_the_interface() -> None:
     # Unset: the backbone family's (components/train/family.py).
     assert fine_tune_op.component_spec.inputs["learning_rate"].default == 0.0
     assert fine_tune_op.component_spec.inputs["batch_norm"].default == "auto"
-    assert fine_tune_op.component_spec.inputs["deterministic"].default is True
+    assert fine_tune_op.component_spec.inputs["determinism"].default == "data"
 
 
 # --- the study's levers: a zero-initialised head, epochs=0, label smoothing ----------------------------------------
@@ -467,3 +467,20 @@ def test_fine_tune_defaults_follow_the_backbone_family(artifacts: dict, tmp_path
     assert recorded["learning_rate"] is None and recorded["batch_norm"] == "auto"  # what was asked
     assert recorded["effective"] == {"learning_rate": 1e-3, "batch_norm": "train"}  # what the family table gave
     assert recorded["effective_from"]["learning_rate"] == "family mobilenet"
+
+
+def test_the_same_seed_gives_the_same_model(artifacts: dict, tmp_path: Path) -> None:
+    """determinism="data" (the default): two fine-tunes of one seed, with augmentation and BatchNorm training, give
+    the same weights bit for bit (seeded, ordered input; no op determinism needed on a CPU)."""
+    weights = []
+    for run in ("a", "b"):
+        train_head(HeadConfig(dataset=str(artifacts["dataset"]), backbone=str(artifacts["backbone"]),
+                              output=str(tmp_path / f"h{run}"), epochs=1, augment=True, seed=3))
+        fine_tune(FineTuneConfig(dataset=str(artifacts["dataset"]), model=str(tmp_path / f"h{run}"),
+                                 output=str(tmp_path / f"t{run}"), epochs=1, warmup_epochs=0, learning_rate=1e-3,
+                                 batch_norm="train", seed=3))
+        weights.append(_load(tmp_path / f"t{run}")[0].get_weights())
+    assert len(weights[0]) == len(weights[1])
+    assert all(np.array_equal(a, b) for a, b in zip(*weights, strict=True))
+    with pytest.raises(UserError, match="--determinism must be one of"):
+        FineTuneConfig(dataset="d", model="m", output="o", determinism="always")
