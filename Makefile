@@ -48,7 +48,7 @@ format: setup ## apply ruff's fixes and formatting
 	$(BIN)/ruff format .
 
 bench: setup ## run every benchmark (writes bench/results/*.json and *.md)
-	for b in bench/ingest.py bench/train.py bench/pipeline.py; do $(BIN)/python $$b || exit 1; done
+	for b in bench/ingest.py bench/train.py bench/pipeline.py bench/tflite.py; do $(BIN)/python $$b || exit 1; done
 
 compile: setup ## compile the pipeline to pipeline.yaml (IMAGE=... to override the image)
 	$(BIN)/kfp-finetune compile --output pipeline.yaml $(if $(IMAGE),--image $(IMAGE),)

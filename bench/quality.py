@@ -1,30 +1,38 @@
-"""The recipe study: which fine-tuning recipe gives the best model on the flowers benchmark, and at what cost.
+"""The recipe study: which fine-tuning recipe gives the best model on the flowers benchmark, per backbone, and at what
+cost.
 
 Runs the project's own step functions, as the pipeline does, on /work/shared/data/flowers (1,500 photos, 5 classes)
-with MobileNet v1 α=0.25 ImageNet weights from KFP_FINETUNE_WEIGHTS_MIRROR:
+with ImageNet weights from KFP_FINETUNE_WEIGHTS_MIRROR, for one backbone per invocation (--backbone/--alpha;
+MobileNet v1 α=0.25 at 160 px by default, the first study's; MobileNetV2 α=0.5 at 224 px is the production family's):
 
     ingest once per split seed (--split-seeds: ~1,040 train / 150 validation / 310 test, a different draw of the
     photos into the three splits for each seed)
     then per recipe, split and training seed: backbone → train_head → fine_tune (unless head-only) → evaluate on
     validation and test
 
-The recipes are components/recipes.py's RECIPES (the `default` one is the project's default) plus the exploration
-candidates below (EXPLORE), which are how the default was found. The training seed changes initialisation,
-shuffling, augmentation and dropout; the split seed changes which photos are trained on, validated on and tested
-on. The default is chosen on validation accuracy; test accuracy is reported, as the mean ± std over every run
-(splits × seeds) and as the spread due to the split (the std of the per-split means).
+The recipes are components/recipes.py's RECIPES (the `default` one is the project's default: its fine-tune learning
+rate and BatchNorm policy follow the backbone family, components/train/family.py) plus the candidates below
+(EXPLORE). The training seed changes initialisation, shuffling, augmentation and dropout; the split seed changes
+which photos are trained on, validated on and tested on. The default is chosen on validation accuracy: a rival
+replaces it only when its validation gain, paired run for run (same split and seed), exceeds two standard errors.
+Test accuracy is reported as the mean ± std over every run and as the spread due to the split.
 
-Writes bench/results/quality.json (every run), quality.md (the table, wall time per run) and quality.svg (the
-plot). Resumable: a run already in the JSON with the same recipe settings, split and seed is skipped, so an
-interrupted study continues where it stopped; change a recipe and only its runs are redone.
-
-The whole grid (8 recipes x 3 splits x 2 seeds, ~4 min a run) is ~3.5 h on 2 cores: the study runs the full grid
-for the default and its two rivals, and the rest on split 0 only (`--split-seeds 0`).
+Writes bench/results/quality.json (every run, with its backbone, alpha, input size, split seed, the head phase's
+validation accuracy and what the fine-tune guard kept), quality.md (a table per backbone, paired differences against
+that backbone's default, wall time per run) and quality.svg. Resumable: a run already in the JSON with the same
+effective settings, backbone, split and seed is skipped, so a study continues where it stopped; a recipe that
+trains exactly as one already run (the default and the family row it resolves to) reuses that run.
 
 Usage:
-    KFP_FINETUNE_WEIGHTS_MIRROR=/work/shared/data/weights python bench/quality.py --recipes default,x_192,x_15_epochs
-    python bench/quality.py --recipes head_only --split-seeds 0 --seeds 0,1,2
-    python bench/quality.py --recipes default,head_only --seeds 0 --output /tmp/quality
+    export KFP_FINETUNE_WEIGHTS_MIRROR=/work/shared/data/weights
+    # MobileNetV2 α=0.5 (issue 21): the v1 default, the gentle rival and head-only, 3 splits x 2 seeds (~4.5 min a
+    # fine-tuned run on 2 idle cores), then the default (reuses the runs of the recipe its family row equals)
+    python bench/quality.py --backbone mobilenet_v2 --alpha 0.5 --image-size 224 \
+        --recipes x_lr1e-3_bn_train,x_lr1e-4_bn_frozen,head_only
+    python bench/quality.py --backbone mobilenet_v2 --alpha 0.5 --image-size 224 --recipes default
+    # the first study (MobileNet v1 α=0.25 at 160 px)
+    python bench/quality.py --recipes default,x_192,x_15_epochs
+    python bench/quality.py --report-only        # rewrite quality.md / quality.svg from quality.json
 """
 
 import argparse
