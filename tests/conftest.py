@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,21 +119,23 @@ class Emulator:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        exe = Path(sys.executable).with_name("gcp-storage-emulator")
-        cmd = [str(exe) if exe.exists() else "gcp-storage-emulator", "start", "--host", "127.0.0.1",
+        # The emulator with atomic writes of its own files (tests/emulator_main.py), so a stop never corrupts it.
+        cmd = [sys.executable, str(Path(__file__).with_name("emulator_main.py")), "start", "--host", "127.0.0.1",
                "--port", str(self.port), "--quiet"]
         env = dict(os.environ)
         if self.storage is None:
             cmd.append("--in-memory")
         else:
             env["STORAGE_BASE"] = str(self.storage)
-        self.process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.log = tempfile.NamedTemporaryFile(prefix="gcs-emulator-", suffix=".log", delete=False)  # noqa: SIM115
+        self.process = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         # A restart on disk reads back every stored object first: on a loaded 2-core machine that takes a while.
         wait = 30 if self.storage is None else 120
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"gcp-storage-emulator exited with {self.process.returncode}")
+                tail = Path(self.log.name).read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"gcp-storage-emulator exited with {self.process.returncode}:\n{tail}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
                 return
