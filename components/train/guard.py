@@ -70,7 +70,7 @@ def decide(start: Score, final: Score, best_epoch: int | None, best: Score | Non
     return Decision(KEPT_START, start, final, best_epoch, best, msg)
 
 
-def best_epoch_keeper(start: Score, start_weights: list[Any], initial_epoch: int = 0) -> Any:
+def best_epoch_keeper(start: Score, start_weights: list[Any]) -> Any:
     """A Keras callback keeping the weights of the best epoch (by validation score) that beats `start`."""
     import keras
 
