@@ -142,7 +142,8 @@ def main() -> int:
     lines += ["", f"Test NLL {cal['before']['nll']:.4f} -> {cal['after']['nll']:.4f} with T; validation NLL "
               f"{(cal.get('validation') or {}).get('before', {}).get('nll', float('nan')):.4f} -> "
               f"{(cal.get('validation') or {}).get('after', {}).get('nll', float('nan')):.4f}.",
-              f"Machine: {report['machine']['platform']}, {os.cpu_count()} CPUs (shared, busy; run with nice). "
+              f"Machine: {report['machine']['platform']}, {os.cpu_count()} CPUs "
+              f"(shared; load average {report['machine']['load_average']}). "
               f"Training {trained_s:.0f} s, total {report['seconds']['total']:.0f} s.", ""]
     (RESULTS / "tflite.md").write_text("\n".join(lines))
     logging.getLogger("bench").info("wrote %s and %s", RESULTS / "tflite.json", RESULTS / "tflite.md")
