@@ -101,7 +101,7 @@ EXPLORE: dict[str, Recipe] = {r.name: r for r in (
                                                                              "batch_norm": bn},
               description=f"the default's phases, fine-tune lr {lr} with BatchNorm "
                           + ("training" if bn == "train" else "frozen (inference mode)"))
-      for lr, bn in (("1e-3", "train"), ("1e-4", "frozen"), ("1e-4", "train"), ("1e-5", "frozen"))),
+      for lr, bn in (("1e-3", "train"), ("1e-4", "frozen"), ("1e-4", "train"), ("1e-5", "frozen"), ("3e-4", "frozen"))),
     replace(RECIPES[DEFAULT_RECIPE], name="x_160", image_size=160,
             description="the default at 160 px (instead of the run's size)"),
 )}
