@@ -1,7 +1,7 @@
 """Benchmark of the ingest step on ../shared/data/flowers; writes bench/results/ingest.json and ingest.md.
 
 Measured in one run, on the same files, each the median of --repeats runs:
-1. ours: `components.ingest.ingest()` (hash, full decode on a process pool, TFRecord writing, metadata, report);
+1. ours: `components.ingest.step.ingest()` (hash, full decode on a process pool, TFRecord writing, metadata, report);
 2. the decode limit: the same files read and fully decoded by Pillow in parallel on all cores, nothing written;
 3. the TFDS writer: what a user would write with `tfds.dataset_builders.store_as_tfds_dataset` over the same files
    and splits, in three variants (file paths; paths after a Pillow check loop; decoded arrays), timed in a child
@@ -38,8 +38,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from components import imagecheck  # noqa: E402
-from components.ingest import IngestConfig, _cpu_count, _start_method, ingest  # noqa: E402
+from components.core import imagecheck  # noqa: E402
+from components.ingest.step import IngestConfig, _cpu_count, _start_method, ingest  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "flowers"
@@ -166,7 +166,7 @@ def make_copies(source: Path, dest: Path, times: int) -> Path:
 
 CHILD = """
 import sys
-from components.ingest import IngestConfig, ingest
+from components.ingest.step import IngestConfig, ingest
 if __name__ == "__main__":
     runner = sys.argv[3] if len(sys.argv) > 3 else "local"
     options = ("direct_num_workers=2", "direct_running_mode=multi_processing") if runner == "direct" else ()

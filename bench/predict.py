@@ -8,7 +8,7 @@ Measured on the same N photos (decode + resize and loading the model from its fo
 warm-up pass first, median and best of --repeats, interleaved):
 1. bare forward pass: what a user would write: tf.data over the file names, tf.io.read_file + the project's
    decode_image in a parallel map, batch 32, prefetch, the Keras model under tf.function; nothing written;
-2. ours: `components.predict.predict()` with the Model artifact and with the export, writing predictions.jsonl
+2. ours: `components.predict.step.predict()` with the Model artifact and with the export, writing predictions.jsonl
    (header check, imagecheck fallback, top-k rows).
 Then peak RSS (psutil, sampled every 50 ms) of `kfp-finetune predict` in a child process on a CSV listing the
 photos once (x1) and ten times (x10).
@@ -41,17 +41,17 @@ SIZE = 160
 
 
 def photos(root: Path) -> list[str]:
-    from components.imagecheck import is_image_name
+    from components.core.imagecheck import is_image_name
 
     return sorted(str(p) for p in root.rglob("*") if p.is_file() and is_image_name(p.name))
 
 
 def build_models(work: Path, class_names: list[str]) -> tuple[Path, Path]:
     """(Model artifact dir, export dir)."""
-    from components import modelio
-    from components.backbone import BackboneConfig, build_backbone
-    from components.export import ExportConfig, export
-    from components.fsutil import atomic_directory
+    from components.backbone.step import BackboneConfig, build_backbone
+    from components.core import modelio
+    from components.core.fsutil import atomic_directory
+    from components.export.step import ExportConfig, export
     from components.train.model import build_classifier
 
     backbone = build_backbone(BackboneConfig(name="mobilenet", alpha=0.25, image_size=SIZE,
@@ -67,8 +67,8 @@ def bare_forward(model_dir: Path, files: list[str]) -> float:
     """Seconds for the bare forward pass over `files` (decode included)."""
     import tensorflow as tf
 
-    from components import modelio
-    from components.dataset import decode_image
+    from components.core import modelio
+    from components.core.dataset import decode_image
 
     started = time.perf_counter()  # from the model folder to the last batch, as predict() is timed
     model, _ = modelio.load_model(model_dir)
@@ -85,7 +85,7 @@ def bare_forward(model_dir: Path, files: list[str]) -> float:
 
 
 def ours(model_dir: Path, listing: Path, out: Path) -> float:
-    from components.predict import PredictConfig, predict
+    from components.predict.step import PredictConfig, predict
 
     started = time.perf_counter()
     result = predict(PredictConfig(model=str(model_dir), input=str(listing), output=str(out)), progress=False)
@@ -108,7 +108,7 @@ def peak_rss(model_dir: Path, listing: Path, out: Path) -> dict:
     """Peak RSS (MiB) of `kfp-finetune predict` in a child process, sampled every 50 ms."""
     import psutil
 
-    cmd = [sys.executable, "-m", "components", "predict", "--model", str(model_dir), "--input", str(listing),
+    cmd = [sys.executable, "-m", "pipelines", "predict", "--model", str(model_dir), "--input", str(listing),
            "--output", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
     started = time.perf_counter()

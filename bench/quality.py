@@ -10,7 +10,7 @@ MobileNet v1 α=0.25 at 160 px by default, the first study's; MobileNetV2 α=0.5
     then per recipe, split and training seed: backbone → train_head → fine_tune (unless head-only) → evaluate on
     validation and test
 
-The recipes are components/recipes.py's RECIPES (the `default` one is the project's default: its fine-tune learning
+The recipes are compare/recipes.py's RECIPES (the `default` one is the project's default: its fine-tune learning
 rate and BatchNorm policy follow the backbone family, components/train/family.py) plus the candidates below
 (EXPLORE). The training seed changes initialisation, shuffling, augmentation and dropout; the split seed changes
 which photos are trained on, validated on and tested on. The default is chosen on validation accuracy: a rival
@@ -52,7 +52,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from components.recipes import DEFAULT_RECIPE, PLAIN_FINE_TUNE, PLAIN_HEAD, RECIPES, Recipe  # noqa: E402
+from components.compare.recipes import DEFAULT_RECIPE, PLAIN_FINE_TUNE, PLAIN_HEAD, RECIPES, Recipe  # noqa: E402
 from components.train import family  # noqa: E402
 
 SHARED = Path(os.environ.get("KFP_FINETUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -151,7 +151,7 @@ def _load_average() -> float | None:
 
 def ensure_dataset(flowers: Path, work: Path, split_seed: int) -> Path:
     """The flowers set ingested with `split_seed` (kept in `work` between runs)."""
-    from components.ingest import IngestConfig, ingest
+    from components.ingest.step import IngestConfig, ingest
 
     out = work / f"dataset-split{split_seed}"
     if not (out / "ingest_report.json").is_file():
@@ -165,8 +165,8 @@ def build_backbone(recipe: Recipe, size: int, seed: int, work: Path, backbone: s
     """The backbone artifact for this recipe (ImageNet ones are shared between runs; random ones are per seed)."""
     import keras
 
-    from components.backbone import BackboneConfig
-    from components.backbone import build_backbone as build
+    from components.backbone.step import BackboneConfig
+    from components.backbone.step import build_backbone as build
 
     prefix = "backbone" if (backbone, alpha) == (BACKBONE, ALPHA) else f"backbone-{backbone}-{alpha:g}"
     name = f"{prefix}-{recipe.weights}-{size}" + (f"-seed{seed}" if recipe.weights == "none" else "")
@@ -183,7 +183,7 @@ def run_one(recipe: Recipe, seed: int, size: int, dataset: Path, work: Path, spl
     """backbone → train_head → fine_tune → evaluate(validation, test) for one recipe, split and seed."""
     import keras
 
-    from components.evaluate import EvaluateConfig, evaluate
+    from components.evaluate.step import EvaluateConfig, evaluate
     from components.train import FineTuneConfig, HeadConfig, fine_tune, train_head
 
     run_dir = work / "runs" / f"{recipe.name}-split{split_seed}-seed{seed}"
@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--flowers {args.flowers}: no such folder")
 
     args.work.mkdir(parents=True, exist_ok=True)
-    from components import dataset as ds
+    from components.core import dataset as ds
 
     datasets = {}
     for split_seed in split_seeds:

@@ -65,11 +65,13 @@ def main() -> int:
 
     import numpy as np
 
-    from components import calibration, modelio, tflite_export
-    from components.backbone import BackboneConfig, build_backbone
-    from components.evaluate import EvaluateConfig, evaluate
-    from components.export import ExportConfig, export
-    from components.ingest import IngestConfig, ingest
+    from components.backbone.step import BackboneConfig, build_backbone
+    from components.core import modelio
+    from components.evaluate import calibration
+    from components.evaluate.step import EvaluateConfig, evaluate
+    from components.export import tflite_export
+    from components.export.step import ExportConfig, export
+    from components.ingest.step import IngestConfig, ingest
     from components.train import FineTuneConfig, HeadConfig, fine_tune, train_head
 
     started = time.perf_counter()

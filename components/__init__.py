@@ -1,27 +1,12 @@
-"""kfp-finetune components: one plain function per pipeline step, plus its CLI and KFP doors.
+"""kfp-finetune components: a package per pipeline step, plus `core`, the plumbing they share.
+
+Each step package (ingest, backbone, train, evaluate, export, predict, compare; registry for pushed versions) holds
+the step's plain function, its CLI subcommand and its KFP component. Steps import `core`; `core` imports no step;
+`pipelines/` imports steps; nothing imports back up (tests/unit/test_import_graph.py checks it). This module holds
+only the version, so that every package may import it.
 
 Heavy libraries (TensorFlow, Keras, TFDS) are imported inside functions, never at module import time, so that
 `kfp-finetune --help` and `kfp-finetune compile` start fast.
 """
 
 __version__ = "0.1.0"
-
-
-def _restore_kfp_component_decorator() -> None:
-    """KFP runs component bodies with _KFP_RUNTIME=true, which leaves compile-time names (`dsl.component`) out of
-    `kfp.dsl`. Our step modules define their components at import time, and component bodies import those very
-    modules, so put the decorator back; without this every step fails under kfp.local, KFP and Vertex alike with
-    "module 'kfp.dsl' has no attribute 'component'"."""
-    from components import settings  # __version__ above is all settings needs from this package
-
-    if not settings.kfp_runtime():
-        return
-    from kfp import dsl
-
-    if not hasattr(dsl, "component"):
-        from kfp.dsl.component_decorator import component
-
-        dsl.component = component
-
-
-_restore_kfp_component_decorator()

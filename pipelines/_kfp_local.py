@@ -1,8 +1,7 @@
-"""Setting up kfp.local for this project (with the fix for kfp 2.17's local runner from components/_compat.py).
+"""Setting up kfp.local for this project (with the fix for kfp 2.17's local runner from components/core/compat.py).
 
-The fix, `components._compat.kfp_local_condition_resolution`, is needed only by kfp.local: KFP and Vertex backends
-never see it. With a DockerRunner, `components._compat.kfp_local_docker_exit_code` makes a failed step fail on podman
-too.
+The fix, `components.core.compat.kfp_local_condition_resolution`, is needed only by kfp.local: KFP and Vertex backends
+never see it. With a DockerRunner, `compat.kfp_local_docker_exit_code` makes a failed step fail on podman too.
 """
 
 import logging
@@ -11,7 +10,7 @@ import sys
 import warnings
 from typing import Any
 
-from components._compat import (
+from components.core.compat import (
     kfp_local_condition_resolution,
     kfp_local_docker_exit_code,
     kfp_local_oneof_artifacts,

@@ -21,7 +21,7 @@ def build_batch_predict_pipeline(options: CompileOptions | None = None) -> Any:
     """The batch-prediction pipeline function, its step on `options.image`."""
     from kfp import dsl
 
-    from components.predict import predict_op
+    from components.predict.step import predict_op
 
     options = options or CompileOptions()
     predict_step = _with_image(predict_op, options.image, "predict")

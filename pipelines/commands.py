@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from components import settings
-from components.errors import UserError
+from components.core import settings
+from components.core.errors import UserError
 from pipelines.local import (  # noqa: F401 (re-exported: the public names of `run`)
     DEMO_DEFAULTS,
     LOCAL_DEFAULTS,
@@ -73,13 +73,13 @@ def compile_options(args: argparse.Namespace) -> CompileOptions:
 
 
 def _dataflow_settings(args: argparse.Namespace) -> Any:
-    """--dataflow and its settings -> components.beam_ingest.DataflowSettings, or None (issue 13)."""
+    """--dataflow and its settings -> components.ingest.beam_ingest.DataflowSettings, or None (issue 13)."""
     given = [name for name in vars(args) if name.startswith("dataflow_") and getattr(args, name) is not None]
     if not getattr(args, "dataflow", False):
         if given:
             raise UserError(f"--{given[0].replace('_', '-')} needs --dataflow")
         return None
-    from components.beam_ingest import DataflowSettings
+    from components.ingest.beam_ingest import DataflowSettings
 
     return DataflowSettings(
         region=args.dataflow_region or "", temp_location=args.dataflow_temp_location or "",
@@ -216,7 +216,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--accelerator-count", type=int, default=1, help="accelerators per replica (default 1)")
     p.add_argument("--replica-count", type=int, default=1, help="custom job replicas (default 1)")
     p.add_argument("--compare-recipes", metavar="NAMES",
-                   help="compare these recipes (comma-separated names from components/recipes.py, or 'all') as "
+                   help="compare these recipes (comma-separated names from components/compare/recipes.py, or 'all') as "
                         "parallel branches; the best on the validation split goes on to test and export")
     _add_dataflow_args(p)
     p.add_argument("--batch-predict", action="store_true",
@@ -235,7 +235,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="a pipeline parameter (repeatable)")
     p.add_argument("--cache", action="store_true", help="reuse cached step results from earlier local runs")
     p.add_argument("--compare-recipes", metavar="NAMES",
-                   help="compare these recipes (comma-separated names from components/recipes.py, or 'all') as "
+                   help="compare these recipes (comma-separated names from components/compare/recipes.py, or 'all') as "
                         "parallel branches; the best on the validation split goes on to test and export")
     p.add_argument("--package", help="run this compiled pipeline YAML (from `kfp-finetune compile`) instead of "
                                      "compiling one; --param values are checked against it")

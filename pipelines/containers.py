@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components import settings
-from components.errors import UserError
+from components.core import settings
+from components.core.errors import UserError
 
 log = logging.getLogger("kfp_finetune.pipelines")
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from components.errors import UserError
-from components.report import format_value
+from components.core.errors import UserError
+from components.evaluate.report import format_value
 from pipelines.pipeline import CompileOptions
 
 log = logging.getLogger("kfp_finetune.pipelines")
@@ -145,7 +145,7 @@ def run_local(
 
     from kfp import compiler
 
-    from components import settings
+    from components.core import settings
     from pipelines.pipeline import build_pipeline
 
     options = dataclasses.replace(local_options(demo_fallback=demo_fallback, compare_recipes=compare_recipes),

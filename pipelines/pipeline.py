@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from components import settings
-from components.errors import UserError
+from components.core import settings
+from components.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class CompileOptions:
         retries: how many times a failed training step is retried (fine_tune resumes from its checkpoint).
         demo_fallback: only for the no-argument demo: the backbone falls back to random init when no ImageNet
             weights can be had. Never set for a production pipeline.
-        compare_recipes: recipe names (components/recipes.py) to compare: each trains as a parallel branch
+        compare_recipes: recipe names (components/compare/recipes.py) to compare: each trains as a parallel branch
             (dsl.ParallelFor), the best on the validation split goes on to test, blessing and export. Empty: off.
     """
 
@@ -95,13 +95,13 @@ class CompileOptions:
     retries: int = 2
     demo_fallback: bool = False
     compare_recipes: tuple[str, ...] | str = ()  # names, or "a,b" / "all" as the CLI takes them
-    # --- Dataflow (issue 13): run the ingest step as an Apache Beam job on Dataflow (components/beam_ingest.py);
-    # a components.beam_ingest.DataflowSettings, validated on construction. None: the local ingest.
+    # --- Dataflow (issue 13): run the ingest step as an Apache Beam job on Dataflow (components/ingest/beam_ingest.py);
+    # a components.ingest.beam_ingest.DataflowSettings, validated on construction. None: the local ingest.
     dataflow: Any = None
 
     def __post_init__(self) -> None:
         if self.compare_recipes:
-            from components.compare import parse_recipe_names
+            from components.compare.step import parse_recipe_names
 
             object.__setattr__(self, "compare_recipes", parse_recipe_names(self.compare_recipes))
         if not self.image or any(c.isspace() for c in self.image):
@@ -147,13 +147,13 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
     from kfp import dsl
     from kfp.dsl import HTML, Artifact, Markdown, Metrics, Model, pipeline_channel
 
-    from components.backbone import backbone_op
-    from components.evaluate import evaluate_op
-    from components.export import export_op
-    from components.fingerprint import STATUS_NO_NEW_DATA, fingerprint_op
-    from components.ingest import ingest_op
-    from components.registry import no_new_data_op
-    from components.release_params import EVALUATE, EXPORT
+    from components.backbone.step import backbone_op
+    from components.evaluate.release_params import EVALUATE, EXPORT
+    from components.evaluate.step import evaluate_op
+    from components.export.step import export_op
+    from components.ingest.fingerprint import STATUS_NO_NEW_DATA, fingerprint_op
+    from components.ingest.step import ingest_op
+    from components.registry.registry import no_new_data_op
     from components.train import fine_tune_op, params, train_head_op
 
     options = options or CompileOptions()
@@ -167,7 +167,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
     if options.dataflow is not None:  # --dataflow: the same inputs, run as a Beam job on Dataflow (blocking step)
         import functools
 
-        from components.beam_ingest import ingest_beam_op
+        from components.ingest.beam_ingest import ingest_beam_op
 
         ingest_c = functools.partial(_with_image(ingest_beam_op, options.image, "ingest"), runner="dataflow",
                                      beam_options=options.dataflow.beam_options(options.image))
@@ -200,7 +200,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         return task
 
     if options.compare_recipes:
-        from components.compare import candidate_op, pick_winner_op, recipe_op
+        from components.compare.step import candidate_op, pick_winner_op, recipe_op
 
         recipe_c, candidate_c, winner_c, validate_c = (
             _with_image(op, options.image, name)

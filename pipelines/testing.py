@@ -24,7 +24,7 @@ def local_kfp(pipeline_root: str | Path | None = None, *, enable_caching: bool =
     A step that fails raises RuntimeError naming it. Example (`image_folder` holds one sub-folder of images per
     class):
 
-    >>> from components.ingest import ingest_op
+    >>> from components.ingest.step import ingest_op
     >>> from pipelines.testing import local_kfp
     >>> with local_kfp():
     ...     task = ingest_op(source=str(image_folder), seed=1)

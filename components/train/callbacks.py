@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from components import gcs, settings
+from components.core import gcs, settings
 from components.train.config import FineTuneConfig
 from components.train.distribute import Cluster
 
@@ -90,7 +90,7 @@ class HistoryFile:
     """The history kept beside the checkpoint, so that a resumed run keeps its earlier epochs.
 
     Local paths are written atomically; gs:// ones (AIP_CHECKPOINT_DIR on Vertex) through google-cloud-storage
-    (components/gcs.py: an object write is atomic, and it honours STORAGE_EMULATOR_HOST).
+    (components/core/gcs.py: an object write is atomic, and it honours STORAGE_EMULATOR_HOST).
     """
 
     def __init__(self, checkpoint: str) -> None:

@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
-from components.errors import UserError
+from components.core.errors import UserError
 from components.train.params import (  # noqa: F401 (the modes are re-exported)
     BATCH_NORM_MODES,
     CACHE_FEATURE_MODES,

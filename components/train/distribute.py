@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from components import settings
-from components.fsutil import atomic_directory
+from components.core import settings
+from components.core.fsutil import atomic_directory
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -125,13 +125,13 @@ def to_mixed_precision(model: "keras.Model") -> "keras.Model":
 
 
 def fit_scope(model: "keras.Model", cluster: Cluster) -> Any:
-    """Around `model.fit`: the multi-worker fixes of components/_compat.py with several workers, else nothing."""
+    """Around `model.fit`: the multi-worker fixes of components/core/compat.py with several workers, else nothing."""
     import contextlib
 
-    from components import _compat
+    from components.core import compat
 
     if cluster.num_workers > 1:
-        return _compat.multi_worker_fit(model, cluster.strategy)
+        return compat.multi_worker_fit(model, cluster.strategy)
     return contextlib.nullcontext()
 
 

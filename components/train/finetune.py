@@ -8,9 +8,9 @@ import math
 import time
 from typing import Any
 
-from components import settings
-from components.errors import UserError
-from components.fsutil import atomic_directory, check_output_dir
+from components.core import settings
+from components.core.errors import UserError
+from components.core.fsutil import atomic_directory, check_output_dir
 from components.train import family, guard
 from components.train.callbacks import (
     HistoryFile,
@@ -49,7 +49,7 @@ def _pass_through(config: FineTuneConfig) -> TrainResult:
     """fine_tune with epochs=0: copy the train_head model to the output as it is."""
     import shutil
 
-    from components import modelio
+    from components.core import modelio
 
     meta = modelio.read_meta(config.model)
     with atomic_directory(config.output) as tmp:
@@ -64,7 +64,7 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
 
     With `epochs=0` nothing trains: the input model is copied to the output unchanged (phase stays train_head).
     """
-    from components import dataset, modelio
+    from components.core import dataset, modelio
 
     if config.epochs == 0:
         return _pass_through(config)

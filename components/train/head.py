@@ -4,8 +4,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from components.errors import UserError
-from components.fsutil import check_output_dir
+from components.core.errors import UserError
+from components.core.fsutil import check_output_dir
 from components.train.callbacks import _epoch_logger, _tensorboard, _verbose
 from components.train.config import HeadConfig, TrainResult
 from components.train.data import _split_sizes, class_weights_from_counts, make_dataset
@@ -56,7 +56,7 @@ def _extract_features(extractor: "keras.Model", datasets: dict[str, "tf.data.Dat
 
 def train_head(config: HeadConfig) -> TrainResult:
     """Train a new classification head on the frozen backbone; write a Model artifact to `config.output`."""
-    from components import dataset, modelio
+    from components.core import dataset, modelio
 
     started = time.perf_counter()
     info = dataset.load_info(config.dataset)

@@ -8,7 +8,7 @@ defaults and the docstring's Args).
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
 
-from components import settings
+from components.core import settings
 
 
 @dsl.component(base_image=settings.component_image(), install_kfp_package=False)

@@ -9,7 +9,7 @@ Every door derives from these definitions or is held to them by tests/unit/test_
   hand every argument on with `HeadConfig.from_step(...)`;
 - the pipeline's parameters (`Param.pipeline` names them) are checked the same way, and wired with
   `step_arguments(...)`, so no parameter is dropped on the way;
-- recipes (components/recipes.py) are overrides of `Param.recipe` parameters over these defaults, and the compare
+- recipes (compare/recipes.py) are overrides of `Param.recipe` parameters over these defaults, and the compare
   mode's `recipe` component outputs every one of them for each phase.
 
 No TensorFlow here: the pipeline imports this module at compile time. docs/architecture.md says how to add one.
@@ -66,7 +66,7 @@ class Param:
         return {int: 0, float: 0.0, str: ""}.get(self.type) if self.optional else None
 
     def validate(self, value: Any) -> None:
-        from components.errors import UserError
+        from components.core.errors import UserError
 
         if value is None and self.optional:
             return

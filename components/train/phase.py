@@ -14,7 +14,7 @@ from components.train.model import _save, trainable_layer_names
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
-    from components.dataset import DatasetInfo
+    from components.core.dataset import DatasetInfo
 
 log = logging.getLogger("kfp_finetune.train")
 

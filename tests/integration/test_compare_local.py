@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from components.cli import main
+from pipelines.cli import main
 
-pytest.importorskip("components.backbone")
+pytest.importorskip("components.backbone.step")
 
 
 def summary_value(out: str, key: str) -> str:

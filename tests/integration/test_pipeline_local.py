@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from components.cli import main
+from pipelines.cli import main
 
-pytest.importorskip("components.backbone")
+pytest.importorskip("components.backbone.step")
 
 FAST = ["--param", "head_epochs=2", "--param", "fine_tune_epochs=1", "--param", "image_size=128",
         "--param", "batch_size=16"]

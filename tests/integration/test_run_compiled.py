@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import cli
-from pipelines import commands
+from pipelines import cli, commands
 
 MARKER = "edited in the compiled YAML"
 STEP_LINE = re.compile(r"\[(\d+/\d+|-)\] \S+ +[A-Z]+\b.*$")
@@ -25,9 +24,9 @@ def _edit_ingest(package: Path) -> Path:
     spec = yaml.safe_load(package.read_text())
     command = spec["deploymentSpec"]["executors"]["exec-ingest"]["container"]["command"]
     program = command[-1]
-    assert "    from components.ingest import" in program
-    command[-1] = program.replace("    from components.ingest import",
-                                  f"    raise SystemExit({MARKER!r})\n    from components.ingest import", 1)
+    assert "    from components.ingest.step import" in program
+    command[-1] = program.replace("    from components.ingest.step import",
+                                  f"    raise SystemExit({MARKER!r})\n    from components.ingest.step import", 1)
     package.write_text(yaml.safe_dump(spec, sort_keys=False))
     return package
 

@@ -21,7 +21,7 @@ from kfp import dsl
 from kfp.dsl import Dataset, Input
 from PIL import Image
 
-from components.ingest import ingest_op
+from components.ingest.step import ingest_op
 
 
 @dsl.component(base_image="python:3.11", install_kfp_package=False)

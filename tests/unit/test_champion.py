@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from components import registry
-from components.errors import UserError
-from components.evaluate import EvaluateConfig, _resolve_baseline, bless, evaluate
+from components.core.errors import UserError
+from components.evaluate.step import EvaluateConfig, _resolve_baseline, bless, evaluate
+from components.registry import registry
 from tests import evalchain
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from components.cli import main
-from components.errors import UserError
+from components.core.errors import UserError
 from pipelines import commands
+from pipelines.cli import main
 from pipelines.commands import Target, build_request, check_cron, parse_params, pipeline_inputs
 from pipelines.pipeline import CompileOptions, compile_pipeline
 

@@ -5,9 +5,9 @@ import json
 import pytest
 import yaml
 
-from components.cli import main
-from components.compare import Candidate, branch_settings, comparison_table, parse_recipe_names, pick_winner
-from components.errors import UserError
+from components.compare.step import Candidate, branch_settings, comparison_table, parse_recipe_names, pick_winner
+from components.core.errors import UserError
+from pipelines.cli import main
 from pipelines.pipeline import CompileOptions, compile_pipeline
 from tests.pipeline_shape import pipeline_structure
 

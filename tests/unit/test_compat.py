@@ -1,4 +1,4 @@
-"""components/_compat.py: each patch of a private internal is undone on exit and refuses a version it was not
+"""components/core/compat.py: each patch of a private internal is undone on exit and refuses a version it was not
 written for."""
 
 import importlib.metadata
@@ -6,14 +6,14 @@ import types
 
 import pytest
 
-from components import _compat
+from components.core import compat
 
 
 def test_the_weights_hook_is_restored():
     from keras.src.utils import file_utils
 
     original = file_utils.get_file
-    with _compat.keras_get_file(lambda *a, **k: "answered"):
+    with compat.keras_get_file(lambda *a, **k: "answered"):
         assert file_utils.get_file("x.h5", "http://example.invalid/x.h5") == "answered"
     assert file_utils.get_file is original
 
@@ -23,15 +23,15 @@ def test_the_multi_worker_fixes_are_restored():
 
     original = trainer.reduce_per_replica
     model = types.SimpleNamespace()
-    with _compat.multi_worker_fit(model, strategy=None):
+    with compat.multi_worker_fit(model, strategy=None):
         assert trainer.reduce_per_replica is not original and callable(model._maybe_symbolic_build)
     assert trainer.reduce_per_replica is original and not hasattr(model, "_maybe_symbolic_build")
 
 
 @pytest.mark.parametrize("patch", [
-    lambda: _compat.keras_get_file(lambda *a, **k: "").__enter__(),
-    lambda: _compat.multi_worker_fit(types.SimpleNamespace(), None).__enter__(),
-    _compat.kfp_local_condition_resolution,
+    lambda: compat.keras_get_file(lambda *a, **k: "").__enter__(),
+    lambda: compat.multi_worker_fit(types.SimpleNamespace(), None).__enter__(),
+    compat.kfp_local_condition_resolution,
 ])
 def test_a_patch_refuses_another_version(patch, monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", lambda package: "99.0.0")
@@ -43,6 +43,6 @@ def test_the_pins_match_the_versions_the_patches_accept():
     from pathlib import Path
 
     setup = (Path(__file__).resolve().parents[2] / "setup.cfg").read_text()
-    assert f"keras=={_compat.KERAS_VERSION}*" in setup and f"kfp=={_compat.KFP_VERSION}*" in setup
-    assert importlib.metadata.version("keras").startswith(_compat.KERAS_VERSION)
-    assert importlib.metadata.version("kfp").startswith(_compat.KFP_VERSION)
+    assert f"keras=={compat.KERAS_VERSION}*" in setup and f"kfp=={compat.KFP_VERSION}*" in setup
+    assert importlib.metadata.version("keras").startswith(compat.KERAS_VERSION)
+    assert importlib.metadata.version("kfp").startswith(compat.KFP_VERSION)

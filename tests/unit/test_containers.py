@@ -10,8 +10,8 @@ docker = pytest.importorskip("docker", reason="the dev extra installs the docker
 
 from kfp.local import docker_task_handler  # noqa: E402
 
-from components import _compat  # noqa: E402
-from components.errors import UserError  # noqa: E402
+from components.core import compat  # noqa: E402
+from components.core.errors import UserError  # noqa: E402
 from pipelines import containers  # noqa: E402
 
 
@@ -66,8 +66,8 @@ def test_kfp_unpatched_reports_a_failed_step_as_success_on_podman(original_handl
 
 
 def test_fixed_runner_reports_the_exit_code_and_removes_the_container(original_handler):
-    assert _compat.kfp_local_docker_exit_code()
-    assert _compat.kfp_local_docker_exit_code()  # idempotent
+    assert compat.kfp_local_docker_exit_code()
+    assert compat.kfp_local_docker_exit_code()  # idempotent
     run = docker_task_handler.run_docker_container
     failing = FakeClient(code=3)
     assert run(failing, "localhost/kfp-finetune:0.1.0", ["false"], {}, auto_remove=True) == 3
@@ -78,9 +78,9 @@ def test_fixed_runner_reports_the_exit_code_and_removes_the_container(original_h
 
 
 def test_fix_refuses_a_kfp_it_was_not_written_for(original_handler, monkeypatch):
-    monkeypatch.setattr(_compat, "KFP_VERSION", "2.99.")
+    monkeypatch.setattr(compat, "KFP_VERSION", "2.99.")
     with pytest.raises(RuntimeError, match="kfp_local_docker_exit_code was written for kfp 2.99.x"):
-        _compat.kfp_local_docker_exit_code()
+        compat.kfp_local_docker_exit_code()
     assert docker_task_handler.run_docker_container is original_handler
 
 

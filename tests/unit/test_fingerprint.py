@@ -7,10 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from components import registry
-from components.cli import main
-from components.errors import UserError
-from components.fingerprint import (
+from components.core.errors import UserError
+from components.ingest.fingerprint import (
     STATUS_FIRST,
     STATUS_FORCED,
     STATUS_NO_NEW_DATA,
@@ -20,6 +18,8 @@ from components.fingerprint import (
     decide,
     fingerprint_source,
 )
+from components.registry import registry
+from pipelines.cli import main
 from tests.imagegen import write_class_folder
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from components import gcs
-from components.errors import UserError
-from components.fsutil import atomic_directory
+from components.core import gcs
+from components.core.errors import UserError
+from components.core.fsutil import atomic_directory
 
 
 def test_atomic_directory_moves_into_place(tmp_path: Path) -> None:
@@ -58,7 +58,7 @@ def test_gcs_missing_object_is_a_user_error(gcs_bucket, tmp_path: Path) -> None:
 
 
 def test_cli_reports_user_errors_on_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    from components import cli
+    from pipelines import cli
 
     code = cli.main(["train-head", "--dataset", "d", "--backbone", "b", "--output", "o", "--epochs", "-1"])
     err = capsys.readouterr().err

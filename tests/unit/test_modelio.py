@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components import layers, modelio
+from components.core import layers, modelio
 from tests import evalchain
 
 # Runs in a fresh interpreter: this project is made unimportable before anything else happens (the shared venv has
@@ -132,10 +132,10 @@ def test_the_blocker_really_blocks(tmp_path):
 
 def test_legacy_models_load_and_upgrade(tmp_path):
     """A model.keras written before the built-in block (custom Preprocess) loads here with the same output, and
-    `python -m components.modelio upgrade` writes one without the custom layer."""
+    `python -m components.core.modelio upgrade` writes one without the custom layer."""
     import keras
 
-    from components.errors import UserError
+    from components.core.errors import UserError
 
     pixels = keras.Input((16, 16, 3), name="pixels")
     x = layers.Preprocess(mode="caffe", name="preprocess")(pixels)

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import yaml
 
-from components.cli import main
-from components.compare import BranchSettings, recipe_op
-from components.recipes import RECIPES, default_recipe
+from components.compare.recipes import RECIPES, default_recipe
+from components.compare.step import BranchSettings, recipe_op
 from components.train import FineTuneConfig, HeadConfig, TrainResult, fine_tune_op, train_head_op
 from components.train.params import FINE_TUNE, HEAD, PHASES, Param, branch_outputs
+from pipelines.cli import main
 from pipelines.pipeline import CompileOptions, build_pipeline, compile_pipeline
 
 KFP_TYPES = {int: "Integer", float: "Float", str: "String", bool: "Boolean"}

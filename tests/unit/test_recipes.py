@@ -2,9 +2,9 @@
 
 import pytest
 
-from components import recipes
-from components.errors import UserError
-from components.recipes import DEFAULT_RECIPE, RECIPES, Recipe
+from components.compare import recipes
+from components.compare.recipes import DEFAULT_RECIPE, RECIPES, Recipe
+from components.core.errors import UserError
 
 
 def test_the_study_recipes_exist_and_round_trip_through_json() -> None:

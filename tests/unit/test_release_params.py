@@ -1,4 +1,4 @@
-"""Every door of the release parameters (components/release_params.py: evaluate's calibrate / max_ece, export's
+"""Every door of the release parameters (components/evaluate/release_params.py: evaluate's calibrate / max_ece, export's
 tflite / max_tflite_drop / tflite_required) follows its one definition: the configs, the CLI options, the KFP
 component signatures and bodies, and the pipeline's parameters and their wiring."""
 
@@ -10,9 +10,9 @@ import types
 import pytest
 import yaml
 
-from components.evaluate import EvaluateConfig, EvaluateResult, evaluate_op
-from components.export import ExportConfig, ExportResult, export_op
-from components.release_params import EVALUATE, EXPORT
+from components.evaluate.release_params import EVALUATE, EXPORT
+from components.evaluate.step import EvaluateConfig, EvaluateResult, evaluate_op
+from components.export.step import ExportConfig, ExportResult, export_op
 from pipelines.pipeline import CompileOptions, build_pipeline, compile_pipeline
 from tests.unit.test_parameter_parity import IR_TYPES, KFP_TYPES, other_value
 
@@ -37,9 +37,9 @@ def test_configs_components_and_pipeline_follow_the_definitions(step):
 
 @pytest.mark.parametrize("step", list(STEPS))
 def test_cli_and_component_hand_every_value_to_the_function(step, monkeypatch):
-    import components.evaluate
-    import components.export
-    from components.cli import main
+    import components.evaluate.step
+    import components.export.step
+    from pipelines.cli import main
 
     params, _, op = STEPS[step]
     seen: list = []
@@ -53,8 +53,8 @@ def test_cli_and_component_hand_every_value_to_the_function(step, monkeypatch):
                                                                     "after": {"ece": 0.0}}})
         return ExportResult(saved_model_dir="o")
 
-    monkeypatch.setattr(components.evaluate, "evaluate", capture)
-    monkeypatch.setattr(components.export, "export", capture)
+    monkeypatch.setattr(components.evaluate.step, "evaluate", capture)
+    monkeypatch.setattr(components.export.step, "export", capture)
     values = {p.name: other_value(p) for p in params}
     argv = [step, *(["--dataset", "d"] if step == "evaluate" else []), "--model", "m", "--output", "o"]
     for p in params:

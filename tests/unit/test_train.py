@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.errors import UserError
+from components.core.errors import UserError
 from components.train import FineTuneConfig, HeadConfig, fine_tune, train_head, unfreeze
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,8 +26,8 @@ SIZE = 96
 @pytest.fixture(scope="module")
 def artifacts(synthetic_folder: Path, weights_mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """{'dataset', 'backbone', 'head'}: ingest -> backbone -> train_head (cached features, 4 epochs)."""
-    from components.backbone import BackboneConfig, build_backbone
-    from components.ingest import IngestConfig, ingest
+    from components.backbone.step import BackboneConfig, build_backbone
+    from components.ingest.step import IngestConfig, ingest
 
     root = tmp_path_factory.mktemp("train")
     old = os.environ.get("KFP_FINETUNE_WEIGHTS_MIRROR")
@@ -48,7 +48,7 @@ def artifacts(synthetic_folder: Path, weights_mirror: Path, tmp_path_factory: py
 
 
 def _load(path: Path):
-    from components import modelio
+    from components.core import modelio
 
     return modelio.load_model(path)
 
@@ -63,7 +63,7 @@ def _bn_stats(model) -> dict[str, np.ndarray]:
 
 
 def _pixels(dataset: Path, split: str):
-    from components import dataset as ds_mod
+    from components.core import dataset as ds_mod
 
     images, labels = [], []
     for image, label in ds_mod.read_split(dataset, split):
@@ -218,7 +218,7 @@ def _cli_env(**extra: str) -> dict[str, str]:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "components", *args]
+    return [sys.executable, "-m", "pipelines", *args]
 
 
 @pytest.mark.slow
@@ -429,7 +429,7 @@ def test_guard_returns_the_starting_model_when_fine_tuning_ruins_it(
     assert result.artifact_metadata()["guard_kept"] == "start"
     # The history still shows what fine-tuning did, and the report and evaluation.json say what was kept.
     assert len(meta["history"]["fine_tune"]["loss"]) == 2
-    from components.evaluate import EvaluateConfig, evaluate
+    from components.evaluate.step import EvaluateConfig, evaluate
 
     evaluation = evaluate(EvaluateConfig(dataset=str(artifacts["dataset"]), model=str(tmp_path / "ruined"),
                                          output=str(tmp_path / "eval"), split="validation")).evaluation

@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from components import gcs
+from components.core import gcs
 from components.train.callbacks import HistoryFile, _epoch_logger, epochs_run
 
 

@@ -1,0 +1,78 @@
+"""Local file helpers: atomic output directories and small JSON writes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from components.core.errors import UserError
+
+
+def check_output_dir(target: str | os.PathLike, what: str = "--output") -> Path:
+    """Fail early when `target` exists and is not an empty directory."""
+    path = Path(target)
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{what} {path} exists and is not a directory; choose a new path")
+        if any(path.iterdir()):
+            raise UserError(f"{what} {path} exists and is not empty; choose a new path or remove it first")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, what: str = "--output") -> Iterator[Path]:
+    """Yield a temporary directory beside `target`; on success move it into place, on failure delete it.
+
+    A step killed half-way therefore leaves nothing at `target` (only a hidden `.name.tmp-*` sibling, which the
+    next run ignores). `target` may exist as an empty directory (KFP pre-creates some artifact folders).
+    """
+    path = check_output_dir(target, what)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            path.rmdir()
+        try:
+            os.replace(tmp, path)
+        except OSError:  # e.g. a FUSE mount (/gcs on Vertex) that cannot rename directories
+            shutil.copytree(tmp, path)
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON atomically (temp file + rename), pretty-printed and sorted for diffable output."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what}: {path} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{what}: {path} is not valid JSON ({exc})") from exc
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

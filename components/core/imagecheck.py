@@ -1,0 +1,195 @@
+"""Per-file work of the ingest step, run in worker processes: hash a file, fully decode it, convert it if needed.
+
+Kept apart from `components.ingest.step` so that worker processes import only the standard library, numpy and Pillow
+(not kfp), which keeps their start-up cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from components.core import safefiles
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff"}
+)
+# Pillow's own decompression-bomb threshold (~89.5 megapixels); anything above is skipped, not decoded.
+MAX_PIXELS = 89_478_485
+# Formats whose bytes are stored unchanged (when the mode is one tf.io.decode_image reads as RGB unaided).
+KEEP_FORMATS = frozenset({"JPEG", "PNG"})
+KEEP_MODES = frozenset({"RGB", "L"})
+# Converted images from lossy sources become JPEG, the rest PNG.
+LOSSY_FORMATS = frozenset({"JPEG", "MPO", "WEBP"})
+JPEG_QUALITY = 95
+READ_CHUNK = 1 << 20
+
+# Skip reasons (also the keys of `skipped_counts` in ingest_report.json).
+CORRUPT = "corrupt"
+TOO_LARGE = "too_large"
+UNREADABLE = "unreadable"
+BAD_REASONS = frozenset({CORRUPT, TOO_LARGE, UNREADABLE})
+
+
+def die_with_parent() -> None:
+    """Pool initializer: end this worker when the process that started it dies.
+
+    A killed ingest (SIGKILL) cannot shut its pool down, and forked workers keep a copy of the task pipe's write end,
+    so they would wait on it forever. On Linux the kernel sends SIGKILL to the worker when its parent goes
+    (PR_SET_PDEATHSIG); the check after it covers a parent that died before the call.
+    """
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+@dataclass(frozen=True)
+class FileHash:
+    sha256: str | None
+    size: int
+    error: str | None = None
+    reason: str | None = None  # safefiles' reason when the file was refused (not_regular_file, too_large, ...)
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """The outcome of decoding one file: the bytes to store, or why it was rejected."""
+
+    ok: bool
+    data: bytes | None = None
+    format: str | None = None  # JPEG or PNG (what `data` holds)
+    width: int = 0
+    height: int = 0
+    converted: bool = False  # re-encoded from another format or mode
+    resized: bool = False
+    reason: str | None = None
+    detail: str = ""
+
+
+def hash_file(path: str) -> FileHash:
+    """SHA-256 of a regular file within safefiles' size bound (a FIFO or device swapped in is refused, not read)."""
+    try:
+        data = safefiles.read_bytes(path)
+    except safefiles.UnsafeFile as exc:
+        return FileHash(None, 0, exc.detail, exc.reason)
+    except OSError as exc:
+        return FileHash(None, 0, _os_error(exc))
+    return hash_bytes(data)
+
+
+def _os_error(exc: OSError) -> str:
+    return f"{type(exc).__name__}: {exc.strerror or exc}"
+
+
+def exception_text(exc: BaseException) -> str:
+    """An exception's message without object addresses (Pillow says "cannot identify image file <_io.BytesIO object
+    at 0x7f...>"): skip reasons must be the same on every run."""
+    text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(exc)).strip()
+    return text or type(exc).__name__
+
+
+def hash_bytes(data: bytes) -> FileHash:
+    """`hash_file` on bytes already read."""
+    return FileHash(hashlib.sha256(data).hexdigest(), len(data))
+
+
+def hash_batch(paths: list[str]) -> list[FileHash]:
+    return [hash_file(p) for p in paths]
+
+
+def _to_rgb(im):  # noqa: ANN001, ANN202  (PIL.Image.Image in, PIL.Image.Image out)
+    """Any Pillow mode -> 8-bit RGB; transparency is composited onto white; 16/32-bit grey is scaled, not clipped."""
+    import numpy as np
+    from PIL import Image
+
+    mode = im.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        grey = np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info)
+    if has_alpha or (mode in ("RGB", "L") and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def decode_image(path: str, max_side: int | None = None) -> ImageResult:
+    """Fully decode `path`; return its bytes unchanged when they are RGB/grey JPEG or PNG within `max_side`,
+    otherwise RGB JPEG/PNG bytes re-encoded from the decoded pixels."""
+    try:
+        data = safefiles.read_bytes(path)
+    except safefiles.UnsafeFile as exc:
+        return ImageResult(False, reason=exc.reason, detail=exc.detail)
+    except OSError as exc:
+        return ImageResult(False, reason=UNREADABLE, detail=_os_error(exc))
+    return decode_bytes(data, max_side)
+
+
+def decode_bytes(data: bytes, max_side: int | None = None) -> ImageResult:
+    """`decode_image` on bytes already read (the Beam ingest reads them through Beam's filesystems): the one
+    implementation of the decode check, conversion and resizing for every runner."""
+    from PIL import Image
+
+    if not data:
+        return ImageResult(False, reason=CORRUPT, detail="empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+                if width * height > MAX_PIXELS:
+                    return ImageResult(
+                        False, reason=TOO_LARGE, width=width, height=height,
+                        detail=f"{width}x{height} pixels is over the {MAX_PIXELS:,}-pixel limit (decompression bomb?)",
+                    )
+                im.load()  # the full decode: truncated and corrupt files fail here
+                fmt = im.format
+                too_big = bool(max_side) and max(width, height) > max_side
+                if fmt in KEEP_FORMATS and im.mode in KEEP_MODES and not too_big:
+                    return ImageResult(True, data=data, format=fmt, width=width, height=height)
+                rgb = _to_rgb(im)
+    except Image.DecompressionBombError as exc:
+        return ImageResult(False, reason=TOO_LARGE, detail=str(exc))
+    except MemoryError:
+        raise
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ... on bad files
+        return ImageResult(False, reason=CORRUPT, detail=f"cannot decode: {exception_text(exc)}")
+    if too_big:
+        scale = max_side / max(width, height)
+        rgb = rgb.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.LANCZOS)
+    out_format = "JPEG" if fmt in LOSSY_FORMATS else "PNG"
+    buf = io.BytesIO()
+    if out_format == "JPEG":
+        rgb.save(buf, "JPEG", quality=JPEG_QUALITY)
+    else:
+        rgb.save(buf, "PNG")
+    converted = not (fmt in KEEP_FORMATS and im.mode in KEEP_MODES)
+    return ImageResult(
+        True, data=buf.getvalue(), format=out_format, width=rgb.width, height=rgb.height,
+        converted=converted, resized=too_big,
+    )
+
+
+def decode_batch(paths: list[str], max_side: int | None) -> list[ImageResult]:
+    return [decode_image(p, max_side) for p in paths]

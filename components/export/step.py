@@ -1,0 +1,498 @@
+"""export: a servable SavedModel from a classifier, then (optionally) a versioned push to a folder or gs:// prefix.
+
+SavedModel: `serving_default` takes `image_bytes`, a 1-D tf.string batch of encoded JPEG/PNG images of any size,
+decodes and resizes them inside the graph with `components.core.dataset.decode_image` (the very decode+resize training
+and evaluation used) and returns `probabilities` [batch, classes] float32, `class_id` [batch] int32 and
+`class_name` [batch] string, and `logits` [batch, classes]: log of the model's probabilities (its logits up to a
+per-row constant). `probabilities` are calibrated: softmax(logits / T) with the temperature T evaluate fitted on the
+validation split (evaluation.json `calibration.temperature`; T = 1 without one), recorded in export.json
+`calibration`. TF Serving and Vertex AI Prediction host it unchanged (JSON clients send
+`{"image_bytes": {"b64": ...}}`). The output directory is the SavedModel itself, with model.json and
+evaluation.json beside saved_model.pb.
+
+A second endpoint, `predict_pixels` (decoded pixels [batch, S, S, 3] float32 in, probabilities out), serves batch
+prediction (predict/step.py). Before anything is pushed, serving.py (this package) checks the SavedModel in a fresh
+TensorFlow-only process the way a model server loads it (one test image per class, sent as Vertex JSON b64
+instances, plus a replay of the `assets.extra/tf_serving_warmup_requests` file it writes); a failing check is
+recorded in export.json and nothing is pushed.
+
+Push (`push_to`, components.registry.registry): a complete champion goes to `<push_to>/<version>/`, a folder claimed
+exclusively (version = the run id, or a UTC timestamp in milliseconds taken at push time, digits only and above every
+numeric version there, so TF Serving orders them): the SavedModel folder, the Model artifact (`model/model.keras` +
+`model/model.json`), the data fingerprint and `version.json` (fingerprint, training settings, lineage), version.json
+last; only then does `<push_to>/LATEST` move, by compare-and-swap from the champion the evaluation compared against.
+If LATEST moved meanwhile, the version is kept but not promoted, and the push says so. A push that fails part-way
+leaves LATEST on the previous version and no visible version. A model whose model.keras SHA-256 equals the
+champion's is not pushed again. gs:// goes through google-cloud-storage with parallel uploads (components.core.gcs).
+
+LiteRT (`tflite`: fp16 | int8 | both, tflite_export.py): `tflite/model_<variant>.tflite` + `labels.txt`,
+each checked with the LiteRT interpreter on the test split (export.json `tflite`); only those within
+`max_tflite_drop` of the Keras accuracy are pushed with the version; `tflite_required` fails the export otherwise.
+
+Optional (components/export/vertex_model.py): register the pushed gs:// version in Vertex AI Model Registry
+(`Model.upload`, a new version of `parent_model` when given, the prebuilt TensorFlow serving container).
+"""
+
+import argparse
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Model, Output
+
+from components.core import settings
+from components.core.errors import UserError
+from components.core.fsutil import atomic_directory, check_output_dir, read_json, write_json
+from components.evaluate.calibration import LOG_FLOOR
+from components.evaluate.release_params import EXPORT as PARAMS
+from components.evaluate.release_params import tflite_variants
+from components.export.vertex_model import (  # noqa: F401 (re-exported: callers of export use these names)
+    DEFAULT_SERVING_IMAGE,
+    VERTEX_REGION_PATTERN,
+    VertexConfig,
+    vertex_upload,
+    vertex_upload_args,
+)
+from components.registry.registry import PUSH_RETRY_SECONDS, new_version, push, read_latest  # noqa: F401 (re-exported)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+    from components.export import serving
+    from components.registry import registry
+
+log = logging.getLogger("kfp_finetune.export")
+
+LATEST_FILE = "LATEST"
+EXPORT_FILE = "export.json"
+SIGNATURE = "serving_default"
+INPUT_NAME = "image_bytes"
+# probabilities: calibrated, softmax(logits / T); logits: log(p) of the Keras model (uncalibrated, to a constant).
+OUTPUT_NAMES = ("probabilities", "class_id", "class_name", "logits")
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """export's inputs. `model`: a Model artifact dir; `evaluation`: evaluate's output dir or its evaluation.json."""
+
+    model: str
+    output: str
+    evaluation: str | None = None
+    push_to: str | None = None
+    run_id: str | None = None
+    vertex: VertexConfig | None = None
+    fingerprint: str | None = None  # the data fingerprint, recorded in the pushed version
+    settings: dict[str, Any] | None = None  # the training settings, compared by the next run's skip decision
+    pipeline_job: str | None = None  # the KFP pipeline job / run name, recorded in the lineage
+    # Where the serving check takes one test image per class from (default: the evaluation's dataset).
+    dataset: str | None = None
+    tflite: str = PARAMS[0].default  # none | fp16 | int8 | both (components/export/tflite_export.py)
+    max_tflite_drop: float = PARAMS[1].default  # a .tflite more than this below Keras's accuracy is not pushed
+    tflite_required: bool = PARAMS[2].default  # a requested .tflite that will not ship fails the export
+
+    def __post_init__(self) -> None:
+        for p in PARAMS:
+            p.validate(getattr(self, p.name))
+        for name in ("model", "output"):
+            if not str(getattr(self, name) or "").strip():
+                raise UserError(f"--{name} is required")
+        for name in ("evaluation", "push_to", "run_id"):
+            if getattr(self, name) is not None and not str(getattr(self, name)).strip():
+                object.__setattr__(self, name, None)
+        if self.run_id is not None and not RUN_ID_PATTERN.match(self.run_id):
+            raise UserError(f"--run-id {self.run_id!r} must be 1..128 of letters, digits, '.', '_', '-' "
+                            "(it names the pushed version folder)")
+        if self.push_to is not None:
+            from components.core import gcs
+
+            if gcs.is_gcs(self.push_to):
+                gcs.split_uri(self.push_to)  # raises on gs:// without a bucket
+        for name in ("fingerprint", "pipeline_job"):
+            if getattr(self, name) is not None and not str(getattr(self, name)).strip():
+                object.__setattr__(self, name, None)
+        if self.vertex is not None:
+            if self.push_to is None or not self.push_to.startswith("gs://"):
+                raise UserError("--vertex-upload needs --push-to gs://...: Vertex AI reads the model from GCS")
+
+
+@dataclass
+class ExportResult:
+    """Where the SavedModel is, and where it was pushed ('' when not pushed)."""
+
+    saved_model_dir: str
+    pushed_uri: str = ""
+    skipped_push: str = ""  # why a push was not made (e.g. the champion is this very model)
+    version: str = ""
+    promoted: bool = False  # whether LATEST moved to the pushed version
+    not_promoted: str = ""  # why it did not (LATEST moved since the evaluation): one line naming both versions
+    vertex_model: str = ""
+    class_names: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    serving_check: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0  # the calibration the serving signature applies
+    tflite: dict[str, Any] = field(default_factory=dict)  # export.json's `tflite` section ({} when none asked for)
+
+
+# --- the serving SavedModel ------------------------------------------------------------------------------------
+
+
+def _input_size(model: "keras.Model") -> int:
+    from components.core import modelio
+
+    return modelio.input_size(model)
+
+
+def write_saved_model(model: "keras.Model", class_names: list[str], directory: str | os.PathLike,
+                      temperature: float = 1.0) -> None:
+    """Write a SavedModel whose serving_default maps encoded images to probabilities (calibrated with
+    `temperature`: softmax(logits / T)), class_id, class_name and logits (log of the model's probabilities)."""
+    import keras
+    import tensorflow as tf
+
+    from components.core.dataset import decode_image
+
+    size = _input_size(model)
+    names = tf.constant(list(class_names), dtype=tf.string)
+
+    # A batch of 0 never reaches the model (oneDNN on AMD EPYC with AVX-512 failed on it: "Incompatible shapes:
+    # [0,96,96,3] vs. [8]"): each endpoint answers it with outputs of shape (0, classes) / (0,) and the same dtypes.
+    def empty_outputs() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+        return (tf.zeros([0, len(class_names)], tf.float32), tf.zeros([0], tf.int32), tf.zeros([0], tf.string),
+                tf.zeros([0, len(class_names)], tf.float32))
+
+    def calibrated(pixels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(softmax(logits / T), logits): the head is a softmax, so log(p) are its logits up to a per-row
+        constant (components/evaluate/calibration.py); floored so that a probability of 0 gives a finite logit."""
+        logits = tf.math.log(tf.maximum(tf.cast(model(pixels, training=False), tf.float32), LOG_FLOOR))
+        return tf.nn.softmax(logits / tf.constant(temperature, tf.float32), axis=-1), logits
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
+    def serve(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+        def classify() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+            pixels = tf.map_fn(
+                lambda b: decode_image(b, size), image_bytes,
+                fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32),
+            )
+            probabilities, logits = calibrated(pixels)
+            class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
+            return probabilities, class_id, tf.gather(names, class_id), logits
+
+        return dict(zip(OUTPUT_NAMES, tf.cond(tf.shape(image_bytes)[0] > 0, classify, empty_outputs), strict=True))
+
+    # For batch prediction (components.predict.step): decoded pixels in, (calibrated) probabilities out, no strings.
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
+    def predict_pixels(pixels: tf.Tensor) -> tf.Tensor:
+        return tf.cond(tf.shape(pixels)[0] > 0, lambda: calibrated(pixels)[0], lambda: empty_outputs()[0])
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(name=SIGNATURE, fn=serve)
+    archive.add_endpoint(name="predict_pixels", fn=predict_pixels)
+    archive.write_out(str(directory), verbose=False)
+
+
+def _serving_check(saved_model_dir: Path, model: "keras.Model", class_names: list[str], config: ExportConfig,
+                   evaluation: dict[str, Any] | None, temperature: float) -> "serving.ServingCheck":
+    """components.export.serving's check with one test image per class (synthetic images when no dataset is at hand)."""
+    from components.export import serving
+
+    dataset = config.dataset or (evaluation or {}).get("dataset")
+    if dataset and Path(dataset).is_dir():
+        samples = serving.sample_images(dataset, class_names)
+    else:
+        log.warning("serving check: no dataset at hand (--dataset, or the evaluation's dataset %r): sending "
+                    "synthetic images instead of real ones", dataset)
+        samples = serving.synthetic_images(len(class_names))
+    return serving.check_saved_model(saved_model_dir, model, class_names, samples, temperature=temperature)
+
+
+def _serving_requirements(saved_model_dir: Path) -> dict[str, Any]:
+    """TF version and op list of the SavedModel: what a serving image must support."""
+    from components.export import serving
+
+    info = serving.saved_model_requirements(saved_model_dir)
+    return {"tensorflow_version": info["tensorflow_version"], "op_count": len(info["ops"]), "ops": info["ops"]}
+
+
+# --- evaluation checks -----------------------------------------------------------------------------------------
+
+
+def read_evaluation(path: str) -> dict[str, Any]:
+    """evaluation.json from evaluate's output directory (or the file itself)."""
+    from components.evaluate.step import EVALUATION_FILE
+
+    p = Path(path)
+    return read_json(p / EVALUATION_FILE if p.is_dir() else p, f"--evaluation {path}")
+
+
+def _check_evaluation(evaluation: dict[str, Any], model_dir: str, class_names: list[str], pushing: bool) -> None:
+    from components.evaluate.step import file_sha256
+
+    if list(evaluation.get("class_names") or []) != list(class_names):
+        raise UserError(f"--evaluation is for classes {evaluation.get('class_names')} but model {model_dir} has "
+                        f"{class_names}; pass the evaluation of this model")
+    sha = evaluation.get("model_sha256")
+    if sha and sha != file_sha256(Path(model_dir) / "model.keras"):
+        raise UserError(f"--evaluation measured another model (model.keras SHA-256 {sha[:12]}... differs from "
+                        f"{model_dir}); evaluate this model first")
+    if pushing and not evaluation.get("blessed", False):
+        reasons = "; ".join((evaluation.get("blessing") or {}).get("reasons") or []) or "not blessed"
+        raise UserError(f"--push-to refused: the evaluation did not bless this model ({reasons})")
+
+
+# --- push (components.registry.registry holds the primitives; re-exported here for callers of export) ----------------
+
+
+def lineage(meta: dict[str, Any], evaluation: dict[str, Any] | None, pipeline_job: str | None) -> dict[str, Any]:
+    """Where a pushed version came from: data source, backbone weights, package version, image, pipeline run."""
+    from components import __version__
+
+    weights = (meta.get("backbone") or {}).get("weights") or {}
+    return {
+        "source": (evaluation or {}).get("data_source") or meta.get("data_source"),
+        "backbone": (meta.get("backbone") or {}).get("name"),
+        "weights_source": weights.get("source"),
+        "weights_sha256": weights.get("sha256"),
+        "kfp_finetune_version": __version__,
+        "image": settings.component_image(),
+        "pipeline_job": pipeline_job or None,
+    }
+
+
+def _push_version(config: "ExportConfig", meta: dict[str, Any], evaluation: dict[str, Any] | None,
+                  model_sha: str, tflite: dict[str, Any] | None = None) -> "registry.Pushed":
+    """Stage the export + the Model artifact + version.json; push it (named at push time unless --run-id names it;
+    LATEST moves only from the champion the evaluation compared against)."""
+    from components.export import tflite_export
+    from components.ingest.fingerprint import canonical_settings
+    from components.registry import registry
+
+    metrics = (evaluation or {}).get("metrics") or {}
+    record = {
+        "version": config.run_id,  # the registry sets the name it claims
+        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "model_sha256": model_sha,
+        "class_names": list(meta.get("class_names") or []),
+        "metrics": {k: metrics.get(k) for k in ("accuracy", "macro_f1", "num_examples") if k in metrics},
+        "data_fingerprint": config.fingerprint or (evaluation or {}).get("data_fingerprint")
+        or meta.get("data_fingerprint"),
+        "settings": canonical_settings(config.settings or {}),
+        "champion_before": ((evaluation or {}).get("champion") or {}).get("version"),
+        "lineage": lineage(meta, evaluation, config.pipeline_job),
+    }
+    parent = Path(config.output).parent
+    with tempfile.TemporaryDirectory(prefix=".push-", dir=parent) as staging:
+        stage = Path(staging) / "version"
+        shutil.copytree(config.output, stage)
+        tflite_export.prune(stage, tflite)  # only the .tflite files that passed max_tflite_drop go with the version
+        (stage / registry.MODEL_DIR).mkdir()
+        for name in ("model.keras", "model.json"):
+            shutil.copy2(Path(config.model) / name, stage / registry.MODEL_DIR / name)
+        write_json(stage / "data_fingerprint.json", {"data_fingerprint": record["data_fingerprint"],
+                                                "source": record["lineage"]["source"]})
+        write_json(stage / registry.VERSION_FILE, record)
+        return registry.push(stage, config.push_to, config.run_id,
+                             expect=registry.evaluated_champion(evaluation, config.push_to))
+
+
+def _duplicate_of_champion(config: "ExportConfig") -> str:
+    """Why this model must not be pushed again ('' when it may): the champion has the same model.keras SHA-256."""
+    from components.evaluate.step import file_sha256
+    from components.registry import registry
+
+    champion = registry.resolve_champion(config.push_to)
+    if champion is None:
+        return ""
+    sha = file_sha256(Path(config.model) / "model.keras")
+    if champion.record.get("model_sha256") == sha:
+        return f"the champion {champion.version} at {config.push_to} is this very model (model.keras {sha[:12]})"
+    return ""
+
+
+# --- the step --------------------------------------------------------------------------------------------------
+
+
+def export(config: ExportConfig) -> ExportResult:
+    """Write the serving SavedModel to `config.output`; push it when `config.push_to` is set."""
+    from components.core import modelio
+    from components.evaluate import calibration
+    from components.export import tflite_export
+
+    started = time.perf_counter()
+    check_output_dir(config.output)
+    model, meta = modelio.load_model(config.model)
+    class_names = list(meta.get("class_names") or [])
+    if not class_names:
+        raise UserError(f"--model {config.model}: model.json has no class_names; export a train-head or fine-tune "
+                        "output")
+    if model.output_shape[-1] != len(class_names):
+        raise UserError(f"--model {config.model}: the model outputs {model.output_shape[-1]} classes but model.json "
+                        f"names {len(class_names)}")
+    evaluation = read_evaluation(config.evaluation) if config.evaluation else None
+    if evaluation is not None:
+        _check_evaluation(evaluation, config.model, class_names, pushing=config.push_to is not None)
+    duplicate = _duplicate_of_champion(config) if config.push_to else ""
+    temperature = calibration.temperature_of(evaluation)
+    tflite: dict[str, Any] = {}
+
+    with atomic_directory(config.output) as tmp:
+        write_saved_model(model, class_names, tmp, temperature)
+        check = _serving_check(tmp, model, class_names, config, evaluation, temperature)
+        if tflite_variants(config.tflite):
+            tflite = tflite_export.export_tflite(
+                model, class_names, tmp, tflite_variants(config.tflite),
+                config.dataset or (evaluation or {}).get("dataset"), config.max_tflite_drop, temperature)
+        write_json(tmp / modelio.META_FILE, meta)
+        if evaluation is not None:
+            write_json(tmp / "evaluation.json", {**evaluation, "tflite": tflite} if tflite else evaluation)
+            tflite_export.copy_report(config.evaluation, tmp, tflite)
+        write_json(tmp / EXPORT_FILE, {
+            "signature": SIGNATURE, "inputs": {INPUT_NAME: "tf.string [None]: encoded JPEG/PNG, any size"},
+            "outputs": {"probabilities": f"float32 [None, {len(class_names)}]: softmax(logits / temperature)",
+                        "class_id": "int32 [None]", "class_name": "string [None]",
+                        "logits": f"float32 [None, {len(class_names)}]: log of the model's probabilities"},
+            "calibration": {"temperature": temperature,
+                            "source": "evaluation.json calibration" if evaluation and evaluation.get("calibration")
+                            else "none (T = 1): no calibrated evaluation"},
+            "class_names": class_names, "input_size": _input_size(model), "source_model": str(config.model),
+            "version": config.run_id,  # without --run-id the version is named at push time (version.json)
+            "serving_check": check.as_dict(), "serving_requirements": _serving_requirements(tmp),
+            "tflite": tflite or None,
+        })
+    log.info("exported SavedModel (%s: %s -> %s) to %s", SIGNATURE, INPUT_NAME, ", ".join(OUTPUT_NAMES),
+             config.output)
+
+    result = ExportResult(saved_model_dir=str(config.output), class_names=class_names,
+                          serving_check=check.as_dict(), temperature=temperature, tflite=tflite)
+    if not check.passed:
+        raise UserError(f"serving check failed, so nothing was pushed: {check.reason} (details in "
+                        f"{Path(config.output) / EXPORT_FILE})")
+    if config.tflite_required:
+        tflite_export.require(tflite, config.output)
+    if config.push_to and duplicate:
+        result.skipped_push = duplicate
+        log.warning("not pushed: %s", duplicate)
+    elif config.push_to:
+        from components.evaluate.step import file_sha256
+
+        pushed = _push_version(config, meta, evaluation, file_sha256(Path(config.model) / "model.keras"), tflite)
+        result.pushed_uri, result.version, result.promoted = pushed.uri, pushed.version, pushed.promoted
+        result.not_promoted = pushed.message
+        if config.vertex is not None:
+            args = vertex_upload_args(config.vertex, result.pushed_uri, pushed.version, class_names, evaluation,
+                                      default_version=pushed.promoted)
+            result.vertex_model = vertex_upload(config.vertex, args)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+# --- CLI -----------------------------------------------------------------------------------------------------------
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export", help="write a servable SavedModel (image bytes in, probabilities out) and push a version",
+        description="Export a classifier as a SavedModel whose serving_default takes encoded images "
+                    "(image_bytes) and returns probabilities, class_id and class_name; optionally push it as a "
+                    "new version to a folder or gs:// prefix and register it in Vertex AI Model Registry.",
+    )
+    p.add_argument("--model", required=True, help="Model artifact directory (output of `train-head`/`fine-tune`)")
+    p.add_argument("--output", required=True, help="new directory for the SavedModel")
+    p.add_argument("--evaluation", default=None,
+                   help="evaluate's output directory (or evaluation.json): copied along; a push needs it blessed")
+    p.add_argument("--push-to", default=None, metavar="DIR_OR_GS_URI",
+                   help="copy the export to PUSH_TO/<version>/ and then point PUSH_TO/LATEST at it")
+    p.add_argument("--run-id", default=None, help="version folder name (default: UTC timestamp in ms)")
+    p.add_argument("--dataset", default=None,
+                   help="Dataset artifact for the serving check's test images (default: the evaluation's dataset)")
+    from components.train.params import add_arguments
+
+    add_arguments(p.add_argument_group("LiteRT (TFLite) models for phones (optional)"), PARAMS)
+    v = p.add_argument_group("Vertex AI Model Registry (optional)")
+    v.add_argument("--vertex-upload", action="store_true", help="register the pushed gs:// version in Vertex AI")
+    v.add_argument("--vertex-project", default=None, help="GCP project (default: $GOOGLE_CLOUD_PROJECT)")
+    v.add_argument("--vertex-region", default="us-central1")
+    v.add_argument("--vertex-display-name", default="kfp-finetune-classifier")
+    v.add_argument("--vertex-parent-model", default=None, help="existing model resource name: upload a new version")
+    v.add_argument("--vertex-serving-image", default=DEFAULT_SERVING_IMAGE)
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from components.train.params import config_kwargs
+
+    vertex = None
+    if args.vertex_upload:
+        vertex = VertexConfig(project=args.vertex_project or settings.gcp_project() or "", region=args.vertex_region,
+                              display_name=args.vertex_display_name, parent_model=args.vertex_parent_model,
+                              serving_image=args.vertex_serving_image)
+    result = export(ExportConfig(model=args.model, output=args.output, evaluation=args.evaluation,
+                                 push_to=args.push_to, run_id=args.run_id, vertex=vertex,
+                                 dataset=args.dataset, **config_kwargs(PARAMS, args)))
+    if result.pushed_uri and result.promoted:
+        log.info("pushed version %s to %s; LATEST names it", result.version, result.pushed_uri)
+    return 0
+
+
+# --- KFP component ---------------------------------------------------------------------------------------------
+
+
+@dsl.component(base_image=settings.component_image(), install_kfp_package=False)
+def export_op(
+    model: Input[Model],
+    evaluation: Input[Artifact],
+    exported_model: Output[Model],
+    push_to: str = "",
+    run_id: str = "",
+    fingerprint: str = "",
+    training_settings: dict = {},  # noqa: B006 (KFP reads the default from the signature)
+    pipeline_job: str = "",
+    tflite: str = "none",
+    max_tflite_drop: float = 0.01,
+    tflite_required: bool = False,
+) -> NamedTuple("ExportOutputs", [("pushed_uri", str)]):
+    """Export a blessed classifier as a serving SavedModel and push a versioned copy.
+
+    Args:
+        model: Model artifact written by train_head or fine_tune.
+        evaluation: The `evaluation` artifact of evaluate (a folder with evaluation.json); a push needs it blessed.
+        exported_model: Output Model: the SavedModel (serving_default: image_bytes -> probabilities, class_id,
+            class_name), with model.json and evaluation.json beside it.
+        push_to: Local folder or gs:// prefix to push a new version to (then LATEST is updated); "" for none.
+        run_id: Name of the pushed version folder; "" for a UTC timestamp.
+        fingerprint: The data fingerprint (fingerprint step), recorded in the pushed version.
+        training_settings: The run's training settings, recorded so that the next run can skip unchanged data.
+        pipeline_job: The pipeline job name (dsl.PIPELINE_JOB_NAME_PLACEHOLDER), recorded in the lineage.
+        tflite: Also write LiteRT models in tflite/ with labels.txt: "none", "fp16", "int8" (full-integer, uint8
+            image input) or "both"; each is checked with the LiteRT interpreter on the test split.
+        max_tflite_drop: A .tflite whose test accuracy is more than this below the Keras model's is not pushed.
+        tflite_required: Fail the export (nothing pushed) when a requested .tflite does not convert or pass.
+
+    Returns:
+        pushed_uri: Where the version was pushed ("" when push_to is "").
+    """
+    from collections import namedtuple
+
+    from components.export.step import ExportConfig, export
+
+    result = export(ExportConfig(model=model.path, output=exported_model.path, evaluation=evaluation.path,
+                                 push_to=push_to or None, run_id=run_id or None, fingerprint=fingerprint or None,
+                                 settings=training_settings or None, pipeline_job=pipeline_job or None,
+                                 tflite=tflite, max_tflite_drop=max_tflite_drop, tflite_required=tflite_required))
+    exported_model.metadata.update({"class_names": result.class_names, "signature": "serving_default",
+                                    "pushed_uri": result.pushed_uri, "version": result.version,
+                                    "skipped_push": result.skipped_push, "promoted": result.promoted,
+                                    "not_promoted": result.not_promoted, "temperature": result.temperature,
+                                    "tflite": sorted(n for n, m in (result.tflite.get("models") or {}).items()
+                                                     if m.get("push"))})
+    outputs = namedtuple("ExportOutputs", ["pushed_uri"])
+    return outputs(result.pushed_uri)

@@ -1,0 +1,479 @@
+"""The ingest's Apache Beam pipeline (`build`) and its step functions: matching and classifying files, inspecting
+(read, hash, decode check) on the workers, resolving duplicates and conflicts, ranking and writing shards, and the
+finalizing step that checks the result and writes the metadata and ingest_report.json inside the job.
+
+Split out of beam_ingest.py (the launcher and KFP component). Everything the Beam graph runs is defined at
+module level here, so the pipeline pickles only references to `components.ingest.beam_pipeline`.
+"""
+
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from components import __version__
+from components.core import gcs, imagecheck, settings
+from components.core.dataset import REPORT_FILE, SPLITS
+from components.core.errors import UserError
+from components.ingest import tfds_format
+
+log = logging.getLogger(__name__)
+
+RANK_PREFIX = 3  # hex digits of the content hash that bucket the ranking: 4096 buckets per split
+TMP_PREFIX = ".beam-tmp-"
+
+
+# --- records -------------------------------------------------------------------------------------------------------
+
+
+class Candidate(NamedTuple):
+    ref: str  # what the report shows: a local path or a gs:// URI (exactly as the local ingest shows it)
+    label: str
+
+
+class Inspected(NamedTuple):
+    ref: str
+    label: str
+    sha256: str | None  # None: the file could not be read
+    size: int
+    ok: bool
+    reason: str | None
+    detail: str
+    converted: bool
+    resized: bool
+
+
+class Kept(NamedTuple):
+    sha256: str
+    ref: str
+    label: str
+    split: str
+    converted: bool
+    resized: bool
+
+
+class ShardInfo(NamedTuple):
+    split: str
+    index: int
+    length: int
+    num_bytes: int
+
+
+class Job(NamedTuple):
+    """Everything the workers need to know, fixed at launch."""
+
+    source: str
+    output: str  # where the dataset goes (a local directory or gs://); must be empty
+    tmp: str  # where shards are written before the finalizing step renames them
+    seed: int
+    val_fraction: float
+    test_fraction: float
+    fractions: dict[str, float]
+    max_side: int | None
+    max_corrupt_fraction: float
+    num_shards: int | None
+    started: float  # time.time() at launch, for the report's seconds
+    class_refs: dict[str, str]  # class -> where it came from (known classes of a folder/manifest source)
+    fingerprint: str | None = None  # the source's data fingerprint (fingerprint.py), recorded in the report
+
+
+def _skip(path: str, reason: str, detail: str = "") -> dict[str, str]:
+    return {"path": path, "reason": reason, "detail": detail}
+
+
+def _join(base: str, *parts: str) -> str:
+    _emulator_auth()
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems.join(base, *parts)
+
+
+# --- step functions (module level, so the pipeline pickles only references) ---------------------------------------
+
+
+def _listing_root(source: str) -> str:
+    """The prefix that every matched path of a folder/gs:// source starts with, ending in a separator."""
+    if gcs.is_gcs(source):
+        return source.rstrip("/") + "/"
+    return os.path.abspath(os.path.expanduser(source)).rstrip(os.sep) + os.sep
+
+
+def _classify_match(path: str, source: str) -> Iterator[tuple[str, Any]]:
+    """A matched file -> ('candidate', Candidate) or ('skip', skip), and ('class', name) for the class it names."""
+    from components.ingest.sources import _classify
+
+    root = _listing_root(source)
+    if not path.startswith(root):
+        return
+    sep = "/" if gcs.is_gcs(source) else os.sep
+    rel = tuple(p for p in path[len(root) :].split(sep) if p)
+    if gcs.is_gcs(source):
+        ref = path
+    else:
+        ref = os.path.join(str(Path(source).expanduser()), *rel)
+    if len(rel) >= 2 and not rel[0].startswith("."):
+        yield "class", rel[0]
+    reason = _classify(rel)
+    if reason:
+        yield "skip", _skip(ref, reason)
+    else:
+        yield "candidate", Candidate(ref, rel[0])
+
+
+def _emulator_auth() -> None:
+    """Against a GCS emulator (STORAGE_EMULATOR_HOST), Beam's GCS filesystem connects anonymously at once instead
+    of looking for credentials first (~20 s of retries per process): google-cloud-storage then talks to the
+    emulator. Beam has no option for this, so its per-process credentials cache is filled with "none"."""
+    if not settings.storage_emulator_host():
+        return
+    try:
+        from apache_beam.internal.gcp import auth
+
+        with auth._Credentials._credentials_lock:
+            if not auth._Credentials._credentials_init:
+                auth._Credentials._credentials, auth._Credentials._credentials_init = None, True
+    except (ImportError, AttributeError):  # pragma: no cover  (a Beam version without that cache: just slower)
+        pass
+
+
+def _read(ref: str) -> bytes:
+    _emulator_auth()
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
+    raw = CompressionTypes.UNCOMPRESSED
+    with FileSystems.open(ref, mime_type="application/octet-stream", compression_type=raw) as f:
+        return f.read()
+
+
+def _exists(ref: str) -> bool:
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        return FileSystems.exists(ref)
+    except Exception:  # noqa: BLE001  (a bucket we cannot even ask about counts as missing)
+        return False
+
+
+def inspect(candidate: Candidate, max_side: int | None) -> Inspected:
+    """Read, hash and decode-check one file (on a worker)."""
+    from components.ingest.step import MISSING
+
+    try:
+        data = _read(candidate.ref)
+    except Exception as exc:  # noqa: BLE001  (BeamIOError, OSError, google.api_core errors)
+        reason = imagecheck.UNREADABLE if _exists(candidate.ref) else MISSING
+        detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return Inspected(candidate.ref, candidate.label, None, 0, False, reason, detail, False, False)
+    digest = imagecheck.hash_bytes(data)
+    result = imagecheck.decode_bytes(data, max_side)
+    return Inspected(
+        candidate.ref, candidate.label, digest.sha256, digest.size, result.ok, result.reason, result.detail,
+        result.converted, result.resized,
+    )
+
+
+def resolve(sha: str, group: Iterable[Inspected], job: Job) -> Iterator[tuple[str, Any]]:
+    """One content hash -> ('size', bytes) once, then ('kept', Kept) and/or ('skip', skip) as the local ingest."""
+    from components.ingest.step import CONFLICT, DUPLICATE, _split_of
+
+    items = sorted(group, key=lambda e: e.ref)
+    first = items[0]
+    yield "size", first.size
+    if not first.ok:
+        for e in items:
+            yield "skip", _skip(e.ref, first.reason, first.detail)
+        return
+    labels = sorted({e.label for e in items})
+    if len(labels) > 1:
+        detail = f"identical bytes labelled {', '.join(map(repr, labels))}: " + ", ".join(e.ref for e in items)
+        for e in items:
+            yield "skip", _skip(e.ref, CONFLICT, detail)
+        return
+    for e in items[1:]:
+        yield "skip", _skip(e.ref, DUPLICATE, f"same bytes as {first.ref}")
+    split = _split_of(sha, job.seed, job.val_fraction, job.test_fraction)
+    yield "kept", Kept(sha, first.ref, first.label, split, first.converted, first.resized)
+
+
+def bucket_offsets(counts: Iterable[tuple[tuple[str, str], int]]) -> dict[str, Any]:
+    """{(split, prefix): n} -> {'offsets': {(split, prefix): images before it in its split}, 'totals': {split: n}}."""
+    offsets: dict[tuple[str, str], int] = {}
+    totals = dict.fromkeys(SPLITS, 0)
+    for (split, prefix), n in sorted(counts):
+        offsets[(split, prefix)] = totals[split]
+        totals[split] += n
+    return {"offsets": offsets, "totals": totals}
+
+
+def num_shards(job: Job, split: str, total_bytes: int) -> int:
+    """The local writer's shard count for `split` (before it drops the shards that stayed empty)."""
+    from components.ingest.step import _auto_shards
+
+    return job.num_shards or _auto_shards(total_bytes, job.fractions[split])
+
+
+def rank(key: tuple[str, str], items: Iterable[Kept], job: Job, ranks: dict, total_bytes: int) -> Iterator:
+    """Kept images of one (split, hash prefix) -> ((split, shard), (rank, Kept)): rank = position in the split
+    sorted by hash, shard = rank mod the shard count (the local writer's round robin over hash order)."""
+    split, _ = key
+    start = ranks["offsets"][key]
+    n = num_shards(job, split, total_bytes)
+    for i, item in enumerate(sorted(items, key=lambda k: k.sha256)):
+        r = start + i
+        yield (split, r % n), (r, item)
+
+
+def _tmp_shard(job: Job, split: str, index: int) -> str:
+    return _join(job.tmp, f"{split}-{index:05d}.partial")
+
+
+def write_shard(key: tuple[str, int], items: Iterable[tuple[int, Kept]], job: Job, classes: list[str]) -> ShardInfo:
+    """Stream one shard's images, in rank order, into a temporary TFRecord file (one image in memory at a time)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    split, index = key
+    label_index = {name: i for i, name in enumerate(classes)}
+    length = num_bytes = 0
+    path = _tmp_shard(job, split, index)
+    with FileSystems.create(path, mime_type="application/octet-stream") as f:
+        for _, item in sorted(items, key=lambda ri: ri[0]):
+            data = _read(item.ref)
+            if imagecheck.hash_bytes(data).sha256 != item.sha256:
+                raise RuntimeError(f"{item.ref} changed while it was being ingested; run the ingest again")
+            if item.converted or item.resized:
+                result = imagecheck.decode_bytes(data, job.max_side)
+                if not result.ok or result.data is None:  # pragma: no cover  (decoded fine moments ago)
+                    raise RuntimeError(f"{item.ref}: decode check gave a different answer the second time")
+                data = result.data
+            example = tfds_format.encode_example(data, label_index[item.label])
+            tfds_format.write_record(f, example)
+            length += 1
+            num_bytes += len(example)
+    return ShardInfo(split, index, length, num_bytes)
+
+
+def _no_images_message(source: str, others: int) -> str:
+    return (
+        f"--source {source}: no image files found ({others} other files); expected one folder of "
+        "JPEG/PNG/... images per class"
+    )
+
+
+def finalize(
+    _: Any, job: Job, classes: list[str], stats: dict[str, int], skips: list[dict], shards: list[ShardInfo],
+    class_counts: list[tuple[tuple[str, str], int]], total_bytes: int,
+) -> Iterator[dict]:
+    """Check the result, rename the shards into place and write the metadata and ingest_report.json (in the job)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from components.ingest.step import BAD_REASONS
+
+    def fail(message: str) -> None:
+        _delete(job.tmp)
+        raise UserError(message)
+
+    num_candidates, num_listed_skips = stats.get("candidates", 0), stats.get("listing_skips", 0)
+    if not num_candidates:
+        fail(_no_images_message(job.source, num_listed_skips))
+    if len(classes) < 2:
+        fail(
+            f"--source {job.source}: found {len(classes)} class(es) {classes}; "
+            "a classifier needs at least 2 (one sub-folder or label per class)"
+        )
+    skipped = sorted(skips, key=lambda s: (s["path"], s["reason"]))
+    bad = [s for s in skipped if s["reason"] in BAD_REASONS]
+    if num_candidates and len(bad) / num_candidates > job.max_corrupt_fraction:
+        examples = "; ".join(f"{s['path']}: {s['detail'] or s['reason']}" for s in bad[:3])
+        fail(
+            f"--source {job.source}: {len(bad)} of {num_candidates} image files are unusable "
+            f"({len(bad) / num_candidates:.1%} > --max-corrupt-fraction {job.max_corrupt_fraction}); "
+            f"fix or remove them, or raise the limit. First: {examples}"
+        )
+    counts = {split: dict.fromkeys(classes, 0) for split in SPLITS}
+    for (split, label), n in class_counts:
+        counts[split][label] += n
+    for name in classes:
+        if not any(counts[split][name] for split in SPLITS):
+            fail(
+                f"--source {job.source}: class {name!r} ({job.class_refs.get(name, name)}) has no valid image; "
+                "add images or remove it"
+            )
+
+    split_infos = {}
+    by_split = {split: sorted((s for s in shards if s.split == split), key=lambda s: s.index) for split in SPLITS}
+    for split in SPLITS:
+        infos = by_split[split]
+        if not infos:  # an empty split: one empty shard, which TFDS reads as empty (as the local writer does)
+            FileSystems.create(_join(job.output, tfds_format.shard_name(split, 0, 1))).close()
+            split_infos[split] = ([0], 0)
+            log.warning("split %r is empty: too few images for its fraction", split)
+            continue
+        sources = [_tmp_shard(job, split, s.index) for s in infos]
+        targets = [_join(job.output, tfds_format.shard_name(split, i, len(infos))) for i in range(len(infos))]
+        FileSystems.rename(sources, targets)
+        split_infos[split] = ([s.length for s in infos], sum(s.num_bytes for s in infos))
+    description = f"Images ingested by kfp-finetune {__version__} from {job.source}"
+    for name, data in tfds_format.metadata_files(classes, split_infos, description).items():
+        _write(_join(job.output, name), data)
+
+    num_examples = {split: sum(counts[split].values()) for split in SPLITS}
+    total = sum(num_examples.values())
+    seconds = time.time() - job.started
+    report = {
+        "source": job.source,
+        "data_fingerprint": job.fingerprint or None,
+        "seed": job.seed,
+        "fractions": job.fractions,
+        "max_side": job.max_side,
+        "class_names": list(classes),
+        "num_examples": num_examples,
+        "counts": counts,
+        "num_files": num_candidates + num_listed_skips,
+        "num_image_files": num_candidates,
+        "converted": stats.get("converted", 0),
+        "resized": stats.get("resized", 0),
+        "num_shards": {split: len(split_infos[split][0]) for split in SPLITS},
+        "skipped_counts": dict(sorted(Counter(s["reason"] for s in skipped).items())),
+        "skipped": skipped,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(total / max(seconds, 1e-9), 1),
+        "kfp_finetune_version": __version__,
+    }
+    import json
+
+    _write(_join(job.output, REPORT_FILE), (json.dumps(report, indent=2, sort_keys=True, default=str) + "\n").encode())
+    _delete(job.tmp)
+    yield report
+
+
+def _write(path: str, data: bytes) -> None:
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.create(path, mime_type="application/octet-stream") as f:
+        f.write(data)
+
+
+def _delete(path: str) -> None:
+    """Delete a directory (and what is in it) through Beam's filesystems; quietly when it is not there."""
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        matched = FileSystems.match([_join(path, "**")])[0].metadata_list
+        if matched:
+            FileSystems.delete([m.path for m in matched])
+        if not gcs.is_gcs(path) and os.path.isdir(path):
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+    except Exception as exc:  # noqa: BLE001
+        log.debug("could not delete %s: %s", path, exc)
+
+
+# --- the pipeline --------------------------------------------------------------------------------------------------
+
+
+def _sum_stats(items: Iterable[dict[str, int]]) -> dict[str, int]:
+    out: Counter = Counter()
+    for item in items:
+        out.update(item)
+    return dict(out)
+
+
+def build(pipeline: Any, job: Job, candidates: Sequence[Candidate] | None, known_classes: Sequence[str]) -> Any:
+    """Add the ingest to a beam.Pipeline; `candidates` for a manifest source, else the source is matched."""
+    import apache_beam as beam
+    from apache_beam.io import fileio
+
+    p = pipeline
+    if candidates is None:
+        root = _listing_root(job.source)
+        listed = (
+            p
+            | "Pattern" >> beam.Create([root + "**"])
+            | "Match" >> fileio.MatchAll(fileio.EmptyMatchTreatment.ALLOW)
+            | "Classify" >> beam.FlatMap(lambda m, source: _classify_match(m.path, source), job.source)
+        )
+        cands = listed | "Candidates" >> beam.FlatMap(lambda kv: [kv[1]] if kv[0] == "candidate" else [])
+        listing_skips = listed | "ListingSkips" >> beam.FlatMap(lambda kv: [kv[1]] if kv[0] == "skip" else [])
+        seen_classes = listed | "Classes" >> beam.FlatMap(lambda kv: [kv[1]] if kv[0] == "class" else [])
+    else:
+        cands = p | "Candidates" >> beam.Create(list(candidates))
+        listing_skips = p | "ListingSkips" >> beam.Create([])
+        seen_classes = p | "Classes" >> beam.Create([])
+    classes = (
+        (seen_classes, p | "KnownClasses" >> beam.Create(list(known_classes)))
+        | "AllClasses" >> beam.Flatten()
+        | "DistinctClasses" >> beam.Distinct()
+        | "ClassList" >> beam.combiners.ToList()
+        | "Sorted" >> beam.Map(sorted)
+    )
+
+    inspected = (
+        cands
+        | "Spread" >> beam.Reshuffle()
+        | "Inspect" >> beam.Map(inspect, job.max_side)
+    )
+    unread = inspected | "Unread" >> beam.FlatMap(
+        lambda e: [] if e.sha256 is not None else [_skip(e.ref, e.reason, e.detail)]
+    )
+    resolved = (
+        inspected
+        | "ByHash" >> beam.FlatMap(lambda e: [] if e.sha256 is None else [(e.sha256, e)])
+        | "GroupHash" >> beam.GroupByKey()
+        | "Resolve" >> beam.FlatMap(lambda kv, j: resolve(kv[0], kv[1], j), job)
+    )
+    kept = resolved | "Kept" >> beam.FlatMap(lambda kv: [kv[1]] if kv[0] == "kept" else [])
+    group_skips = resolved | "GroupSkips" >> beam.FlatMap(lambda kv: [kv[1]] if kv[0] == "skip" else [])
+    total_bytes = (
+        resolved
+        | "Sizes" >> beam.FlatMap(lambda kv: [kv[1]] if kv[0] == "size" else [])
+        | "TotalBytes" >> beam.CombineGlobally(sum)
+    )
+    ranks = (
+        kept
+        | "BucketKeys" >> beam.Map(lambda k: ((k.split, k.sha256[:RANK_PREFIX]), 1))
+        | "BucketCounts" >> beam.CombinePerKey(sum)
+        | "BucketList" >> beam.combiners.ToList()
+        | "Offsets" >> beam.Map(bucket_offsets)
+    )
+    shards = (
+        kept
+        | "ByBucket" >> beam.Map(lambda k: ((k.split, k.sha256[:RANK_PREFIX]), k))
+        | "GroupBucket" >> beam.GroupByKey()
+        | "Rank" >> beam.FlatMap(
+            lambda kv, j, r, t: rank(kv[0], kv[1], j, r, t), job,
+            beam.pvalue.AsSingleton(ranks), beam.pvalue.AsSingleton(total_bytes),
+        )
+        | "GroupShard" >> beam.GroupByKey()
+        | "WriteShard" >> beam.Map(
+            lambda kv, j, c: write_shard(kv[0], kv[1], j, c), job, beam.pvalue.AsSingleton(classes)
+        )
+    )
+    class_counts = (
+        kept
+        | "ClassKeys" >> beam.Map(lambda k: ((k.split, k.label), 1))
+        | "ClassCounts" >> beam.CombinePerKey(sum)
+    )
+    stats = (
+        (
+            cands | "CountCandidates" >> beam.Map(lambda _: {"candidates": 1}),
+            listing_skips | "CountListingSkips" >> beam.Map(lambda _: {"listing_skips": 1}),
+            kept | "CountConverted" >> beam.Map(lambda k: {"converted": int(k.converted), "resized": int(k.resized)}),
+        )
+        | "AllStats" >> beam.Flatten()
+        | "SumStats" >> beam.CombineGlobally(_sum_stats)
+    )
+    skips = (listing_skips, unread, group_skips) | "AllSkips" >> beam.Flatten()
+    return (
+        p
+        | "Once" >> beam.Create([None])
+        | "Finalize" >> beam.FlatMap(
+            finalize, job,
+            beam.pvalue.AsSingleton(classes), beam.pvalue.AsSingleton(stats), beam.pvalue.AsList(skips),
+            beam.pvalue.AsList(shards), beam.pvalue.AsList(class_counts), beam.pvalue.AsSingleton(total_bytes),
+        )
+    )

@@ -1,0 +1,480 @@
+"""The ingest step: images (a class-per-folder tree, gs://, a CSV manifest or a TFDS dataset) into a Dataset artifact.
+
+    kfp-finetune ingest --source SRC --output DIR [--val-fraction 0.1] [--test-fraction 0.1] [--seed 0]
+                        [--max-side N] [--max-corrupt-fraction 0.01] [--num-shards auto]
+
+How it works, in two passes over the files, both on a process pool with one worker per core:
+1. hash every candidate file (SHA-256 of its bytes). Identical bytes are grouped: under one label they are kept once,
+   under several labels they are left out as conflicts. Each image's split is a function of the seed and its hash
+   only, so a grown folder keeps every old image in its old split and identical bytes never straddle two splits.
+2. fully decode one file per distinct content (catching truncated/corrupt files and decompression bombs), convert
+   what is not RGB/grey JPEG/PNG, and stream the bytes straight into the split's TFRecord shards: memory stays flat
+   however large the dataset.
+The directory is built beside DIR and renamed into place (`atomic_directory`); any error leaves nothing at DIR.
+EXIF orientation is not applied, neither to kept nor to converted images: TF's decoders ignore it as well, so
+training, evaluation and serving all see the same pixels.
+"""
+
+import argparse
+import hashlib
+import logging
+import math
+import multiprocessing
+import os
+import tempfile
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kfp import dsl
+
+from components import __version__
+from components.core import gcs, imagecheck, settings
+from components.core.dataset import REPORT_FILE, SPLITS
+from components.core.errors import UserError
+from components.core.fsutil import atomic_directory, check_output_dir, write_json
+from components.ingest import tfds_format
+from components.ingest.sources import (  # noqa: F401  (the listing reasons, re-exported)
+    DOWNLOAD_FAILED,
+    HIDDEN,
+    NOT_IMAGE,
+    NOT_REGULAR,
+    OUTSIDE_CLASS,
+    OUTSIDE_SOURCE,
+    _collect,
+    _Entry,
+    _Listing,
+    _skip,
+)
+
+log = logging.getLogger(__name__)
+
+# Skip reasons besides imagecheck's corrupt / too_large / unreadable.
+MISSING = "missing"
+DUPLICATE = "duplicate"
+CONFLICT = "label_conflict"
+BAD_REASONS = imagecheck.BAD_REASONS | {MISSING, DOWNLOAD_FAILED}
+
+TARGET_SHARD_BYTES = 64 << 20
+MAX_AUTO_SHARDS = 1024
+BATCH = 16  # files per task sent to a worker
+
+
+# --- config and result -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """What to ingest and how; validated on construction (raises UserError naming the flag)."""
+
+    source: str
+    output: str
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+    max_side: int | None = None
+    max_corrupt_fraction: float = 0.01
+    num_shards: int | None = None
+    # Where it runs: "local" (this machine's process pool) or Beam's "direct" / "dataflow" (beam_ingest.py),
+    # with Beam pipeline options as KEY=VALUE strings.
+    runner: str = "local"
+    beam_options: tuple[str, ...] = ()
+    fingerprint: str | None = None  # the source's data fingerprint (fingerprint.py), recorded in the report
+
+    def __post_init__(self) -> None:
+        if not str(self.source).strip():
+            raise UserError("--source is empty; give a folder, gs://bucket/prefix, a .csv manifest or tfds:NAME")
+        if not str(self.output).strip():
+            raise UserError("--output is empty; give a local directory to create")
+        if self.runner not in ("local", "direct", "dataflow"):
+            raise UserError(f"--runner {self.runner!r}: expected local, direct or dataflow")
+        if self.beam_options and self.runner == "local":
+            raise UserError("--beam-option and the Beam flags need --runner direct or dataflow")
+        object.__setattr__(self, "beam_options", tuple(self.beam_options))
+        if gcs.is_gcs(self.output) and self.runner == "local":
+            raise UserError(f"--output {self.output}: write to a local path (on Vertex AI, the /gcs/... mount)")
+        for flag, value in (("--val-fraction", self.val_fraction), ("--test-fraction", self.test_fraction)):
+            if not isinstance(value, int | float) or not 0 <= value < 1:
+                raise UserError(f"{flag} {value!r} must be a number in [0, 1)")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise UserError(
+                f"--val-fraction {self.val_fraction} + --test-fraction {self.test_fraction} must sum to less than 1 "
+                "(nothing would be left to train on)"
+            )
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise UserError(f"--seed {self.seed!r} must be an integer")
+        if self.max_side is not None and (not isinstance(self.max_side, int) or self.max_side < 1):
+            raise UserError(f"--max-side {self.max_side!r} must be a positive number of pixels (or left out)")
+        if not isinstance(self.max_corrupt_fraction, int | float) or not 0 <= self.max_corrupt_fraction <= 1:
+            raise UserError(f"--max-corrupt-fraction {self.max_corrupt_fraction!r} must be in [0, 1]")
+        if self.num_shards is not None and (not isinstance(self.num_shards, int) or self.num_shards < 1):
+            raise UserError(f"--num-shards {self.num_shards!r} must be a positive integer or 'auto'")
+
+    @property
+    def fractions(self) -> dict[str, float]:
+        train = round(1.0 - self.val_fraction - self.test_fraction, 12)
+        return {"train": train, "validation": float(self.val_fraction), "test": float(self.test_fraction)}
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    output: Path
+    class_names: tuple[str, ...]
+    num_examples: dict[str, int]
+    counts: dict[str, dict[str, int]]
+    num_skipped: int
+    seconds: float
+    report: dict[str, Any] = field(repr=False)
+
+
+# --- the work -------------------------------------------------------------------------------------------------------
+
+
+def _split_of(sha256: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic in (seed, content hash) alone: the same bytes always land in the same split."""
+    digest = hashlib.sha256(f"{seed}:{sha256}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2.0**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "validation"
+    return "train"
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover  (macOS, Windows)
+        return os.cpu_count() or 1
+
+
+def _start_method() -> str:
+    """'fork' where it is safe (Linux, no other thread, TensorFlow not loaded): workers start in milliseconds and
+    inherit the loaded modules. Otherwise 'forkserver' (a forked child of a threaded process can inherit a held lock),
+    whose workers re-import the calling script: measured here at 1-2 s per pool when that script imports kfp."""
+    import sys
+    import threading
+
+    methods = multiprocessing.get_all_start_methods()
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and type(t).__name__ != "TMonitor"]
+    if sys.platform.startswith("linux") and "fork" in methods and not others and "tensorflow" not in sys.modules:
+        return "fork"  # tqdm's monitor thread (TMonitor) only sleeps on an Event: harmless to fork past
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def _executor(num_files: int) -> Executor | None:
+    """A process pool with one worker per core, or None (work in this process) for a handful of files.
+
+    Its workers are started here, before any progress bar or other thread exists.
+    (With forkserver/spawn, a calling script needs the usual `if __name__ == "__main__":` guard.)
+    """
+    workers = min(_cpu_count(), math.ceil(num_files / (4 * BATCH)))
+    if workers <= 1:
+        return None
+    method = _start_method()
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(["__main__", "components.core.imagecheck", "PIL.Image", "PIL.JpegImagePlugin"])
+    log.debug("decoding on %d worker processes (%s)", workers, method)
+    executor = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=imagecheck.die_with_parent)
+    executor.submit(int).result()  # launch the workers now
+    return executor
+
+
+def _batched(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _ordered_map(executor: Executor | None, fn: Callable[..., list], batches: Iterable[list], *args: Any) -> Iterator:
+    """fn(batch, *args) for each batch, results in order, with a bounded number of batches in flight (streaming)."""
+    if executor is None:
+        for batch in batches:
+            yield from fn(batch, *args)
+        return
+    in_flight = 4 * getattr(executor, "_max_workers", 2)
+    pending: deque = deque()
+    for batch in batches:
+        pending.append(executor.submit(fn, batch, *args))
+        if len(pending) >= in_flight:
+            yield from pending.popleft().result()
+    while pending:
+        yield from pending.popleft().result()
+
+
+def _auto_shards(total_bytes: int, fraction: float) -> int:
+    return max(1, min(MAX_AUTO_SHARDS, math.ceil(total_bytes * fraction / TARGET_SHARD_BYTES)))
+
+
+def ingest(config: IngestConfig) -> IngestResult:
+    """Build the Dataset artifact at `config.output` from `config.source`; see the module docstring."""
+    if config.runner != "local":
+        from components.ingest import beam_ingest
+
+        return beam_ingest.run(config)
+    start = time.perf_counter()
+    check_output_dir(config.output)
+    with tempfile.TemporaryDirectory(prefix="kfp-finetune-ingest-") as staging:
+        listing = _collect(config.source, Path(staging))
+        if len(listing.class_names) < 2:
+            raise UserError(
+                f"--source {config.source}: found {len(listing.class_names)} class(es) {listing.class_names}; "
+                "a classifier needs at least 2 (one sub-folder or label per class)"
+            )
+        with atomic_directory(config.output) as tmp:
+            report = _build(config, listing, tmp, start)
+    seconds = time.perf_counter() - start
+    result = IngestResult(
+        output=Path(config.output),
+        class_names=tuple(report["class_names"]),
+        num_examples=report["num_examples"],
+        counts=report["counts"],
+        num_skipped=len(report["skipped"]),
+        seconds=seconds,
+        report=report,
+    )
+    total = sum(result.num_examples.values())
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(report["skipped_counts"].items())) or "none"
+    log.info(
+        "ingested %d images in %.1f s (%.0f images/s): %s; %d classes; skipped %d (%s) -> %s",
+        total, seconds, total / max(seconds, 1e-9),
+        ", ".join(f"{s} {n}" for s, n in result.num_examples.items()),
+        len(result.class_names), result.num_skipped, reasons, config.output,
+    )
+    return result
+
+
+def _build(config: IngestConfig, listing: _Listing, out: Path, start: float) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    class_names = listing.class_names
+    label_index = {name: i for i, name in enumerate(class_names)}
+    skipped = list(listing.skipped)
+    entries = []
+    for entry in listing.entries:
+        if entry.local is None:
+            skipped.append(_skip(entry.ref, DOWNLOAD_FAILED, entry.error or "could not be downloaded"))
+        else:
+            entries.append(entry)
+    num_candidates = len(listing.entries)
+
+    executor = _executor(len(entries))
+    writers: dict[str, tfds_format.SplitWriter] = {}
+    try:
+        # Pass 1: content hashes.
+        groups: dict[str, list[_Entry]] = {}
+        total_bytes = 0
+        hashes = _ordered_map(executor, imagecheck.hash_batch, _batched([e.local for e in entries], BATCH * 4))
+        hashes = tqdm(hashes, total=len(entries), unit="file", desc="hash", mininterval=1.0, leave=False)
+        for entry, fh in zip(entries, hashes, strict=True):
+            if fh.sha256 is None:
+                reason = fh.reason or (MISSING if "FileNotFound" in (fh.error or "") else imagecheck.UNREADABLE)
+                skipped.append(_skip(entry.ref, reason, fh.error or ""))
+                continue
+            group = groups.setdefault(fh.sha256, [])
+            if not group:
+                total_bytes += fh.size
+            group.append(entry)
+
+        # Pass 2: decode one file per distinct content, in hash order (a shuffle that does not depend on paths),
+        # and stream it into its split's shards.
+        fractions = config.fractions
+        for split in SPLITS:
+            shards = config.num_shards or _auto_shards(total_bytes, fractions[split])
+            writers[split] = tfds_format.SplitWriter(out, split, shards)
+        order = sorted(groups)
+        for group in groups.values():
+            group.sort(key=lambda e: e.ref)
+        counts = {split: dict.fromkeys(class_names, 0) for split in SPLITS}
+        converted = resized = 0
+        results = _ordered_map(
+            executor, imagecheck.decode_batch, _batched([groups[s][0].local for s in order], BATCH), config.max_side
+        )
+        bar = tqdm(results, total=len(order), unit="img", desc="ingest", mininterval=1.0, smoothing=0.1)
+        for sha, result in zip(order, bar, strict=True):
+            group = groups[sha]
+            if not result.ok:
+                skipped.extend(_skip(e.ref, result.reason, result.detail) for e in group)
+                continue
+            labels = sorted({e.label for e in group})
+            if len(labels) > 1:
+                detail = f"identical bytes labelled {', '.join(map(repr, labels))}: " + ", ".join(e.ref for e in group)
+                skipped.extend(_skip(e.ref, CONFLICT, detail) for e in group)
+                continue
+            keep = group[0]
+            skipped.extend(_skip(e.ref, DUPLICATE, f"same bytes as {keep.ref}") for e in group[1:])
+            split = _split_of(sha, config.seed, config.val_fraction, config.test_fraction)
+            writers[split].write(tfds_format.encode_example(result.data, label_index[keep.label]))
+            counts[split][keep.label] += 1
+            converted += result.converted
+            resized += result.resized
+        bar.close()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    finally:
+        if executor is not None:
+            executor.shutdown(cancel_futures=True)
+
+    skipped.sort(key=lambda s: (s["path"], s["reason"]))
+    skipped_counts = dict(sorted(Counter(s["reason"] for s in skipped).items()))
+    bad = [s for s in skipped if s["reason"] in BAD_REASONS]
+    if num_candidates and len(bad) / num_candidates > config.max_corrupt_fraction:
+        examples = "; ".join(f"{s['path']}: {s['detail'] or s['reason']}" for s in bad[:3])
+        raise UserError(
+            f"--source {config.source}: {len(bad)} of {num_candidates} image files are unusable "
+            f"({len(bad) / num_candidates:.1%} > --max-corrupt-fraction {config.max_corrupt_fraction}); "
+            f"fix or remove them, or raise the limit. First: {examples}"
+        )
+    for name in class_names:
+        if not any(counts[split][name] for split in SPLITS):
+            raise UserError(
+                f"--source {config.source}: class {name!r} ({listing.class_refs.get(name, name)}) has no valid image; "
+                "add images or remove it"
+            )
+
+    split_infos = {}
+    for split in SPLITS:
+        lengths = writers[split].close()
+        split_infos[split] = (lengths, writers[split].num_bytes)
+        if not sum(lengths):
+            log.warning("split %r is empty: too few images for its fraction", split)
+    description = f"Images ingested by kfp-finetune {__version__} from {config.source}"
+    tfds_format.write_metadata(out, class_names, split_infos, description)
+
+    num_examples = {split: sum(counts[split].values()) for split in SPLITS}
+    total = sum(num_examples.values())
+    seconds = time.perf_counter() - start
+    report = {
+        "source": config.source,
+        "data_fingerprint": config.fingerprint or None,
+        "seed": config.seed,
+        "fractions": config.fractions,
+        "max_side": config.max_side,
+        "class_names": list(class_names),
+        "num_examples": num_examples,
+        "counts": counts,
+        "num_files": num_candidates + len(listing.skipped),
+        "num_image_files": num_candidates,
+        "converted": converted,
+        "resized": resized,
+        "num_shards": {split: len(split_infos[split][0]) for split in SPLITS},
+        "skipped_counts": skipped_counts,
+        "skipped": skipped,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(total / max(seconds, 1e-9), 1),
+        "kfp_finetune_version": __version__,
+    }
+    write_json(out / REPORT_FILE, report)
+    return report
+
+
+# --- CLI -----------------------------------------------------------------------------------------------------------
+
+
+def _shards_arg(value: str) -> int | None:
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}") from None
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "ingest",
+        help="images (folder, gs://, CSV manifest, tfds:NAME) -> a TFDS-format Dataset with stable splits",
+        description=(
+            "Read images from SRC, decode each once (skipping corrupt files, duplicates and label conflicts), "
+            "assign each to train/validation/test by its content hash, and write a TFDS-format directory at DIR "
+            "with ingest_report.json. SRC: a folder with one sub-folder per class, gs://bucket/prefix with the same "
+            "layout, a CSV manifest with a 'path,label' header, or tfds:NAME[:VERSION]."
+        ),
+    )
+    p.add_argument("--source", required=True, metavar="SRC", help="folder, gs://bucket/prefix, .csv, tfds:NAME")
+    p.add_argument("--output", required=True, metavar="DIR", help="new (or empty) directory to create")
+    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="validation share (default 0.1)")
+    p.add_argument("--test-fraction", type=float, default=0.1, metavar="F", help="test share (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="changes which images land in which split (default 0)")
+    p.add_argument("--max-side", type=int, default=None, metavar="N",
+                   help="downscale images whose longer side exceeds N pixels (default: keep bytes unchanged)")
+    p.add_argument("--max-corrupt-fraction", type=float, default=0.01, metavar="F",
+                   help="fail when more than this share of image files is unusable (default 0.01)")
+    p.add_argument("--num-shards", type=_shards_arg, default=None, metavar="N|auto",
+                   help="TFRecord shards per split (default auto: about 64 MiB each)")
+    beam = p.add_argument_group("runner", "where the ingest runs (Apache Beam: pip install 'kfp-finetune[beam]')")
+    beam.add_argument("--runner", choices=("local", "direct", "dataflow"), default="local",
+                      help="local: a process pool here (default); direct: Beam's DirectRunner here; "
+                           "dataflow: Beam on Google Cloud Dataflow (needs a gs:// --output)")
+    beam.add_argument("--beam-option", action="append", default=[], metavar="KEY=VALUE", dest="beam_options",
+                      help="a Beam pipeline option, e.g. machine_type=n2-standard-4 (repeatable)")
+    for name in ("project", "region", "temp_location", "max_num_workers", "sdk_container_image"):
+        beam.add_argument(f"--{name}", default=None, help=f"Beam's --{name} (same as --beam-option {name}=...)")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    config = IngestConfig(
+        source=args.source, output=args.output, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+        seed=args.seed, max_side=args.max_side, max_corrupt_fraction=args.max_corrupt_fraction,
+        num_shards=args.num_shards, runner=args.runner, beam_options=_beam_options(args),
+    )
+    ingest(config)
+    return 0
+
+
+def _beam_options(args: argparse.Namespace) -> tuple[str, ...]:
+    shorthands = ("project", "region", "temp_location", "max_num_workers", "sdk_container_image")
+    given = [f"{name}={getattr(args, name)}" for name in shorthands if getattr(args, name, None) is not None]
+    return tuple(given + list(args.beam_options))
+
+
+# --- KFP component -------------------------------------------------------------------------------------------------
+
+
+@dsl.component(base_image=settings.component_image(), install_kfp_package=False)
+def ingest_op(
+    source: str,
+    dataset: dsl.Output[dsl.Dataset],
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    max_side: int = 0,
+    max_corrupt_fraction: float = 0.01,
+    num_shards: int = 0,
+    fingerprint: str = "",
+) -> None:
+    """Ingest images into a TFDS-format Dataset artifact with content-hash splits.
+
+    Args:
+        source: a folder with one sub-folder per class, gs://bucket/prefix with that layout, a CSV manifest
+            (`path,label`), or tfds:NAME[:VERSION].
+        dataset: the output Dataset (TFDS-format directory + ingest_report.json); metadata `class_names` and
+            `num_examples` {split: n}.
+        val_fraction: share of images in the validation split.
+        test_fraction: share of images in the test split.
+        seed: changes which images land in which split.
+        max_side: downscale images whose longer side exceeds this many pixels; 0 keeps the bytes unchanged.
+        max_corrupt_fraction: fail when more than this share of image files is unusable.
+        num_shards: TFRecord shards per split; 0 picks about 64 MiB per shard.
+        fingerprint: the source's data fingerprint (fingerprint step): recorded in the Dataset, and part of this
+            task's inputs, so KFP's cache key changes exactly when the data does.
+    """
+    from components.ingest.step import IngestConfig, ingest
+
+    result = ingest(
+        IngestConfig(
+            source=source, output=dataset.path, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+            max_side=max_side or None, max_corrupt_fraction=max_corrupt_fraction, num_shards=num_shards or None,
+            fingerprint=fingerprint or None,
+        )
+    )
+    dataset.metadata["class_names"] = list(result.class_names)
+    dataset.metadata["num_examples"] = dict(result.num_examples)
+    dataset.metadata["data_fingerprint"] = fingerprint

@@ -1,0 +1,78 @@
+"""`kfp-finetune`: one subcommand per step (ingest, backbone, train-head, fine-tune, evaluate, export) and the
+operator commands (compile, run, submit, schedule).
+
+Each step module exposes `add_cli(subparsers)`, which registers its parser and sets `func` to a handler that
+takes the parsed namespace, builds the step's typed config (validating it) and calls the step's function.
+Bad input raises `UserError`: printed as one line `kfp-finetune: error: ...`, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from components import __version__
+from components.core.errors import UserError
+
+# Modules that register subcommands, in the order `--help` lists them.
+COMMAND_MODULES = (
+    "components.ingest.fingerprint",
+    "components.ingest.step",
+    "components.backbone.step",
+    "components.train",
+    "components.evaluate.step",
+    "components.export.step",
+    "components.registry.registry",
+    "components.predict.step",
+    "components.compare.step",
+    "pipelines.commands",
+)
+
+log = logging.getLogger("kfp_finetune")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kfp-finetune",
+        description="Fine-tune Keras image classifiers by transfer learning, step by step or as a KFP pipeline.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_cli(subparsers)
+    return parser
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # TensorFlow's C++ banner lines are noise for users of a CLI.
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        result = args.func(args)
+    except UserError as exc:
+        print(f"kfp-finetune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kfp-finetune: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
