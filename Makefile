@@ -21,7 +21,7 @@ help: ## list the targets
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --quiet --upgrade pip
-	$(BIN)/pip install --quiet --quiet -c constraints.txt --config-settings editable_mode=compat -e '.[dev]'
+	$(BIN)/pip install --quiet --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed ## create .venv and install the project with pinned dependencies

@@ -42,7 +42,7 @@ if [[ ! -x $VENV/bin/kfp-finetune ]]; then
     make setup
 fi
 "$VENV/bin/python" -c 'import docker' 2>/dev/null || fail "the docker package is missing from $VENV: re-run make setup"
-version=$("$VENV/bin/python" -c 'import components; print(components.__version__)')
+version=$("$VENV/bin/python" -c 'import kfp_finetune.components as c; print(c.__version__)')
 image="$IMAGE_NAME:$version"
 
 # Everything of this stage lives here; every folder a step's container reads must be enterable by uid 1000.
@@ -85,7 +85,7 @@ if (( ${#extra_cas[@]} )); then
     echo "passing ${#extra_cas[@]} extra CA certificate file(s) to the build"
 fi
 make image TARGETS=cpu PYTHON_IMAGE="$BASE_IMAGE" IMAGE_NAME="$IMAGE_NAME" "${ca_args[@]}"
-podman run --rm "$image" sh -c 'test "$(id -u)" = 1000 && python -c "import tensorflow, kfp, components"' \
+podman run --rm "$image" sh -c 'test "$(id -u)" = 1000 && python -c "import tensorflow, kfp, kfp_finetune.components, kfp_finetune.pipelines"' \
     || fail "$image does not run as uid 1000 with TensorFlow, kfp and kfp-finetune importable"
 
 phase "podman's Docker-compatible socket"

@@ -38,8 +38,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from components.core import imagecheck  # noqa: E402
-from components.ingest.step import IngestConfig, _cpu_count, _start_method, ingest  # noqa: E402
+from kfp_finetune.components.core import imagecheck  # noqa: E402
+from kfp_finetune.components.ingest.step import IngestConfig, _cpu_count, _start_method, ingest  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "flowers"
@@ -166,7 +166,7 @@ def make_copies(source: Path, dest: Path, times: int) -> Path:
 
 CHILD = """
 import sys
-from components.ingest.step import IngestConfig, ingest
+from kfp_finetune.components.ingest.step import IngestConfig, ingest
 if __name__ == "__main__":
     runner = sys.argv[3] if len(sys.argv) > 3 else "local"
     options = ("direct_num_workers=2", "direct_running_mode=multi_processing") if runner == "direct" else ()

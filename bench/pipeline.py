@@ -52,11 +52,11 @@ from pathlib import Path
 start = time.perf_counter()
 out, source, p = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 from kfp import dsl
-from components.backbone.step import backbone_op
-from components.evaluate.step import evaluate_op
-from components.export.step import export_op
-from components.ingest.step import ingest_op
-from components.train import fine_tune_op, train_head_op
+from kfp_finetune.components.backbone.step import backbone_op
+from kfp_finetune.components.evaluate.step import evaluate_op
+from kfp_finetune.components.export.step import export_op
+from kfp_finetune.components.ingest.step import ingest_op
+from kfp_finetune.components.train import fine_tune_op, train_head_op
 steps = {}
 def artifact(cls, step, name):
     (out / step).mkdir(parents=True, exist_ok=True)
@@ -106,11 +106,11 @@ def pipeline_steps(out: str) -> dict[str, float]:
 def docker_image(image: str | None) -> str | None:
     """The image to bench `--runner docker` with, when an engine answers and has it; else None."""
     sys.path.insert(0, str(REPO))  # this checkout's pipelines/, as the child processes get it
-    from components.core import settings
+    from kfp_finetune.components.core import settings
 
     image = image or settings.component_image()
     try:
-        from pipelines import containers
+        from kfp_finetune.pipelines import containers
 
         client = containers.client()
         try:
@@ -187,7 +187,7 @@ def main() -> None:
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": pythonpath, "KFP_FINETUNE_WEIGHTS_MIRROR": str(Path(args.weights).resolve()),
            "PATH": os.path.dirname(python) + os.pathsep + os.environ.get("PATH", "")}
-    cli = [python, "-m", "pipelines.cli"]
+    cli = [python, "-m", "kfp_finetune.pipelines.cli"]
     param_args = [a for k, v in PARAMS.items() for a in ("--param", f"{k}={v}")]
     image = None if args.no_docker else docker_image(args.image)
     runs: dict[str, list] = {"pipeline": [], "direct": [], "docker": []}
@@ -217,7 +217,7 @@ def main() -> None:
                 print(f"{kind} #{i + 1}: {runs[kind][-1]['seconds']} s", file=sys.stderr)
         engine = ""
         if image:
-            from pipelines import containers
+            from kfp_finetune.pipelines import containers
 
             client = containers.client()
             engine = str(containers.engine(client)).split(" (")[0]

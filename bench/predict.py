@@ -41,18 +41,18 @@ SIZE = 160
 
 
 def photos(root: Path) -> list[str]:
-    from components.core.imagecheck import is_image_name
+    from kfp_finetune.components.core.imagecheck import is_image_name
 
     return sorted(str(p) for p in root.rglob("*") if p.is_file() and is_image_name(p.name))
 
 
 def build_models(work: Path, class_names: list[str]) -> tuple[Path, Path]:
     """(Model artifact dir, export dir)."""
-    from components.backbone.step import BackboneConfig, build_backbone
-    from components.core import modelio
-    from components.core.fsutil import atomic_directory
-    from components.export.step import ExportConfig, export
-    from components.train.model import build_classifier
+    from kfp_finetune.components.backbone.step import BackboneConfig, build_backbone
+    from kfp_finetune.components.core import modelio
+    from kfp_finetune.components.core.fsutil import atomic_directory
+    from kfp_finetune.components.export.step import ExportConfig, export
+    from kfp_finetune.components.train.model import build_classifier
 
     backbone = build_backbone(BackboneConfig(name="mobilenet", alpha=0.25, image_size=SIZE,
                                              output=str(work / "backbone")))
@@ -67,8 +67,8 @@ def bare_forward(model_dir: Path, files: list[str]) -> float:
     """Seconds for the bare forward pass over `files` (decode included)."""
     import tensorflow as tf
 
-    from components.core import modelio
-    from components.core.dataset import decode_image
+    from kfp_finetune.components.core import modelio
+    from kfp_finetune.components.core.dataset import decode_image
 
     started = time.perf_counter()  # from the model folder to the last batch, as predict() is timed
     model, _ = modelio.load_model(model_dir)
@@ -85,7 +85,7 @@ def bare_forward(model_dir: Path, files: list[str]) -> float:
 
 
 def ours(model_dir: Path, listing: Path, out: Path) -> float:
-    from components.predict.step import PredictConfig, predict
+    from kfp_finetune.components.predict.step import PredictConfig, predict
 
     started = time.perf_counter()
     result = predict(PredictConfig(model=str(model_dir), input=str(listing), output=str(out)), progress=False)
@@ -108,8 +108,8 @@ def peak_rss(model_dir: Path, listing: Path, out: Path) -> dict:
     """Peak RSS (MiB) of `kfp-finetune predict` in a child process, sampled every 50 ms."""
     import psutil
 
-    cmd = [sys.executable, "-m", "pipelines", "predict", "--model", str(model_dir), "--input", str(listing),
-           "--output", str(out)]
+    cmd = [sys.executable, "-m", "kfp_finetune.pipelines", "predict", "--model", str(model_dir),
+           "--input", str(listing), "--output", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -52,8 +52,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from components.compare.recipes import DEFAULT_RECIPE, PLAIN_FINE_TUNE, PLAIN_HEAD, RECIPES, Recipe  # noqa: E402
-from components.train import family  # noqa: E402
+from kfp_finetune.components.compare.recipes import DEFAULT_RECIPE, PLAIN_FINE_TUNE, PLAIN_HEAD, RECIPES, Recipe  # noqa: E402
+from kfp_finetune.components.train import family  # noqa: E402
 
 SHARED = Path(os.environ.get("KFP_FINETUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
 RESULTS = REPO / "bench" / "results"
@@ -151,7 +151,7 @@ def _load_average() -> float | None:
 
 def ensure_dataset(flowers: Path, work: Path, split_seed: int) -> Path:
     """The flowers set ingested with `split_seed` (kept in `work` between runs)."""
-    from components.ingest.step import IngestConfig, ingest
+    from kfp_finetune.components.ingest.step import IngestConfig, ingest
 
     out = work / f"dataset-split{split_seed}"
     if not (out / "ingest_report.json").is_file():
@@ -165,8 +165,8 @@ def build_backbone(recipe: Recipe, size: int, seed: int, work: Path, backbone: s
     """The backbone artifact for this recipe (ImageNet ones are shared between runs; random ones are per seed)."""
     import keras
 
-    from components.backbone.step import BackboneConfig
-    from components.backbone.step import build_backbone as build
+    from kfp_finetune.components.backbone.step import BackboneConfig
+    from kfp_finetune.components.backbone.step import build_backbone as build
 
     prefix = "backbone" if (backbone, alpha) == (BACKBONE, ALPHA) else f"backbone-{backbone}-{alpha:g}"
     name = f"{prefix}-{recipe.weights}-{size}" + (f"-seed{seed}" if recipe.weights == "none" else "")
@@ -183,8 +183,8 @@ def run_one(recipe: Recipe, seed: int, size: int, dataset: Path, work: Path, spl
     """backbone → train_head → fine_tune → evaluate(validation, test) for one recipe, split and seed."""
     import keras
 
-    from components.evaluate.step import EvaluateConfig, evaluate
-    from components.train import FineTuneConfig, HeadConfig, fine_tune, train_head
+    from kfp_finetune.components.evaluate.step import EvaluateConfig, evaluate
+    from kfp_finetune.components.train import FineTuneConfig, HeadConfig, fine_tune, train_head
 
     run_dir = work / "runs" / f"{recipe.name}-split{split_seed}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--flowers {args.flowers}: no such folder")
 
     args.work.mkdir(parents=True, exist_ok=True)
-    from components.core import dataset as ds
+    from kfp_finetune.components.core import dataset as ds
 
     datasets = {}
     for split_seed in split_seeds:

@@ -65,14 +65,14 @@ def main() -> int:
 
     import numpy as np
 
-    from components.backbone.step import BackboneConfig, build_backbone
-    from components.core import modelio
-    from components.evaluate import calibration
-    from components.evaluate.step import EvaluateConfig, evaluate
-    from components.export import tflite_export
-    from components.export.step import ExportConfig, export
-    from components.ingest.step import IngestConfig, ingest
-    from components.train import FineTuneConfig, HeadConfig, fine_tune, train_head
+    from kfp_finetune.components.backbone.step import BackboneConfig, build_backbone
+    from kfp_finetune.components.core import modelio
+    from kfp_finetune.components.evaluate import calibration
+    from kfp_finetune.components.evaluate.step import EvaluateConfig, evaluate
+    from kfp_finetune.components.export import tflite_export
+    from kfp_finetune.components.export.step import ExportConfig, export
+    from kfp_finetune.components.ingest.step import IngestConfig, ingest
+    from kfp_finetune.components.train import FineTuneConfig, HeadConfig, fine_tune, train_head
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-tflite-") as tmp:

@@ -39,7 +39,7 @@ REPEATS = 2
 def decoded(dataset_dir: Path, split: str):
     import numpy as np
 
-    from components.core import dataset
+    from kfp_finetune.components.core import dataset
 
     xs, ys = [], []
     for image, label in dataset.read_split(dataset_dir, split):
@@ -52,8 +52,8 @@ def bare_fine_tune_epoch_seconds(head_dir: Path, x, y, xv, yv, epochs: int) -> l
     """The baseline: the same model, unfrozen the same way, plain model.fit on in-memory tensors."""
     import keras
 
-    from components.core import modelio
-    from components.train import model as train_model
+    from kfp_finetune.components.core import modelio
+    from kfp_finetune.components.train import model as train_model
 
     model, _ = modelio.load_model(head_dir)
     train_model.unfreeze(model, None, None, "frozen")
@@ -81,9 +81,9 @@ def main() -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ["KFP_FINETUNE_WEIGHTS_MIRROR"] = args.weights
 
-    from components.backbone.step import BackboneConfig, build_backbone
-    from components.ingest.step import IngestConfig, ingest
-    from components.train import FineTuneConfig, HeadConfig, fine_tune, train_head
+    from kfp_finetune.components.backbone.step import BackboneConfig, build_backbone
+    from kfp_finetune.components.ingest.step import IngestConfig, ingest
+    from kfp_finetune.components.train import FineTuneConfig, HeadConfig, fine_tune, train_head
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp_name:
         tmp = Path(tmp_name)
@@ -92,7 +92,7 @@ def main() -> int:
         n_train, n_val = info.num_examples["train"], info.num_examples["validation"]
 
         # --- frozen phase ---
-        from components.core import modelio
+        from kfp_finetune.components.core import modelio
 
         x, y = decoded(tmp / "dataset", "train")
         xv, yv = decoded(tmp / "dataset", "validation")

@@ -67,7 +67,7 @@ install_wheel() {
     # Check the installed package, never a source tree that PYTHONPATH or the working directory would put first.
     local installed
     installed=$(cd / && env -u PYTHONPATH "$venv/bin/python" -c \
-        'import components, pipelines, kfp; print(components.__version__)')
+        'import kfp, kfp_finetune.pipelines, kfp_finetune.components as c; print(c.__version__)')
     if [[ -n $version && $version != "$installed" ]]; then
         die "image version $version != package version $installed (components/__init__.py): build with VERSION=$installed"
     fi

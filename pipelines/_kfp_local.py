@@ -10,7 +10,7 @@ import sys
 import warnings
 from typing import Any
 
-from components.core.compat import (
+from kfp_finetune.components.core.compat import (
     kfp_local_condition_resolution,
     kfp_local_docker_exit_code,
     kfp_local_oneof_artifacts,

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipelines.pipeline import CompileOptions, _with_image, write_compiled
+from kfp_finetune.pipelines.pipeline import CompileOptions, _with_image, write_compiled
 
 PIPELINE_NAME = "kfp-finetune-batch-predict"
 
@@ -21,7 +21,7 @@ def build_batch_predict_pipeline(options: CompileOptions | None = None) -> Any:
     """The batch-prediction pipeline function, its step on `options.image`."""
     from kfp import dsl
 
-    from components.predict.step import predict_op
+    from kfp_finetune.components.predict.step import predict_op
 
     options = options or CompileOptions()
     predict_step = _with_image(predict_op, options.image, "predict")

@@ -14,21 +14,21 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from components import __version__
-from components.core.errors import UserError
+from kfp_finetune.components import __version__
+from kfp_finetune.components.core.errors import UserError
 
 # Modules that register subcommands, in the order `--help` lists them.
 COMMAND_MODULES = (
-    "components.ingest.fingerprint",
-    "components.ingest.step",
-    "components.backbone.step",
-    "components.train",
-    "components.evaluate.step",
-    "components.export.step",
-    "components.registry.registry",
-    "components.predict.step",
-    "components.compare.step",
-    "pipelines.commands",
+    "kfp_finetune.components.ingest.fingerprint",
+    "kfp_finetune.components.ingest.step",
+    "kfp_finetune.components.backbone.step",
+    "kfp_finetune.components.train",
+    "kfp_finetune.components.evaluate.step",
+    "kfp_finetune.components.export.step",
+    "kfp_finetune.components.registry.registry",
+    "kfp_finetune.components.predict.step",
+    "kfp_finetune.components.compare.step",
+    "kfp_finetune.pipelines.commands",
 )
 
 log = logging.getLogger("kfp_finetune")

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from components.core import settings
-from components.core.errors import UserError
-from pipelines.local import (  # noqa: F401 (re-exported: the public names of `run`)
+from kfp_finetune.components.core import settings
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.pipelines.local import (  # noqa: F401 (re-exported: the public names of `run`)
     DEMO_DEFAULTS,
     LOCAL_DEFAULTS,
     RunSummary,
@@ -34,9 +34,9 @@ from pipelines.local import (  # noqa: F401 (re-exported: the public names of `r
     summarize,
     write_demo_dataset,
 )
-from pipelines.params import PipelineInput, check_values, parse_params, pipeline_inputs, spec_inputs  # noqa: F401
-from pipelines.pipeline import CompileOptions, CustomJob, Gpu, compile_pipeline, mutable_tag_warning
-from pipelines.remote import (  # noqa: F401 (re-exported: the public names of `submit` / `schedule`)
+from kfp_finetune.pipelines.params import PipelineInput, check_values, parse_params, pipeline_inputs, spec_inputs  # noqa: F401
+from kfp_finetune.pipelines.pipeline import CompileOptions, CustomJob, Gpu, compile_pipeline, mutable_tag_warning
+from kfp_finetune.pipelines.remote import (  # noqa: F401 (re-exported: the public names of `submit` / `schedule`)
     Request,
     Target,
     _request_from_args,
@@ -79,7 +79,7 @@ def _dataflow_settings(args: argparse.Namespace) -> Any:
         if given:
             raise UserError(f"--{given[0].replace('_', '-')} needs --dataflow")
         return None
-    from components.ingest.beam_ingest import DataflowSettings
+    from kfp_finetune.components.ingest.beam_ingest import DataflowSettings
 
     return DataflowSettings(
         region=args.dataflow_region or "", temp_location=args.dataflow_temp_location or "",
@@ -112,7 +112,7 @@ def compile_command(args: argparse.Namespace) -> int:
     if options.gpu and options.custom_job:
         log.warning("--gpu is ignored with --custom-job; the custom job's --accelerator-type decides")
     if getattr(args, "batch_predict", False):
-        from pipelines.batch_predict import compile_batch_predict
+        from kfp_finetune.pipelines.batch_predict import compile_batch_predict
 
         path = compile_batch_predict(args.output, options)
     else:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.core import settings
-from components.core.errors import UserError
+from kfp_finetune.components.core import settings
+from kfp_finetune.components.core.errors import UserError
 
 log = logging.getLogger("kfp_finetune.pipelines")
 

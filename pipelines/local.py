@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from components.core.errors import UserError
-from components.evaluate.report import format_value
-from pipelines.pipeline import CompileOptions
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.evaluate.report import format_value
+from kfp_finetune.pipelines.pipeline import CompileOptions
 
 log = logging.getLogger("kfp_finetune.pipelines")
 
@@ -145,8 +145,8 @@ def run_local(
 
     from kfp import compiler
 
-    from components.core import settings
-    from pipelines.pipeline import build_pipeline
+    from kfp_finetune.components.core import settings
+    from kfp_finetune.pipelines.pipeline import build_pipeline
 
     options = dataclasses.replace(local_options(demo_fallback=demo_fallback, compare_recipes=compare_recipes),
                                   image=image or settings.component_image())
@@ -213,8 +213,8 @@ def run_package(
 
     from kfp import components as kfp_components
 
-    from pipelines._kfp_local import init_local
-    from pipelines.steplog import StepLogs
+    from kfp_finetune.pipelines._kfp_local import init_local
+    from kfp_finetune.pipelines.steplog import StepLogs
 
     root = Path(pipeline_root).resolve()
     if root.exists() and not root.is_dir():
@@ -225,7 +225,7 @@ def run_package(
     pipeline = kfp_components.load_component_from_file(str(package))
     docker_runner = None
     if runner == "docker":
-        from pipelines.containers import docker_runner as make_docker_runner
+        from kfp_finetune.pipelines.containers import docker_runner as make_docker_runner
 
         docker_runner, engine = make_docker_runner(params, root, _package_image(package))
         log.info("steps run in %s on %s", _package_image(package), engine)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.core.errors import UserError
+from kfp_finetune.components.core.errors import UserError
 
 _TYPES = {
     "STRING": "str",

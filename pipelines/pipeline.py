@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from components.core import settings
-from components.core.errors import UserError
+from kfp_finetune.components.core import settings
+from kfp_finetune.components.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class CompileOptions:
 
     def __post_init__(self) -> None:
         if self.compare_recipes:
-            from components.compare.step import parse_recipe_names
+            from kfp_finetune.components.compare.step import parse_recipe_names
 
             object.__setattr__(self, "compare_recipes", parse_recipe_names(self.compare_recipes))
         if not self.image or any(c.isspace() for c in self.image):
@@ -129,7 +129,7 @@ def mutable_tag_warning(image: str) -> str | None:
 
 
 def _example_version() -> str:
-    from components import __version__
+    from kfp_finetune.components import __version__
 
     return __version__
 
@@ -147,14 +147,14 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
     from kfp import dsl
     from kfp.dsl import HTML, Artifact, Markdown, Metrics, Model, pipeline_channel
 
-    from components.backbone.step import backbone_op
-    from components.evaluate.release_params import EVALUATE, EXPORT
-    from components.evaluate.step import evaluate_op
-    from components.export.step import export_op
-    from components.ingest.fingerprint import STATUS_NO_NEW_DATA, fingerprint_op
-    from components.ingest.step import ingest_op
-    from components.registry.registry import no_new_data_op
-    from components.train import fine_tune_op, params, train_head_op
+    from kfp_finetune.components.backbone.step import backbone_op
+    from kfp_finetune.components.evaluate.release_params import EVALUATE, EXPORT
+    from kfp_finetune.components.evaluate.step import evaluate_op
+    from kfp_finetune.components.export.step import export_op
+    from kfp_finetune.components.ingest.fingerprint import STATUS_NO_NEW_DATA, fingerprint_op
+    from kfp_finetune.components.ingest.step import ingest_op
+    from kfp_finetune.components.registry.registry import no_new_data_op
+    from kfp_finetune.components.train import fine_tune_op, params, train_head_op
 
     options = options or CompileOptions()
     fingerprint_c, no_new_data_c = (_with_image(op, options.image, name) for op, name in (
@@ -167,7 +167,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
     if options.dataflow is not None:  # --dataflow: the same inputs, run as a Beam job on Dataflow (blocking step)
         import functools
 
-        from components.ingest.beam_ingest import ingest_beam_op
+        from kfp_finetune.components.ingest.beam_ingest import ingest_beam_op
 
         ingest_c = functools.partial(_with_image(ingest_beam_op, options.image, "ingest"), runner="dataflow",
                                      beam_options=options.dataflow.beam_options(options.image))
@@ -200,7 +200,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         return task
 
     if options.compare_recipes:
-        from components.compare.step import candidate_op, pick_winner_op, recipe_op
+        from kfp_finetune.components.compare.step import candidate_op, pick_winner_op, recipe_op
 
         recipe_c, candidate_c, winner_c, validate_c = (
             _with_image(op, options.image, name)

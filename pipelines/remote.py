@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.core import settings
-from components.core.errors import UserError
-from pipelines.params import check_values, parse_params, pipeline_inputs
-from pipelines.pipeline import CompileOptions, compile_pipeline
+from kfp_finetune.components.core import settings
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.pipelines.params import check_values, parse_params, pipeline_inputs
+from kfp_finetune.pipelines.pipeline import CompileOptions, compile_pipeline
 
 log = logging.getLogger("kfp_finetune.pipelines")
 
@@ -165,7 +165,7 @@ def _request_from_args(args: argparse.Namespace, cron: str | None, tmp: str) -> 
     if not package:
         package = str(compile_pipeline(Path(tmp) / "pipeline.yaml", CompileOptions()))
         log.info("compiled the pipeline (image %s) to a temporary package", settings.component_image())
-    from components.ingest.beam_ingest import check_compiled_dataflow
+    from kfp_finetune.components.ingest.beam_ingest import check_compiled_dataflow
 
     check_compiled_dataflow(package)  # a --dataflow pipeline's settings, before any network call (issue 13)
     labels = dict(_label(pair) for pair in (args.label or []))

@@ -5,10 +5,11 @@ subprocesses of this very interpreter (`SubprocessRunner(use_venv=False)`: no pi
 the previous kfp.local configuration back afterwards. `kfp_local` is the same as a pytest fixture.
 
 The fixture needs no setup: installing kfp-finetune registers this module as a pytest plugin (the `pytest11` entry
-point `pipelines.testing`), so any test can ask for `kfp_local`. With plugin autoloading off
-(PYTEST_DISABLE_PLUGIN_AUTOLOAD=1), load it with `pytest -p pipelines.testing` or `pytest_plugins =
-["pipelines.testing"]` in your top-level conftest.py. (Before the entry point had this name, that conftest line
-failed with "Plugin already registered under a different name": drop the line, or reinstall kfp-finetune.)
+point `kfp_finetune.pipelines.testing`), so any test can ask for `kfp_local`. With plugin autoloading off
+(PYTEST_DISABLE_PLUGIN_AUTOLOAD=1), load it with `pytest -p kfp_finetune.pipelines.testing` or `pytest_plugins =
+["kfp_finetune.pipelines.testing"]` in your top-level conftest.py. (Before 0.1.0 installed it under the generic name
+`pipelines.testing`; a conftest that still names that fails to import it: use the new name. Before the entry point
+had the module's name, that conftest line failed with "Plugin already registered under a different name".)
 """
 
 import contextlib
@@ -24,8 +25,8 @@ def local_kfp(pipeline_root: str | Path | None = None, *, enable_caching: bool =
     A step that fails raises RuntimeError naming it. Example (`image_folder` holds one sub-folder of images per
     class):
 
-    >>> from components.ingest.step import ingest_op
-    >>> from pipelines.testing import local_kfp
+    >>> from kfp_finetune.components.ingest.step import ingest_op
+    >>> from kfp_finetune.pipelines.testing import local_kfp
     >>> with local_kfp():
     ...     task = ingest_op(source=str(image_folder), seed=1)
     >>> sorted(task.outputs["dataset"].metadata["class_names"])
@@ -33,7 +34,7 @@ def local_kfp(pipeline_root: str | Path | None = None, *, enable_caching: bool =
     """
     from kfp.local import config as local_config
 
-    from pipelines._kfp_local import init_local
+    from kfp_finetune.pipelines._kfp_local import init_local
 
     previous = local_config.LocalExecutionConfig.instance
     with contextlib.ExitStack() as stack:

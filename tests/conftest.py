@@ -172,7 +172,7 @@ def gcs_emulator() -> Iterator[Emulator]:
 @pytest.fixture
 def gcs_bucket(gcs_emulator: Emulator, request: pytest.FixtureRequest):
     """A fresh, empty bucket on the emulator (a google.cloud.storage.Bucket)."""
-    from components.core import gcs
+    from kfp_finetune.components.core import gcs
 
     name = "b-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
     name = f"{name}-{_free_port()}"
@@ -181,7 +181,7 @@ def gcs_bucket(gcs_emulator: Emulator, request: pytest.FixtureRequest):
 
 def upload_folder(bucket, local: Path, prefix: str) -> str:
     """Copy a local folder into the bucket below `prefix`; returns its gs:// URI."""
-    from components.core import gcs
+    from kfp_finetune.components.core import gcs
 
     uri = f"gs://{bucket.name}/{prefix}".rstrip("/")
     gcs.upload_directory(local, uri)

@@ -31,7 +31,7 @@ class Chain:
     @property
     def dataset(self) -> Path:
         """circle / square / stripes: 90 images, 30% test."""
-        from components.ingest.step import IngestConfig, ingest
+        from kfp_finetune.components.ingest.step import IngestConfig, ingest
 
         return self._once("dataset", lambda out: ingest(IngestConfig(
             source=str(self.synthetic_folder), output=str(out), val_fraction=0.2, test_fraction=0.3, seed=0)))
@@ -39,7 +39,7 @@ class Chain:
     @property
     def no_test_dataset(self) -> Path:
         """The same images with an empty test split."""
-        from components.ingest.step import IngestConfig, ingest
+        from kfp_finetune.components.ingest.step import IngestConfig, ingest
 
         return self._once("no_test_dataset", lambda out: ingest(IngestConfig(
             source=str(self.synthetic_folder), output=str(out), val_fraction=0.2, test_fraction=0.0, seed=0)))
@@ -47,7 +47,7 @@ class Chain:
     @property
     def other_dataset(self) -> Path:
         """circle / square / checker: other class names."""
-        from components.ingest.step import IngestConfig, ingest
+        from kfp_finetune.components.ingest.step import IngestConfig, ingest
 
         def make(out: Path) -> None:
             src = self.root / "other_images"
@@ -62,7 +62,7 @@ class Chain:
         no model gets its validation split all right, so a temperature has something to fit."""
         import shutil
 
-        from components.ingest.step import IngestConfig, ingest
+        from kfp_finetune.components.ingest.step import IngestConfig, ingest
 
         def make(out: Path) -> None:
             src = self.root / "noisy_images"
@@ -78,7 +78,7 @@ class Chain:
 
     @property
     def backbone(self) -> Path:
-        from components.backbone.step import BackboneConfig, build_backbone
+        from kfp_finetune.components.backbone.step import BackboneConfig, build_backbone
 
         def make(out: Path) -> None:
             old = os.environ.get("KFP_FINETUNE_WEIGHTS_MIRROR")
@@ -96,13 +96,13 @@ class Chain:
     @property
     def random_backbone(self) -> Path:
         """The same architecture with random init (weights=none): features that carry little about the classes."""
-        from components.backbone.step import BackboneConfig, build_backbone
+        from kfp_finetune.components.backbone.step import BackboneConfig, build_backbone
 
         return self._once("random_backbone", lambda out: build_backbone(BackboneConfig(
             name="mobilenet", alpha=0.25, image_size=IMAGE_SIZE, weights="none", output=str(out))))
 
     def _head(self, name: str, dataset: Path, epochs: int, learning_rate: float, backbone: Path | None = None) -> Path:
-        from components.train import HeadConfig, train_head
+        from kfp_finetune.components.train import HeadConfig, train_head
 
         backbone = backbone or self.backbone
         return self._once(name, lambda out: train_head(HeadConfig(

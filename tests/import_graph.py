@@ -4,7 +4,9 @@ the rules it must keep (tests/unit/test_import_graph.py):
 - no cycle between packages (an import inside a function counts as much as one at the top of a module);
 - no private name (`_name`, or a name imported from a `_module`) imported from another package;
 - `components/` never imports `pipelines/`, and `components.core` imports no step package;
-- no module over MAX_LINES lines.
+- no module over MAX_LINES lines;
+- every import of ours is written with its installed name, `kfp_finetune.components...` (`import components` would
+  load a second copy of a module from a source checkout, and fails where the wheel is installed).
 
 A package is `pipelines`, `components` (its own `__init__.py`: the version), or one sub-package of `components`
 (`components.core`, `components.ingest`, ...; a sub-package nested deeper belongs to its step).
@@ -31,6 +33,7 @@ class Graph:
     why: dict[tuple[str, str], str] = field(default_factory=dict)  # (package, package) -> one import that made it
     private: list[str] = field(default_factory=list)
     long_modules: list[str] = field(default_factory=list)
+    unprefixed: list[str] = field(default_factory=list)
 
 
 def module_name(root: Path, path: Path) -> str:
@@ -65,6 +68,17 @@ def _strip(name: str) -> str | None:
 
 def _private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def unprefixed_imports(tree: ast.AST) -> Iterable[tuple[str, int]]:
+    """(module, line) of every absolute import of `components...` / `pipelines...` without PREFIX."""
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        for name in names:
+            if name.split(".")[0] in TOP:
+                yield name, node.lineno
 
 
 def imports_of(module: str, is_package: bool, tree: ast.AST) -> Iterable[tuple[str, str | None, int]]:
@@ -104,7 +118,10 @@ def build(root: Path) -> Graph:
             graph.long_modules.append(f"{rel}: {lines} lines (at most {MAX_LINES})")
         package = package_of(name)
         graph.edges.setdefault(package, set())
-        for target, imported, line in imports_of(name, path.name == "__init__.py", ast.parse(text, str(path))):
+        tree = ast.parse(text, str(path))
+        graph.unprefixed += [f"{rel}:{line} imports {target}: write {PREFIX}{target}"
+                             for target, line in unprefixed_imports(tree)]
+        for target, imported, line in imports_of(name, path.name == "__init__.py", tree):
             if imported is not None and f"{target}.{imported}" in graph.modules:
                 target, imported = f"{target}.{imported}", None  # `from package import module`
             other = package_of(target)
@@ -177,4 +194,16 @@ def problems(root: Path) -> list[str]:
     found += graph.private
     found += layer_violations(graph)
     found += graph.long_modules
+    found += graph.unprefixed
+    return found
+
+
+def unprefixed_elsewhere(root: Path, folders: Iterable[str] = ("tests", "bench")) -> list[str]:
+    """The same prefix rule for the test suite and the benchmarks."""
+    found = []
+    for folder in folders:
+        for path in sorted((root / folder).rglob("*.py")):
+            tree = ast.parse(path.read_text(), str(path))
+            found += [f"{path.relative_to(root)}:{line} imports {target}: write {PREFIX}{target}"
+                      for target, line in unprefixed_imports(tree)]
     return found

@@ -30,16 +30,16 @@ from typing import Any
 from kfp import dsl
 from kfp.dsl import Model, Output
 
-from components.backbone.weights import (  # noqa: F401  (_check: tested through this module)
+from kfp_finetune.components.backbone.weights import (  # noqa: F401  (_check: tested through this module)
     WeightsFile,
     _answer_get_file,
     _check,
     resolve_imagenet,
     resolve_uri,
 )
-from components.core import settings
-from components.core.errors import UserError
-from components.core.fsutil import atomic_directory
+from kfp_finetune.components.core import settings
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.core.fsutil import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def lookup(name: str) -> BackboneSpec:
 def _reference_preprocessing(x: Any, mode: str) -> Any:
     import numpy as np
 
-    from components.core import layers
+    from kfp_finetune.components.core import layers
 
     if mode == "tf":
         return x / 127.5 - 1.0
@@ -148,7 +148,7 @@ def _probe_preprocessing(family: str, preprocess_input: Callable[..., Any]) -> s
     """Which of our modes the family's own `preprocess_input` computes (checked on a probe array)."""
     import numpy as np
 
-    from components.core.layers import PREPROCESSING_MODES
+    from kfp_finetune.components.core.layers import PREPROCESSING_MODES
 
     probe = np.array([[[[0.0, 128.0, 255.0], [10.0, 20.0, 30.0], [200.0, 100.0, 50.0]]]], dtype="float32")
     got = np.asarray(preprocess_input(probe.copy()), dtype="float64")
@@ -308,8 +308,8 @@ def build_backbone(config: BackboneConfig) -> BackboneResult:
     """Build the feature extractor for `config` and write it (model.keras + model.json) to `config.output`."""
     import keras
 
-    from components.core import modelio
-    from components.core.layers import preprocessing_block
+    from kfp_finetune.components.core import modelio
+    from kfp_finetune.components.core.layers import preprocessing_block
 
     spec = config.spec
     size = config.image_size
@@ -452,7 +452,7 @@ def backbone_op(
         weights_sha256: expected SHA-256 of the weights file; "" = not checked beyond Keras's own hash.
         fallback_to_random: demo only: if ImageNet weights cannot be had, warn and use random init.
     """
-    from components.backbone.step import BackboneConfig, build_backbone
+    from kfp_finetune.components.backbone.step import BackboneConfig, build_backbone
 
     result = build_backbone(
         BackboneConfig(

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.core import gcs, settings
-from components.core.errors import UserError
+from kfp_finetune.components.core import gcs, settings
+from kfp_finetune.components.core.errors import UserError
 
-log = logging.getLogger("components.backbone.step")
+log = logging.getLogger("kfp_finetune.components.backbone.step")
 
 URL_TIMEOUT_S = 10.0  # per network operation; offline DNS/connect failures come back well within 30 s
 # Families whose ImageNet file name depends on the input size; the conv weights of one size fit every size.
@@ -216,7 +216,7 @@ def resolve_imagenet(
 def _answer_get_file(handler: Callable[..., str]) -> Any:
     """While building, answer keras.applications' requests for weights files with `handler` instead of Keras's
     downloader (which has no timeout, no mirror and no sha256 check of ours): components/core/compat.py's patch."""
-    from components.core import compat
+    from kfp_finetune.components.core import compat
 
     return compat.keras_get_file(handler)
 

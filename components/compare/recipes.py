@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
-from components.core.errors import UserError
-from components.train import params
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.train import params
 
 WEIGHT_CHOICES = ("imagenet", "none")
 DEFAULT_RECIPE = "default"

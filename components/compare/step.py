@@ -29,10 +29,10 @@ from typing import Any, List, NamedTuple  # noqa: UP035 (KFP reads typing.List i
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Input, Markdown, Metrics, Model, Output
 
-from components.core import settings
-from components.core.errors import UserError
-from components.core.fsutil import atomic_directory, check_output_dir, file_sha256, write_json
-from components.train.params import FINE_TUNE, branch_outputs, defaults
+from kfp_finetune.components.core import settings
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.core.fsutil import atomic_directory, check_output_dir, file_sha256, write_json
+from kfp_finetune.components.train.params import FINE_TUNE, branch_outputs, defaults
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ BranchSettings = make_dataclass(
 
 def parse_recipe_names(spec: str | Sequence[str]) -> tuple[str, ...]:
     """'a,b' or ['a', 'b'] -> ('a', 'b'), checked against RECIPES; 'all' means every recipe."""
-    from components.compare.recipes import RECIPES, get
+    from kfp_finetune.components.compare.recipes import RECIPES, get
 
     raw = spec.split(",") if isinstance(spec, str) else list(spec)
     names = [n.strip() for n in raw if n.strip()]
@@ -85,7 +85,7 @@ def branch_settings(recipe: str, *, weights: str = "imagenet", image_size: int =
     recipe wants them (a recipe with weights "none" starts from random init); `image_size` applies when the recipe
     has none; `max_*_epochs` (0: no cap) cap each phase so that every recipe gets the same budget.
     """
-    from components.compare.recipes import get
+    from kfp_finetune.components.compare.recipes import get
 
     r = get(recipe)
 
@@ -355,7 +355,7 @@ def recipe_op(
     from collections import namedtuple
     from dataclasses import astuple
 
-    from components.compare.step import BranchSettings, branch_settings
+    from kfp_finetune.components.compare.step import BranchSettings, branch_settings
 
     s = branch_settings(recipe, weights=weights, image_size=image_size, max_head_epochs=max_head_epochs,
                         max_fine_tune_epochs=max_fine_tune_epochs)
@@ -371,7 +371,7 @@ def candidate_op(recipe: str, evaluation: Input[Artifact]) -> str:
         recipe: the branch's recipe name.
         evaluation: the branch's evaluate output (evaluation.json on the validation split).
     """
-    from components.compare.step import read_candidate
+    from kfp_finetune.components.compare.step import read_candidate
 
     return read_candidate(recipe, evaluation.path).to_json()
 
@@ -400,8 +400,8 @@ def pick_winner_op(
     from collections import namedtuple
     from pathlib import Path
 
-    from components.compare.step import Candidate, comparison_table, pick_winner, winner_model_dir
-    from components.compare.step import comparison_html as render_html
+    from kfp_finetune.components.compare.step import Candidate, comparison_table, pick_winner, winner_model_dir
+    from kfp_finetune.components.compare.step import comparison_html as render_html
 
     parsed = [Candidate.from_json(c) for c in candidates]
     best = pick_winner(parsed)

@@ -6,7 +6,7 @@ Importing it puts `kfp.dsl.component` back inside a running KFP component (compa
 every step module imports `core` before it defines its components.
 """
 
-from components.core import compat, settings
+from kfp_finetune.components.core import compat, settings
 
 if settings.kfp_runtime():
     compat.kfp_component_decorator_at_runtime()

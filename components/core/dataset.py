@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from components.core.errors import UserError
-from components.core.fsutil import read_json
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.core.fsutil import read_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import tensorflow as tf

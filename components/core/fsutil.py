@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from components.core.errors import UserError
+from kfp_finetune.components.core.errors import UserError
 
 
 def check_output_dir(target: str | os.PathLike, what: str = "--output") -> Path:

@@ -10,8 +10,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from components.core import settings
-from components.core.errors import UserError
+from kfp_finetune.components.core import settings
+from kfp_finetune.components.core.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     from google.cloud import storage
@@ -114,7 +114,7 @@ def try_download_many(
 def download_tree(uri: str, local_dir: str | os.PathLike, what: str) -> list[Path]:
     """Every object under the gs:// prefix `uri` into `local_dir`, keeping the names below the prefix; UserError
     (naming `what`) when there is none or a name would land outside `local_dir` (`..`, a leading `/`)."""
-    from components.core import safefiles
+    from kfp_finetune.components.core import safefiles
 
     blobs = list_blobs(uri)
     if not blobs:

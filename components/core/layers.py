@@ -19,9 +19,9 @@ None of these layers has a trainable weight, so `trainable=True` on the feature 
 as they are.
 
 `Preprocess` is the custom layer models written before this change hold (`kfp_finetune>Preprocess`). It stays
-registered so those models still load through `components.core.modelio.load_model`, which swaps it for the built-in
-block (`upgrade_legacy`); re-saving such a model (any later step, or `python -m components.core.modelio upgrade
-OLD_DIR NEW_DIR`) writes the plain-Keras form.
+registered so those models still load through `modelio.load_model`, which swaps it for the built-in block
+(`upgrade_legacy`); re-saving such a model (any later step, or
+`python -m kfp_finetune.components.core.modelio upgrade OLD_DIR NEW_DIR`) writes the plain-Keras form.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ its own).
 Models written before the built-in preprocessing block hold the custom `kfp_finetune>Preprocess` layer. They
 still load here (the layer is swapped for the built-in block on load), and
 
-    python -m components.core.modelio upgrade OLD_MODEL_DIR NEW_MODEL_DIR
+    python -m kfp_finetune.components.core.modelio upgrade OLD_MODEL_DIR NEW_MODEL_DIR
 
 writes the plain-Keras form of one.
 """
@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from components.core.errors import UserError
-from components.core.fsutil import atomic_directory, read_json, write_json
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.core.fsutil import atomic_directory, read_json, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -46,7 +46,7 @@ def load_model(path: str | os.PathLike, compile: bool = False) -> tuple[keras.Mo
     """
     import keras
 
-    from components.core import layers  # registers the legacy layer before loading
+    from kfp_finetune.components.core import layers  # registers the legacy layer before loading
 
     path = Path(path)
     file = path / MODEL_FILE
@@ -64,7 +64,7 @@ def load_model(path: str | os.PathLike, compile: bool = False) -> tuple[keras.Mo
         raise UserError(f"model {file} cannot be loaded: {exc}") from exc
     if layers.has_legacy(model):
         log.info("model %s holds the legacy kfp_finetune>Preprocess layer: using the built-in block instead "
-                 "(`python -m components.core.modelio upgrade` rewrites the file for plain Keras)", file)
+                 "(`python -m kfp_finetune.components.core.modelio upgrade` rewrites the file for plain Keras)", file)
         model = layers.upgrade_legacy(model)
     return model, meta
 
@@ -85,7 +85,7 @@ def save_model(model: keras.Model, meta: dict[str, Any], directory: str | os.Pat
     The file is plain Keras: legacy preprocessing is replaced by the built-in block, and the model is saved
     uncompiled (no custom loss in the compile config, no optimizer state).
     """
-    from components.core import layers
+    from kfp_finetune.components.core import layers
 
     directory = Path(directory)
     uncompiled(layers.upgrade_legacy(model)).save(directory / MODEL_FILE)
@@ -101,7 +101,7 @@ def upgrade(source: str | os.PathLike, output: str | os.PathLike) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.core.modelio",
+    parser = argparse.ArgumentParser(prog="python -m kfp_finetune.components.core.modelio",
                                      description="Model artifact maintenance.")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("upgrade", help="rewrite a model written by an older version so plain Keras loads it")

@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from components import __version__
+from kfp_finetune.components import __version__
 
 IMAGE_REPOSITORY = "ghcr.io/kfp-finetune/kfp-finetune"
 RELEASE_IMAGE = f"{IMAGE_REPOSITORY}:{__version__}"
@@ -83,7 +83,7 @@ def tf_config() -> dict:
     try:
         return json.loads(raw)
     except json.JSONDecodeError as exc:
-        from components.core.errors import UserError
+        from kfp_finetune.components.core.errors import UserError
 
         raise UserError(f"TF_CONFIG is not valid JSON ({exc}); unset it or fix it") from exc
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from components.evaluate.step import EvaluateConfig
+    from kfp_finetune.components.evaluate.step import EvaluateConfig
 
 log = logging.getLogger("kfp_finetune.evaluate")
 
@@ -78,7 +78,7 @@ def resolve_baseline(config: "EvaluateConfig") -> tuple[str | None, dict[str, An
                           "reason": "baseline_model named explicitly"}
     if not config.champion_from:
         return None, {"status": "off", "reason": "no baseline_model and no push_to: no comparison"}
-    from components.registry import registry
+    from kfp_finetune.components.registry import registry
 
     champion = registry.resolve_champion(config.champion_from)
     if champion is None:
@@ -92,8 +92,8 @@ def resolve_baseline(config: "EvaluateConfig") -> tuple[str | None, dict[str, An
 
 def baseline_dir(uri: str, staging: Path) -> str:
     """A local Model artifact folder for a baseline: a Model dir, a gs:// prefix, or a pushed version folder."""
-    from components.core import gcs
-    from components.registry import registry
+    from kfp_finetune.components.core import gcs
+    from kfp_finetune.components.registry import registry
 
     if gcs.is_gcs(uri):
         if gcs.list_blobs(f"{uri.rstrip('/')}/{registry.MODEL_DIR}"):
@@ -108,7 +108,7 @@ def baseline_dir(uri: str, staging: Path) -> str:
 
 def local_model_dir(uri: str, staging: Path) -> str:
     """A gs:// Model artifact downloaded into `staging`; a local path as is."""
-    from components.core import gcs
+    from kfp_finetune.components.core import gcs
 
     if not gcs.is_gcs(uri):
         return uri

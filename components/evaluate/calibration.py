@@ -156,7 +156,7 @@ def temperature_of(evaluation: dict[str, Any] | None) -> float:
     """The fitted temperature in an evaluation.json (1.0 when there is none: no calibration)."""
     t = ((evaluation or {}).get("calibration") or {}).get("temperature", 1.0)
     if not (isinstance(t, int | float) and math.isfinite(t) and t > 0):
-        from components.core.errors import UserError
+        from kfp_finetune.components.core.errors import UserError
 
         raise UserError(f"evaluation.json calibration.temperature {t!r} is not a number > 0")
     return float(t)

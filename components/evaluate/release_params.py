@@ -11,7 +11,7 @@ No TensorFlow here: the pipeline imports this module at compile time.
 import math
 from typing import Any
 
-from components.train.params import Param
+from kfp_finetune.components.train.params import Param
 
 TFLITE_MODES = ("none", "fp16", "int8", "both")
 

@@ -39,18 +39,18 @@ import numpy as np
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
-from components import __version__
-from components.core import settings
-from components.core.errors import UserError
-from components.core.fsutil import atomic_directory, check_output_dir, read_json, write_json
-from components.evaluate.blessing import EPSILON, NO_BASELINE, baseline_dir, bless  # noqa: F401 (re-exported)
-from components.evaluate.blessing import resolve_baseline as _resolve_baseline
-from components.evaluate.release_params import EVALUATE as PARAMS
+from kfp_finetune.components import __version__
+from kfp_finetune.components.core import settings
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.core.fsutil import atomic_directory, check_output_dir, read_json, write_json
+from kfp_finetune.components.evaluate.blessing import EPSILON, NO_BASELINE, baseline_dir, bless  # noqa: F401 (re-exported)
+from kfp_finetune.components.evaluate.blessing import resolve_baseline as _resolve_baseline
+from kfp_finetune.components.evaluate.release_params import EVALUATE as PARAMS
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
-    from components.core.dataset import DatasetInfo
+    from kfp_finetune.components.core.dataset import DatasetInfo
 
 log = logging.getLogger("kfp_finetune.evaluate")
 
@@ -123,7 +123,7 @@ def split_dataset(info: "DatasetInfo", split: str, size: int, batch_size: int = 
     """(pixels, label) batches of one split, in file order, decoded exactly as in training."""
     import tensorflow as tf
 
-    from components.core import dataset
+    from kfp_finetune.components.core import dataset
 
     ds = dataset.read_split(info.path, split)
     ds = ds.map(lambda b, y: (dataset.decode_image(b, size), y), num_parallel_calls=tf.data.AUTOTUNE)
@@ -135,7 +135,7 @@ def predict(model: "keras.Model", info: "DatasetInfo", split: str, what: str) ->
     import tensorflow as tf
     from tqdm.auto import tqdm
 
-    from components.core.modelio import input_size
+    from kfp_finetune.components.core.modelio import input_size
 
     size = input_size(model, what)
     n = info.num_examples.get(split, 0)
@@ -207,7 +207,7 @@ def worst_mistakes(pred: Predictions, limit: int = MAX_MISTAKES) -> list[tuple[i
 
 def _image_bytes_at(info: "DatasetInfo", split: str, indices: set[int]) -> dict[int, bytes]:
     """The encoded images at these positions of the split (the same file order `predict` used)."""
-    from components.core import dataset
+    from kfp_finetune.components.core import dataset
 
     found: dict[int, bytes] = {}
     if not indices:
@@ -225,7 +225,7 @@ def _image_bytes_at(info: "DatasetInfo", split: str, indices: set[int]) -> dict[
 
 
 def _load_classifier(path: str, info: "DatasetInfo", what: str) -> tuple["keras.Model", dict[str, Any]]:
-    from components.core import modelio
+    from kfp_finetune.components.core import modelio
 
     model, meta = modelio.load_model(path)
     names = meta.get("class_names")
@@ -241,14 +241,14 @@ def _load_classifier(path: str, info: "DatasetInfo", what: str) -> tuple["keras.
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    from components.core.fsutil import file_sha256
+    from kfp_finetune.components.core.fsutil import file_sha256
 
     return file_sha256(path)
 
 
 def _calibrate(config: EvaluateConfig, model: "keras.Model", info: "DatasetInfo", pred: Predictions) -> dict:
     """evaluation.json's `calibration`: a temperature fitted on the validation split (T = 1 when off or empty)."""
-    from components.evaluate import calibration
+    from kfp_finetune.components.evaluate import calibration
 
     validation = None
     if not config.calibrate:
@@ -270,8 +270,8 @@ def _calibrate(config: EvaluateConfig, model: "keras.Model", info: "DatasetInfo"
 
 def evaluate(config: EvaluateConfig) -> EvaluateResult:
     """Evaluate `config.model` on `config.split`; write evaluation.json and report.html to `config.output`."""
-    from components.core import dataset
-    from components.evaluate import report
+    from kfp_finetune.components.core import dataset
+    from kfp_finetune.components.evaluate import report
 
     started = time.perf_counter()
     info = dataset.load_info(config.dataset)
@@ -289,7 +289,7 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
     if baseline_uri:
         with tempfile.TemporaryDirectory(prefix="kfp-finetune-baseline-") as staging:
             local = baseline_dir(baseline_uri, Path(staging))
-            from components.core import modelio
+            from kfp_finetune.components.core import modelio
 
             base_names = list((read_json(Path(local) / modelio.META_FILE, "--baseline-model")
                                .get("class_names")) or [])
@@ -381,7 +381,7 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    from components.train.params import add_arguments
+    from kfp_finetune.components.train.params import add_arguments
 
     p = subparsers.add_parser(
         "evaluate", help="measure a model on a split, write evaluation.json + report.html, decide blessed",
@@ -409,7 +409,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from components.train.params import config_kwargs
+    from kfp_finetune.components.train.params import config_kwargs
 
     evaluate(EvaluateConfig(
         dataset=args.dataset, model=args.model, output=args.output, split=args.split,
@@ -469,7 +469,7 @@ def evaluate_op(
     import shutil
     from collections import namedtuple
 
-    from components.evaluate.step import REPORT_FILE, EvaluateConfig, evaluate
+    from kfp_finetune.components.evaluate.step import REPORT_FILE, EvaluateConfig, evaluate
 
     result = evaluate(EvaluateConfig(
         dataset=dataset.path, model=model.path, output=evaluation.path, split=split, min_accuracy=min_accuracy,

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from components.core.errors import UserError
+from kfp_finetune.components.core.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -318,7 +318,7 @@ def run_server(saved_model_dir: str | os.PathLike, body: dict[str, Any], warmup:
                timeout: float = CHECK_TIMEOUT_S, python: str | None = None) -> dict[str, Any]:
     """Run SERVER_SCRIPT on the SavedModel in a fresh interpreter; its JSON result. RuntimeError with the
     subprocess's last stderr lines when it fails."""
-    from components.core import settings
+    from kfp_finetune.components.core import settings
 
     python = python or settings.serving_python() or sys.executable
     if os.sep in python:  # a path, not a name looked up on PATH: the subprocess runs in another directory
@@ -351,14 +351,14 @@ def keras_probabilities(model: keras.Model, images: list[bytes], temperature: fl
     import numpy as np
     import tensorflow as tf
 
-    from components.core.dataset import decode_image
+    from kfp_finetune.components.core.dataset import decode_image
 
     size = int(model.input_shape[1])
     pixels = tf.stack([decode_image(tf.constant(b), size) for b in images])
     probabilities = np.asarray(model(pixels, training=False), dtype="float64")
     if temperature == 1.0:
         return probabilities
-    from components.evaluate.calibration import apply_temperature
+    from kfp_finetune.components.evaluate.calibration import apply_temperature
 
     return apply_temperature(probabilities, temperature)
 
@@ -429,7 +429,7 @@ def sample_images(dataset_dir: str | os.PathLike, class_names: list[str], split:
                   scan_limit: int = 5000) -> list[tuple[str, bytes]]:
     """One real encoded image per class from the Dataset artifact's `split` (falling back to the other splits
     for classes the split lacks). UserError when the dataset's classes differ from the model's."""
-    from components.core import dataset
+    from kfp_finetune.components.core import dataset
 
     info = dataset.load_info(dataset_dir)
     if list(info.class_names) != list(class_names):

@@ -48,26 +48,26 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Model, Output
 
-from components.core import settings
-from components.core.errors import UserError
-from components.core.fsutil import atomic_directory, check_output_dir, read_json, write_json
-from components.evaluate.calibration import LOG_FLOOR
-from components.evaluate.release_params import EXPORT as PARAMS
-from components.evaluate.release_params import tflite_variants
-from components.export.vertex_model import (  # noqa: F401 (re-exported: callers of export use these names)
+from kfp_finetune.components.core import settings
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.core.fsutil import atomic_directory, check_output_dir, read_json, write_json
+from kfp_finetune.components.evaluate.calibration import LOG_FLOOR
+from kfp_finetune.components.evaluate.release_params import EXPORT as PARAMS
+from kfp_finetune.components.evaluate.release_params import tflite_variants
+from kfp_finetune.components.export.vertex_model import (  # noqa: F401 (re-exported: callers of export use these names)
     DEFAULT_SERVING_IMAGE,
     VERTEX_REGION_PATTERN,
     VertexConfig,
     vertex_upload,
     vertex_upload_args,
 )
-from components.registry.registry import PUSH_RETRY_SECONDS, new_version, push, read_latest  # noqa: F401 (re-exported)
+from kfp_finetune.components.registry.registry import PUSH_RETRY_SECONDS, new_version, push, read_latest  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
-    from components.export import serving
-    from components.registry import registry
+    from kfp_finetune.components.export import serving
+    from kfp_finetune.components.registry import registry
 
 log = logging.getLogger("kfp_finetune.export")
 
@@ -112,7 +112,7 @@ class ExportConfig:
             raise UserError(f"--run-id {self.run_id!r} must be 1..128 of letters, digits, '.', '_', '-' "
                             "(it names the pushed version folder)")
         if self.push_to is not None:
-            from components.core import gcs
+            from kfp_finetune.components.core import gcs
 
             if gcs.is_gcs(self.push_to):
                 gcs.split_uri(self.push_to)  # raises on gs:// without a bucket
@@ -146,7 +146,7 @@ class ExportResult:
 
 
 def _input_size(model: "keras.Model") -> int:
-    from components.core import modelio
+    from kfp_finetune.components.core import modelio
 
     return modelio.input_size(model)
 
@@ -158,7 +158,7 @@ def write_saved_model(model: "keras.Model", class_names: list[str], directory: s
     import keras
     import tensorflow as tf
 
-    from components.core.dataset import decode_image
+    from kfp_finetune.components.core.dataset import decode_image
 
     size = _input_size(model)
     names = tf.constant(list(class_names), dtype=tf.string)
@@ -202,8 +202,8 @@ def write_saved_model(model: "keras.Model", class_names: list[str], directory: s
 
 def _serving_check(saved_model_dir: Path, model: "keras.Model", class_names: list[str], config: ExportConfig,
                    evaluation: dict[str, Any] | None, temperature: float) -> "serving.ServingCheck":
-    """components.export.serving's check with one test image per class (synthetic images when no dataset is at hand)."""
-    from components.export import serving
+    """serving.py's check with one test image per class (synthetic images when no dataset is at hand)."""
+    from kfp_finetune.components.export import serving
 
     dataset = config.dataset or (evaluation or {}).get("dataset")
     if dataset and Path(dataset).is_dir():
@@ -217,7 +217,7 @@ def _serving_check(saved_model_dir: Path, model: "keras.Model", class_names: lis
 
 def _serving_requirements(saved_model_dir: Path) -> dict[str, Any]:
     """TF version and op list of the SavedModel: what a serving image must support."""
-    from components.export import serving
+    from kfp_finetune.components.export import serving
 
     info = serving.saved_model_requirements(saved_model_dir)
     return {"tensorflow_version": info["tensorflow_version"], "op_count": len(info["ops"]), "ops": info["ops"]}
@@ -228,14 +228,14 @@ def _serving_requirements(saved_model_dir: Path) -> dict[str, Any]:
 
 def read_evaluation(path: str) -> dict[str, Any]:
     """evaluation.json from evaluate's output directory (or the file itself)."""
-    from components.evaluate.step import EVALUATION_FILE
+    from kfp_finetune.components.evaluate.step import EVALUATION_FILE
 
     p = Path(path)
     return read_json(p / EVALUATION_FILE if p.is_dir() else p, f"--evaluation {path}")
 
 
 def _check_evaluation(evaluation: dict[str, Any], model_dir: str, class_names: list[str], pushing: bool) -> None:
-    from components.evaluate.step import file_sha256
+    from kfp_finetune.components.evaluate.step import file_sha256
 
     if list(evaluation.get("class_names") or []) != list(class_names):
         raise UserError(f"--evaluation is for classes {evaluation.get('class_names')} but model {model_dir} has "
@@ -254,7 +254,7 @@ def _check_evaluation(evaluation: dict[str, Any], model_dir: str, class_names: l
 
 def lineage(meta: dict[str, Any], evaluation: dict[str, Any] | None, pipeline_job: str | None) -> dict[str, Any]:
     """Where a pushed version came from: data source, backbone weights, package version, image, pipeline run."""
-    from components import __version__
+    from kfp_finetune.components import __version__
 
     weights = (meta.get("backbone") or {}).get("weights") or {}
     return {
@@ -272,9 +272,9 @@ def _push_version(config: "ExportConfig", meta: dict[str, Any], evaluation: dict
                   model_sha: str, tflite: dict[str, Any] | None = None) -> "registry.Pushed":
     """Stage the export + the Model artifact + version.json; push it (named at push time unless --run-id names it;
     LATEST moves only from the champion the evaluation compared against)."""
-    from components.export import tflite_export
-    from components.ingest.fingerprint import canonical_settings
-    from components.registry import registry
+    from kfp_finetune.components.export import tflite_export
+    from kfp_finetune.components.ingest.fingerprint import canonical_settings
+    from kfp_finetune.components.registry import registry
 
     metrics = (evaluation or {}).get("metrics") or {}
     record = {
@@ -306,8 +306,8 @@ def _push_version(config: "ExportConfig", meta: dict[str, Any], evaluation: dict
 
 def _duplicate_of_champion(config: "ExportConfig") -> str:
     """Why this model must not be pushed again ('' when it may): the champion has the same model.keras SHA-256."""
-    from components.evaluate.step import file_sha256
-    from components.registry import registry
+    from kfp_finetune.components.evaluate.step import file_sha256
+    from kfp_finetune.components.registry import registry
 
     champion = registry.resolve_champion(config.push_to)
     if champion is None:
@@ -323,9 +323,9 @@ def _duplicate_of_champion(config: "ExportConfig") -> str:
 
 def export(config: ExportConfig) -> ExportResult:
     """Write the serving SavedModel to `config.output`; push it when `config.push_to` is set."""
-    from components.core import modelio
-    from components.evaluate import calibration
-    from components.export import tflite_export
+    from kfp_finetune.components.core import modelio
+    from kfp_finetune.components.evaluate import calibration
+    from kfp_finetune.components.export import tflite_export
 
     started = time.perf_counter()
     check_output_dir(config.output)
@@ -382,7 +382,7 @@ def export(config: ExportConfig) -> ExportResult:
         result.skipped_push = duplicate
         log.warning("not pushed: %s", duplicate)
     elif config.push_to:
-        from components.evaluate.step import file_sha256
+        from kfp_finetune.components.evaluate.step import file_sha256
 
         pushed = _push_version(config, meta, evaluation, file_sha256(Path(config.model) / "model.keras"), tflite)
         result.pushed_uri, result.version, result.promoted = pushed.uri, pushed.version, pushed.promoted
@@ -414,7 +414,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--run-id", default=None, help="version folder name (default: UTC timestamp in ms)")
     p.add_argument("--dataset", default=None,
                    help="Dataset artifact for the serving check's test images (default: the evaluation's dataset)")
-    from components.train.params import add_arguments
+    from kfp_finetune.components.train.params import add_arguments
 
     add_arguments(p.add_argument_group("LiteRT (TFLite) models for phones (optional)"), PARAMS)
     v = p.add_argument_group("Vertex AI Model Registry (optional)")
@@ -428,7 +428,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from components.train.params import config_kwargs
+    from kfp_finetune.components.train.params import config_kwargs
 
     vertex = None
     if args.vertex_upload:
@@ -482,7 +482,7 @@ def export_op(
     """
     from collections import namedtuple
 
-    from components.export.step import ExportConfig, export
+    from kfp_finetune.components.export.step import ExportConfig, export
 
     result = export(ExportConfig(model=model.path, output=exported_model.path, evaluation=evaluation.path,
                                  push_to=push_to or None, run_id=run_id or None, fingerprint=fingerprint or None,

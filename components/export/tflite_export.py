@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from components.core.errors import UserError
+from kfp_finetune.components.core.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -112,7 +112,7 @@ def _convert(converter: Any, variant: str, representative: list[np.ndarray] | No
 def split_pixels(dataset_dir: str | os.PathLike, split: str, size: int,
                  limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(pixels [N, S, S, 3] float32, labels [N]) of a split in file order, decoded as the serving signature does."""
-    from components.core import dataset
+    from kfp_finetune.components.core import dataset
 
     ds = dataset.read_split(dataset_dir, split)
     if limit is not None:
@@ -184,7 +184,7 @@ class LiteModel:
 def check(path: str | os.PathLike, pixels: np.ndarray, labels: np.ndarray, keras_probs: np.ndarray,
           temperature: float = 1.0) -> dict[str, Any]:
     """Accuracy, agreement with Keras's top-1, ECE (before/after the temperature), size and latency of a .tflite."""
-    from components.evaluate import calibration
+    from kfp_finetune.components.evaluate import calibration
 
     lite = LiteModel(path)
     probs = np.stack([lite.probabilities(p) for p in pixels])
@@ -289,8 +289,8 @@ def require(section: dict[str, Any] | None, output: str) -> None:
 
 def copy_report(evaluation_path: str, directory: str | os.PathLike, section: dict[str, Any] | None) -> None:
     """evaluate's report.html beside the export, with the LiteRT models' section added when there are some."""
-    from components.evaluate import report
-    from components.evaluate.step import REPORT_FILE
+    from kfp_finetune.components.evaluate import report
+    from kfp_finetune.components.evaluate.step import REPORT_FILE
 
     source = Path(evaluation_path)
     source = (source if source.is_dir() else source.parent) / REPORT_FILE

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from components.core.errors import UserError
+from kfp_finetune.components.core.errors import UserError
 
 log = logging.getLogger("kfp_finetune.export")
 

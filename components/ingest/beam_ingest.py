@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING
 
 from kfp import dsl
 
-from components.core import gcs, settings
-from components.core.dataset import REPORT_FILE
-from components.core.errors import UserError
-from components.ingest.beam_options import (
+from kfp_finetune.components.core import gcs, settings
+from kfp_finetune.components.core.dataset import REPORT_FILE
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.ingest.beam_options import (
     BEAM_RUNNERS,
     DATAFLOW_REQUIRED,
     RUNNERS,
@@ -49,7 +49,7 @@ from components.ingest.beam_options import (
     parse_option,
     pipeline_flags,
 )
-from components.ingest.beam_pipeline import (
+from kfp_finetune.components.ingest.beam_pipeline import (
     TMP_PREFIX,
     Candidate,
     Job,
@@ -63,7 +63,7 @@ from components.ingest.beam_pipeline import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from components.ingest.step import IngestConfig, IngestResult
+    from kfp_finetune.components.ingest.step import IngestConfig, IngestResult
 
 __all__ = [  # the public names of the Beam ingest, wherever they are defined
     "BEAM_RUNNERS", "DATAFLOW_REQUIRED", "RUNNERS", "SHORTHAND_OPTIONS", "DataflowSettings", "check_compiled_dataflow",
@@ -140,9 +140,9 @@ def run(config: "IngestConfig") -> "IngestResult":
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from components.core.fsutil import atomic_directory, check_output_dir
-    from components.ingest.sources import _read_manifest
-    from components.ingest.step import IngestResult
+    from kfp_finetune.components.core.fsutil import atomic_directory, check_output_dir
+    from kfp_finetune.components.ingest.sources import _read_manifest
+    from kfp_finetune.components.ingest.step import IngestResult
 
     start = time.perf_counter()
     source = config.source
@@ -255,8 +255,8 @@ def ingest_beam_op(
         fingerprint: the source's data fingerprint (fingerprint step): recorded in the Dataset, and part of this
             step's cache key, so changed data is ingested again.
     """
-    from components.ingest.beam_ingest import parse_option
-    from components.ingest.step import IngestConfig, ingest
+    from kfp_finetune.components.ingest.beam_ingest import parse_option
+    from kfp_finetune.components.ingest.step import IngestConfig, ingest
 
     options = list(beam_options)
     if runner == "dataflow" and "project" not in dict(parse_option(o) for o in options):

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.core import gcs, settings
-from components.core.errors import UserError
+from kfp_finetune.components.core import gcs, settings
+from kfp_finetune.components.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from components import __version__
-from components.core import gcs, imagecheck, settings
-from components.core.dataset import REPORT_FILE, SPLITS
-from components.core.errors import UserError
-from components.ingest import tfds_format
+from kfp_finetune.components import __version__
+from kfp_finetune.components.core import gcs, imagecheck, settings
+from kfp_finetune.components.core.dataset import REPORT_FILE, SPLITS
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.ingest import tfds_format
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _listing_root(source: str) -> str:
 
 def _classify_match(path: str, source: str) -> Iterator[tuple[str, Any]]:
     """A matched file -> ('candidate', Candidate) or ('skip', skip), and ('class', name) for the class it names."""
-    from components.ingest.sources import _classify
+    from kfp_finetune.components.ingest.sources import _classify
 
     root = _listing_root(source)
     if not path.startswith(root):
@@ -160,7 +160,7 @@ def _exists(ref: str) -> bool:
 
 def inspect(candidate: Candidate, max_side: int | None) -> Inspected:
     """Read, hash and decode-check one file (on a worker)."""
-    from components.ingest.step import MISSING
+    from kfp_finetune.components.ingest.step import MISSING
 
     try:
         data = _read(candidate.ref)
@@ -178,7 +178,7 @@ def inspect(candidate: Candidate, max_side: int | None) -> Inspected:
 
 def resolve(sha: str, group: Iterable[Inspected], job: Job) -> Iterator[tuple[str, Any]]:
     """One content hash -> ('size', bytes) once, then ('kept', Kept) and/or ('skip', skip) as the local ingest."""
-    from components.ingest.step import CONFLICT, DUPLICATE, _split_of
+    from kfp_finetune.components.ingest.step import CONFLICT, DUPLICATE, _split_of
 
     items = sorted(group, key=lambda e: e.ref)
     first = items[0]
@@ -211,7 +211,7 @@ def bucket_offsets(counts: Iterable[tuple[tuple[str, str], int]]) -> dict[str, A
 
 def num_shards(job: Job, split: str, total_bytes: int) -> int:
     """The local writer's shard count for `split` (before it drops the shards that stayed empty)."""
-    from components.ingest.step import _auto_shards
+    from kfp_finetune.components.ingest.step import _auto_shards
 
     return job.num_shards or _auto_shards(total_bytes, job.fractions[split])
 
@@ -270,7 +270,7 @@ def finalize(
     """Check the result, rename the shards into place and write the metadata and ingest_report.json (in the job)."""
     from apache_beam.io.filesystems import FileSystems
 
-    from components.ingest.step import BAD_REASONS
+    from kfp_finetune.components.ingest.step import BAD_REASONS
 
     def fail(message: str) -> None:
         _delete(job.tmp)

@@ -29,9 +29,9 @@ from typing import Any, NamedTuple
 
 from kfp import dsl
 
-from components.core import gcs, settings
-from components.core.errors import UserError
-from components.core.fsutil import write_json
+from kfp_finetune.components.core import gcs, settings
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.core.fsutil import write_json
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +75,14 @@ def _stat_line(name: str, path: str) -> str:
 
 
 def _folder_lines(root: Path, source: str) -> list[str]:
-    from components.ingest.sources import _list_folder
+    from kfp_finetune.components.ingest.sources import _list_folder
 
     listing = _list_folder(root, source)
     return [_stat_line(Path(e.ref).relative_to(root).as_posix(), e.ref) for e in listing.entries]
 
 
 def _gcs_lines(uri: str) -> list[str]:
-    from components.ingest.sources import _classify
+    from kfp_finetune.components.ingest.sources import _classify
 
     base = uri.rstrip("/")
     _, prefix = gcs.split_uri(base)
@@ -96,7 +96,7 @@ def _gcs_lines(uri: str) -> list[str]:
 
 
 def _manifest_lines(source: str) -> tuple[list[str], int]:
-    from components.ingest.sources import _read_manifest, read_manifest_text
+    from kfp_finetune.components.ingest.sources import _read_manifest, read_manifest_text
 
     listing = _read_manifest(source)
     manifest = read_manifest_text(source)
@@ -177,7 +177,7 @@ class Decision:
 def decide(fp: Fingerprint, push_to: str | None, training_settings: dict[str, Any] | None = None,
            force_retrain: bool = False) -> Decision:
     """Compare `fp` and the settings with the champion at `push_to` (its LATEST version)."""
-    from components.registry import registry
+    from kfp_finetune.components.registry import registry
 
     if not push_to:
         return Decision(STATUS_TRAIN, "no push_to: every run trains")
@@ -226,7 +226,7 @@ def _cli(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         raise UserError(f"--settings is not a JSON object ({exc})") from exc
     if args.push_to:
-        from components.registry import registry
+        from kfp_finetune.components.registry import registry
 
         registry.check_destination(args.push_to)
     fp = fingerprint_source(args.source)
@@ -270,11 +270,11 @@ def fingerprint_op(
     """
     from collections import namedtuple
 
-    from components.core.fsutil import write_json
-    from components.ingest.fingerprint import decide, fingerprint_source
+    from kfp_finetune.components.core.fsutil import write_json
+    from kfp_finetune.components.ingest.fingerprint import decide, fingerprint_source
 
     if push_to:
-        from components.registry import registry
+        from kfp_finetune.components.registry import registry
 
         registry.check_destination(push_to)
     fp = fingerprint_source(source)

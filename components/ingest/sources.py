@@ -18,8 +18,8 @@ import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from components.core import gcs, imagecheck, safefiles
-from components.core.errors import UserError
+from kfp_finetune.components.core import gcs, imagecheck, safefiles
+from kfp_finetune.components.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

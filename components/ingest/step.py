@@ -32,13 +32,13 @@ from typing import Any
 
 from kfp import dsl
 
-from components import __version__
-from components.core import gcs, imagecheck, settings
-from components.core.dataset import REPORT_FILE, SPLITS
-from components.core.errors import UserError
-from components.core.fsutil import atomic_directory, check_output_dir, write_json
-from components.ingest import tfds_format
-from components.ingest.sources import (  # noqa: F401  (the listing reasons, re-exported)
+from kfp_finetune.components import __version__
+from kfp_finetune.components.core import gcs, imagecheck, settings
+from kfp_finetune.components.core.dataset import REPORT_FILE, SPLITS
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.core.fsutil import atomic_directory, check_output_dir, write_json
+from kfp_finetune.components.ingest import tfds_format
+from kfp_finetune.components.ingest.sources import (  # noqa: F401  (the listing reasons, re-exported)
     DOWNLOAD_FAILED,
     HIDDEN,
     NOT_IMAGE,
@@ -178,7 +178,8 @@ def _executor(num_files: int) -> Executor | None:
     method = _start_method()
     context = multiprocessing.get_context(method)
     if method == "forkserver":
-        context.set_forkserver_preload(["__main__", "components.core.imagecheck", "PIL.Image", "PIL.JpegImagePlugin"])
+        context.set_forkserver_preload(
+            ["__main__", "kfp_finetune.components.core.imagecheck", "PIL.Image", "PIL.JpegImagePlugin"])
     log.debug("decoding on %d worker processes (%s)", workers, method)
     executor = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=imagecheck.die_with_parent)
     executor.submit(int).result()  # launch the workers now
@@ -213,7 +214,7 @@ def _auto_shards(total_bytes: int, fraction: float) -> int:
 def ingest(config: IngestConfig) -> IngestResult:
     """Build the Dataset artifact at `config.output` from `config.source`; see the module docstring."""
     if config.runner != "local":
-        from components.ingest import beam_ingest
+        from kfp_finetune.components.ingest import beam_ingest
 
         return beam_ingest.run(config)
     start = time.perf_counter()
@@ -466,7 +467,7 @@ def ingest_op(
         fingerprint: the source's data fingerprint (fingerprint step): recorded in the Dataset, and part of this
             task's inputs, so KFP's cache key changes exactly when the data does.
     """
-    from components.ingest.step import IngestConfig, ingest
+    from kfp_finetune.components.ingest.step import IngestConfig, ingest
 
     result = ingest(
         IngestConfig(

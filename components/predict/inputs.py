@@ -22,8 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from components.core import gcs, safefiles
-from components.core.errors import UserError
+from kfp_finetune.components.core import gcs, safefiles
+from kfp_finetune.components.core.errors import UserError
 
 CSV_COLUMNS = ("file", "path", "uri", "image")
 
@@ -32,7 +32,7 @@ CSV_COLUMNS = ("file", "path", "uri", "image")
 
 
 def _local_files(folder: Path) -> list[str]:
-    from components.core.imagecheck import is_image_name
+    from kfp_finetune.components.core.imagecheck import is_image_name
 
     out = []
     for dirpath, dirnames, filenames in os.walk(folder):
@@ -67,7 +67,7 @@ def _csv_files(path: Path) -> list[str]:
 
 def _gcs_files(prefix: str) -> Iterator[str]:
     """Image objects under a gs:// prefix, page by page (never the whole listing in memory)."""
-    from components.core.imagecheck import is_image_name
+    from kfp_finetune.components.core.imagecheck import is_image_name
 
     bucket, name = gcs.split_uri(prefix)
     if name and not name.endswith("/"):
@@ -124,7 +124,7 @@ def _header_problem(data: bytes) -> str | None:
 
     from PIL import Image
 
-    from components.core import imagecheck
+    from kfp_finetune.components.core import imagecheck
 
     if not data:
         return f"{imagecheck.CORRUPT}: empty file"
@@ -144,8 +144,8 @@ def _header_problem(data: bytes) -> str | None:
 
 
 def _full_check(data: bytes) -> tuple[bytes | None, str | None]:
-    """components.core.imagecheck's full decode of bytes already read: (RGB JPEG/PNG bytes, None) or (None, reason)."""
-    from components.core import imagecheck
+    """imagecheck's full decode of bytes already read: (RGB JPEG/PNG bytes, None) or (None, reason)."""
+    from kfp_finetune.components.core import imagecheck
 
     result = imagecheck.decode_bytes(data)
     if not result.ok:
@@ -155,7 +155,7 @@ def _full_check(data: bytes) -> tuple[bytes | None, str | None]:
 
 def _read_checked(file: str, gcs_client: Any = None, root: str | None = None) -> tuple[bytes, Item | None]:
     """The file's bytes, or a skipped Item when it cannot be read or its header is not an image's."""
-    from components.core import imagecheck
+    from kfp_finetune.components.core import imagecheck
 
     try:
         data = _read(file, gcs_client, root)
@@ -173,8 +173,8 @@ def load_item(file: str, size: int, want_bytes: bool, gcs_client: Any = None, ro
     import numpy as np
     import tensorflow as tf
 
-    from components.core import imagecheck
-    from components.core.dataset import decode_image
+    from kfp_finetune.components.core import imagecheck
+    from kfp_finetune.components.core.dataset import decode_image
 
     data, skipped = _read_checked(file, gcs_client, root)
     if skipped is not None:

@@ -40,9 +40,9 @@ from typing import Any, NamedTuple
 from kfp import dsl
 from kfp.dsl import Dataset, Output
 
-from components.core import gcs, settings
-from components.core.errors import UserError
-from components.predict.inputs import (  # noqa: F401  (re-exported: the reading and writing side of predict)
+from kfp_finetune.components.core import gcs, settings
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.predict.inputs import (  # noqa: F401  (re-exported: the reading and writing side of predict)
     CSV_COLUMNS,
     TF_FORMATS,
     Item,
@@ -115,7 +115,7 @@ class Classifier:
     def __init__(self, path: str) -> None:
         import tensorflow as tf
 
-        from components.core import modelio
+        from kfp_finetune.components.core import modelio
 
         self.path = path
         root = Path(path)
@@ -158,7 +158,7 @@ class Classifier:
         """A .tflite in the LiteRT interpreter, one image per invoke (the interpreter's input is [1, S, S, 3])."""
         import numpy as np
 
-        from components.export.tflite_export import LABELS_FILE, LiteModel
+        from kfp_finetune.components.export.tflite_export import LABELS_FILE, LiteModel
 
         labels = root.parent / LABELS_FILE
         if not root.is_file() or not labels.is_file():
@@ -187,7 +187,7 @@ class Classifier:
 
 def resolve_model(model: str, staging: str) -> str:
     """A local model folder for --model: itself, the version LATEST names (push destinations), or a gs:// copy."""
-    from components.export.step import read_latest
+    from kfp_finetune.components.export.step import read_latest
 
     latest = read_latest(model) if gcs.is_gcs(model) or (Path(model) / "LATEST").is_file() else None
     if latest:
@@ -220,7 +220,7 @@ def _predict_pixels(classifier: Classifier, items: Iterator[Item], batch_size: i
     import numpy as np
     import tensorflow as tf
 
-    from components.core.dataset import decode_image
+    from kfp_finetune.components.core.dataset import decode_image
 
     names = classifier.class_names
     files: dict[int, str] = {}  # index -> file, for the files in flight
@@ -404,7 +404,7 @@ def predict_op(
     import os
     from collections import namedtuple
 
-    from components.predict.step import PredictConfig, predict
+    from kfp_finetune.components.predict.step import PredictConfig, predict
 
     os.makedirs(predictions.path, exist_ok=True)
     out = os.path.join(predictions.path, f"predictions.{output_format}")

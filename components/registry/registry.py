@@ -44,11 +44,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from components.core import gcs
-from components.core.errors import UserError
-from components.core.fsutil import read_json
-from components.registry import store
-from components.registry.store import CLAIM_FILE, LATEST_FILE, LOCK_FILE, PROMOTED_FILE, VERSION_FILE  # noqa: F401
+from kfp_finetune.components.core import gcs
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.core.fsutil import read_json
+from kfp_finetune.components.registry import store
+from kfp_finetune.components.registry.store import CLAIM_FILE, LATEST_FILE, LOCK_FILE, PROMOTED_FILE, VERSION_FILE  # noqa: F401
 
 log = logging.getLogger("kfp_finetune.registry")
 
@@ -427,7 +427,7 @@ def _rollback_cli(args: argparse.Namespace) -> int:
 
 from kfp import dsl  # noqa: E402 (the component below; the functions above need no KFP)
 
-from components.core import settings  # noqa: E402
+from kfp_finetune.components.core import settings  # noqa: E402
 
 
 @dsl.component(base_image=settings.component_image(), install_kfp_package=False)
@@ -461,7 +461,7 @@ def no_new_data_op(
     import os
     from collections import namedtuple
 
-    from components.registry import registry
+    from kfp_finetune.components.registry import registry
 
     champion = registry.resolve_champion(push_to)
     if champion is None:  # the fingerprint step saw one a moment ago

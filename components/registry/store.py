@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from components.core import gcs
-from components.core.errors import UserError
+from kfp_finetune.components.core import gcs
+from kfp_finetune.components.core.errors import UserError
 
 log = logging.getLogger("kfp_finetune.registry")
 

@@ -26,8 +26,8 @@ history), head and finetune (the two phases), cli (the subcommands) and ops (the
 are the package's public API.
 """
 
-from components.train.cli import add_cli
-from components.train.config import (
+from kfp_finetune.components.train.cli import add_cli
+from kfp_finetune.components.train.config import (
     BATCH_NORM_MODES,
     CACHE_FEATURE_MODES,
     CLASS_WEIGHT_MODES,
@@ -35,12 +35,12 @@ from components.train.config import (
     HeadConfig,
     TrainResult,
 )
-from components.train.data import class_weights_from_counts, make_dataset
-from components.train.distribute import Cluster, mixed_precision_wanted, pick_strategy, with_policy
-from components.train.finetune import fine_tune
-from components.train.head import train_head
-from components.train.model import build_classifier, sparse_crossentropy, trainable_layer_names, unfreeze
-from components.train.ops import fine_tune_op, train_head_op
+from kfp_finetune.components.train.data import class_weights_from_counts, make_dataset
+from kfp_finetune.components.train.distribute import Cluster, mixed_precision_wanted, pick_strategy, with_policy
+from kfp_finetune.components.train.finetune import fine_tune
+from kfp_finetune.components.train.head import train_head
+from kfp_finetune.components.train.model import build_classifier, sparse_crossentropy, trainable_layer_names, unfreeze
+from kfp_finetune.components.train.ops import fine_tune_op, train_head_op
 
 __all__ = [
     "BATCH_NORM_MODES",

@@ -12,9 +12,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from components.core import gcs, settings
-from components.train.config import FineTuneConfig
-from components.train.distribute import Cluster
+from kfp_finetune.components.core import gcs, settings
+from kfp_finetune.components.train.config import FineTuneConfig
+from kfp_finetune.components.train.distribute import Cluster
 
 log = logging.getLogger("kfp_finetune.train")
 

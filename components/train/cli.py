@@ -3,8 +3,8 @@
 import argparse
 from typing import Any
 
-from components.train.config import FineTuneConfig, HeadConfig
-from components.train.params import FINE_TUNE, HEAD, Param, add_arguments, config_kwargs
+from kfp_finetune.components.train.config import FineTuneConfig, HeadConfig
+from kfp_finetune.components.train.params import FINE_TUNE, HEAD, Param, add_arguments, config_kwargs
 
 # (command, help, description, the input model's option and its help, config, parameters, phase function)
 _COMMANDS: tuple[tuple[str, str, str, str, str, Any, tuple[Param, ...], str], ...] = (
@@ -32,7 +32,7 @@ def _runner(model_option: str, config: Any, params: tuple[Param, ...], function:
         import importlib
 
         module, name = function.split(".")
-        phase = getattr(importlib.import_module(f"components.train.{module}"), name)
+        phase = getattr(importlib.import_module(f"kfp_finetune.components.train.{module}"), name)
         phase(config(dataset=args.dataset, output=args.output, **{model_option: getattr(args, model_option)},
                      **config_kwargs(params, args)))
         return 0

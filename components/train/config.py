@@ -3,8 +3,8 @@
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
-from components.core.errors import UserError
-from components.train.params import (  # noqa: F401 (the modes are re-exported)
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.train.params import (  # noqa: F401 (the modes are re-exported)
     BATCH_NORM_MODES,
     CACHE_FEATURE_MODES,
     CLASS_WEIGHT_MODES,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pragma: no cover
     import tensorflow as tf
 
-    from components.core.dataset import DatasetInfo
+    from kfp_finetune.components.core.dataset import DatasetInfo
 
 log = logging.getLogger("kfp_finetune.train")
 
@@ -33,7 +33,7 @@ def make_dataset(
     """
     import tensorflow as tf
 
-    from components.core import dataset
+    from kfp_finetune.components.core import dataset
 
     n = info.require_split(split)
     ds = dataset.read_split(info.path, split, shuffle_files=training, seed=seed)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from components.core import settings
-from components.core.fsutil import atomic_directory
+from kfp_finetune.components.core import settings
+from kfp_finetune.components.core.fsutil import atomic_directory
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -128,7 +128,7 @@ def fit_scope(model: "keras.Model", cluster: Cluster) -> Any:
     """Around `model.fit`: the multi-worker fixes of components/core/compat.py with several workers, else nothing."""
     import contextlib
 
-    from components.core import compat
+    from kfp_finetune.components.core import compat
 
     if cluster.num_workers > 1:
         return compat.multi_worker_fit(model, cluster.strategy)

@@ -8,11 +8,11 @@ import math
 import time
 from typing import Any
 
-from components.core import settings
-from components.core.errors import UserError
-from components.core.fsutil import atomic_directory, check_output_dir
-from components.train import family, guard
-from components.train.callbacks import (
+from kfp_finetune.components.core import settings
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.core.fsutil import atomic_directory, check_output_dir
+from kfp_finetune.components.train import family, guard
+from kfp_finetune.components.train.callbacks import (
     HistoryFile,
     _checkpoint_subdir,
     _epoch_logger,
@@ -20,9 +20,9 @@ from components.train.callbacks import (
     _verbose,
     epochs_run,
 )
-from components.train.config import FineTuneConfig, TrainResult
-from components.train.data import _split_sizes, class_weights_from_counts, make_dataset
-from components.train.distribute import (
+from kfp_finetune.components.train.config import FineTuneConfig, TrainResult
+from kfp_finetune.components.train.data import _split_sizes, class_weights_from_counts, make_dataset
+from kfp_finetune.components.train.distribute import (
     _output_scope,
     fit_scope,
     mixed_precision_wanted,
@@ -30,14 +30,14 @@ from components.train.distribute import (
     seed_everything,
     to_mixed_precision,
 )
-from components.train.model import (
+from kfp_finetune.components.train.model import (
     _backbone_size,
     _compile,
     _feature_extractor,
     _input_size,
     unfreeze,
 )
-from components.train.phase import finish, log_done
+from kfp_finetune.components.train.phase import finish, log_done
 
 log = logging.getLogger("kfp_finetune.train")
 
@@ -49,7 +49,7 @@ def _pass_through(config: FineTuneConfig) -> TrainResult:
     """fine_tune with epochs=0: copy the train_head model to the output as it is."""
     import shutil
 
-    from components.core import modelio
+    from kfp_finetune.components.core import modelio
 
     meta = modelio.read_meta(config.model)
     with atomic_directory(config.output) as tmp:
@@ -64,7 +64,7 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
 
     With `epochs=0` nothing trains: the input model is copied to the output unchanged (phase stays train_head).
     """
-    from components.core import dataset, modelio
+    from kfp_finetune.components.core import dataset, modelio
 
     if config.epochs == 0:
         return _pass_through(config)

@@ -4,12 +4,12 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from components.core.errors import UserError
-from components.core.fsutil import check_output_dir
-from components.train.callbacks import _epoch_logger, _tensorboard, _verbose
-from components.train.config import HeadConfig, TrainResult
-from components.train.data import _split_sizes, class_weights_from_counts, make_dataset
-from components.train.distribute import (
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.core.fsutil import check_output_dir
+from kfp_finetune.components.train.callbacks import _epoch_logger, _tensorboard, _verbose
+from kfp_finetune.components.train.config import HeadConfig, TrainResult
+from kfp_finetune.components.train.data import _split_sizes, class_weights_from_counts, make_dataset
+from kfp_finetune.components.train.distribute import (
     _output_scope,
     fit_scope,
     mixed_precision_wanted,
@@ -17,14 +17,14 @@ from components.train.distribute import (
     seed_everything,
     to_mixed_precision,
 )
-from components.train.model import _compile, _input_size, build_classifier
+from kfp_finetune.components.train.model import _compile, _input_size, build_classifier
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
     import tensorflow as tf
 
 
-from components.train.phase import finish, log_done
+from kfp_finetune.components.train.phase import finish, log_done
 
 log = logging.getLogger("kfp_finetune.train")
 
@@ -56,7 +56,7 @@ def _extract_features(extractor: "keras.Model", datasets: dict[str, "tf.data.Dat
 
 def train_head(config: HeadConfig) -> TrainResult:
     """Train a new classification head on the frozen backbone; write a Model artifact to `config.output`."""
-    from components.core import dataset, modelio
+    from kfp_finetune.components.core import dataset, modelio
 
     started = time.perf_counter()
     info = dataset.load_info(config.dataset)

@@ -5,8 +5,8 @@ compile with (smoothed) sparse cross-entropy, save in float32.
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from components.core.errors import UserError
-from components.train.distribute import with_policy
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.train.distribute import with_policy
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -87,7 +87,7 @@ def _feature_extractor(model: "keras.Model", what: str) -> "keras.Model":
 
 
 def _input_size(model: "keras.Model") -> int:
-    from components.core import modelio
+    from kfp_finetune.components.core import modelio
 
     return modelio.input_size(model)
 
@@ -134,7 +134,7 @@ def _save(model: "keras.Model", meta: dict[str, Any], directory: Path, mixed: bo
     """Save the model in float32 (the policy evaluation and serving on CPUs want)."""
     import keras
 
-    from components.core import modelio
+    from kfp_finetune.components.core import modelio
 
     if mixed:
         keras.mixed_precision.set_global_policy("float32")

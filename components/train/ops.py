@@ -8,7 +8,7 @@ defaults and the docstring's Args).
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
 
-from components.core import settings
+from kfp_finetune.components.core import settings
 
 
 @dsl.component(base_image=settings.component_image(), install_kfp_package=False)
@@ -46,7 +46,7 @@ def train_head_op(
             "ops" (also TensorFlow op determinism, for accelerators) or "off".
     """
     arguments = dict(locals())  # every argument is handed on: HeadConfig takes the ones params.HEAD defines
-    from components.train import HeadConfig, train_head
+    from kfp_finetune.components.train import HeadConfig, train_head
 
     paths = {"dataset": dataset.path, "backbone": backbone.path, "output": model.path}
     result = train_head(HeadConfig.from_step(**{**arguments, **paths}))
@@ -93,7 +93,7 @@ def fine_tune_op(
             "ops" (also TensorFlow op determinism, for accelerators) or "off".
     """
     arguments = dict(locals())  # every argument is handed on: FineTuneConfig takes the ones params.FINE_TUNE defines
-    from components.train import FineTuneConfig, fine_tune
+    from kfp_finetune.components.train import FineTuneConfig, fine_tune
 
     paths = {"dataset": dataset.path, "model": model.path, "output": tuned_model.path}
     result = fine_tune(FineTuneConfig.from_step(**{**arguments, **paths}))

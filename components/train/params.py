@@ -66,7 +66,7 @@ class Param:
         return {int: 0, float: 0.0, str: ""}.get(self.type) if self.optional else None
 
     def validate(self, value: Any) -> None:
-        from components.core.errors import UserError
+        from kfp_finetune.components.core.errors import UserError
 
         if value is None and self.optional:
             return

@@ -6,15 +6,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from components.train.callbacks import _final_metrics, _format_logs
-from components.train.config import TrainResult
-from components.train.distribute import Cluster
-from components.train.model import _save, trainable_layer_names
+from kfp_finetune.components.train.callbacks import _final_metrics, _format_logs
+from kfp_finetune.components.train.config import TrainResult
+from kfp_finetune.components.train.distribute import Cluster
+from kfp_finetune.components.train.model import _save, trainable_layer_names
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
-    from components.core.dataset import DatasetInfo
+    from kfp_finetune.components.core.dataset import DatasetInfo
 
 log = logging.getLogger("kfp_finetune.train")
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.core import modelio
-from pipelines import cli
+from kfp_finetune.components.core import modelio
+from kfp_finetune.pipelines import cli
 
 FILE = "mobilenet_2_5_224_tf_no_top.h5"
 REPO = Path(__file__).resolve().parents[2]
@@ -51,7 +51,7 @@ def test_mirror_folder_as_a_new_user_would(weights_mirror, flowers_dir, tmp_path
     out = tmp_path / "out" / "backbone"
     env = {**os.environ, "KFP_FINETUNE_WEIGHTS_MIRROR": str(weights_mirror), "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines", "backbone", "--name", "mobilenet", "--alpha", "0.25",
+        [sys.executable, "-m", "kfp_finetune.pipelines", "backbone", "--name", "mobilenet", "--alpha", "0.25",
          "--image-size", "160", "--weights", "imagenet", "--output", str(out)],
         env=env, capture_output=True, text=True, timeout=300,
     )
@@ -159,7 +159,7 @@ def test_component_signature_and_compile(tmp_path):
 
     from kfp import compiler
 
-    from components.backbone.step import backbone_op
+    from kfp_finetune.components.backbone.step import backbone_op
 
     params = inspect.signature(backbone_op.python_func).parameters
     assert {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty} == {
@@ -172,7 +172,7 @@ def test_component_signature_and_compile(tmp_path):
 def test_component_runs_under_kfp_local(weights_mirror, tmp_path, monkeypatch):
     from kfp import local
 
-    from components.backbone.step import backbone_op
+    from kfp_finetune.components.backbone.step import backbone_op
 
     monkeypatch.setenv("KFP_FINETUNE_WEIGHTS_MIRROR", str(weights_mirror))
     monkeypatch.setenv("PYTHONPATH", str(REPO))

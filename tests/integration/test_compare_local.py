@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import main
+from kfp_finetune.pipelines.cli import main
 
-pytest.importorskip("components.backbone.step")
+pytest.importorskip("kfp_finetune.components.backbone.step")
 
 
 def summary_value(out: str, key: str) -> str:

@@ -18,10 +18,10 @@ def test_flowers_evaluate_equals_keras_and_export_push_serves(flowers_dir, weigh
     import keras
     import tensorflow as tf
 
-    from components.core import dataset, gcs, modelio
-    from components.evaluate.step import split_dataset
-    from components.export.step import read_latest
-    from pipelines.cli import main
+    from kfp_finetune.components.core import dataset, gcs, modelio
+    from kfp_finetune.components.evaluate.step import split_dataset
+    from kfp_finetune.components.export.step import read_latest
+    from kfp_finetune.pipelines.cli import main
 
     monkeypatch.setenv("KFP_FINETUNE_WEIGHTS_MIRROR", str(weights_mirror))
     ds, bb, head, tuned = (str(tmp_path / n) for n in ("dataset", "backbone", "head", "tuned"))

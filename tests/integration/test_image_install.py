@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from components import __version__
+from kfp_finetune.components import __version__
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "images" / "Dockerfile"
@@ -93,7 +93,8 @@ def test_runtime_install_in_a_fresh_virtualenv(tmp_path: Path):
 
     bin_dir = venv / "bin"
     where = _run(
-        [str(bin_dir / "python"), "-c", "import components, pipelines; print(components.__file__, pipelines.__file__)"],
+        [str(bin_dir / "python"), "-c",
+         "import kfp_finetune.components as c, kfp_finetune.pipelines as p; print(c.__file__, p.__file__)"],
         tmp_path,
         env,
     ).stdout

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from components.core.dataset import SPLITS, read_split
-from components.core.errors import UserError
-from components.ingest.step import IngestConfig, ingest
-from pipelines.cli import main as cli_main
+from kfp_finetune.components.core.dataset import SPLITS, read_split
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.ingest.step import IngestConfig, ingest
+from kfp_finetune.pipelines.cli import main as cli_main
 
 
 def records(out: Path) -> dict[str, list[tuple[bytes, int]]]:
@@ -58,7 +58,7 @@ def test_gcs_and_manifest_sources_give_the_same_dataset_as_the_folder(mini_flowe
         f"images/{p.parent.name}/{p.name},{p.parent.name}\n" for p in images))
     ingest(IngestConfig(source=str(local_csv), output=str(from_manifest)))
 
-    from components.core import gcs
+    from kfp_finetune.components.core import gcs
 
     # A manifest on gs:// mixing paths relative to its folder and absolute gs:// URIs (written after the folder
     # ingest above, which would otherwise list it as a stray file).
@@ -117,7 +117,7 @@ def test_flowers_with_broken_odd_and_duplicate_files_added(mini_flowers, image_f
 def test_kfp_component_writes_the_dataset_and_metadata(mini_flowers, tmp_path, monkeypatch):
     from kfp import local
 
-    from components.ingest.step import ingest_op
+    from kfp_finetune.components.ingest.step import ingest_op
 
     # The component runs `python3` in a subprocess: make it this interpreter, with this checkout importable.
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
@@ -157,7 +157,7 @@ def test_tfds_source_reads_a_prepared_dataset(synthetic_folder, tmp_path):
     (first / "ingest_report.json").unlink()  # not part of a TFDS dataset
     out = tmp_path / "again"
     env = dict(os.environ, TFDS_DATA_DIR=str(data_dir), PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    proc = subprocess.run([sys.executable, "-m", "pipelines", "ingest", "--source", "tfds:images:1.0.0",
+    proc = subprocess.run([sys.executable, "-m", "kfp_finetune.pipelines", "ingest", "--source", "tfds:images:1.0.0",
                            "--output", str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((out / "ingest_report.json").read_text())
@@ -174,7 +174,7 @@ def test_killed_ingest_leaves_nothing_at_the_output(flowers_dir, tmp_path):
 
     out = tmp_path / "ds"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "ingest", "--source", str(flowers_dir),
+    proc = subprocess.Popen([sys.executable, "-m", "kfp_finetune.pipelines", "ingest", "--source", str(flowers_dir),
                              "--output", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     helpers: list = []

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import main
+from kfp_finetune.pipelines.cli import main
 
-pytest.importorskip("components.backbone.step")
+pytest.importorskip("kfp_finetune.components.backbone.step")
 
 FAST = ["--param", "head_epochs=2", "--param", "fine_tune_epochs=1", "--param", "image_size=128",
         "--param", "batch_size=16"]

@@ -1,6 +1,7 @@
 """The README's "Step by step" runs as written: its command lines are parsed from README.md and executed in order, with
 their relative paths, in a fresh working directory whose `../shared/data` is the shared test data (a symlink to it,
-so `KFP_FINETUNE_SHARED_DATA` is honoured too). `kfp-finetune` is this checkout's CLI (`python -m pipelines`)."""
+so `KFP_FINETUNE_SHARED_DATA` is honoured too). `kfp-finetune` is this checkout's
+CLI (`python -m kfp_finetune.pipelines`)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def test_readme_step_by_step_runs_as_written(shared_data: Path, tmp_path: Path) 
             env[key] = value
             continue
         started = time.monotonic()
-        done = subprocess.run([sys.executable, "-m", "pipelines", *argv[1:]], cwd=work, env=env,
+        done = subprocess.run([sys.executable, "-m", "kfp_finetune.pipelines", *argv[1:]], cwd=work, env=env,
                               capture_output=True, text=True, timeout=1800)
         timings[argv[1]] = round(time.monotonic() - started, 1)
         assert done.returncode == 0, f"`{command}` failed (exit {done.returncode}):\n{done.stderr[-3000:]}"

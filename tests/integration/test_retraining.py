@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import main
+from kfp_finetune.pipelines.cli import main
 from tests.imagegen import write_class_folder
 
-pytest.importorskip("components.backbone.step")
+pytest.importorskip("kfp_finetune.components.backbone.step")
 
 CLASSES = ("circle", "square", "stripes")
 # Tiny and quick: 48-pixel images, one epoch per phase, MobileNet 0.25 at 64 pixels (the mirror's weights).
@@ -30,7 +30,7 @@ def summary_of(out: str) -> dict[str, str]:
 
 
 def split_hashes(dataset_dir: Path) -> set[str]:
-    from components.core import dataset
+    from kfp_finetune.components.core import dataset
 
     return {hashlib.sha256(image.numpy()).hexdigest() for image, _ in dataset.read_split(dataset_dir, "test")}
 
@@ -63,12 +63,12 @@ class Season:
         return only(list((self.tmp / week / "pipeline_root").glob("*/ingest/dataset")))
 
     def versions(self) -> list[str]:
-        from components.registry import registry
+        from kfp_finetune.components.registry import registry
 
         return [v.version for v in registry.list_versions(self.push_to)]
 
     def latest(self) -> str | None:
-        from components.registry import registry
+        from kfp_finetune.components.registry import registry
 
         return registry.read_latest(self.push_to)
 
@@ -179,9 +179,9 @@ def test_ingest_cache_follows_the_data_under_kfp_local(tmp_path, caplog):
 
     from kfp import dsl
 
-    from components.ingest.fingerprint import fingerprint_op
-    from components.ingest.step import ingest_op
-    from pipelines._kfp_local import init_local
+    from kfp_finetune.components.ingest.fingerprint import fingerprint_op
+    from kfp_finetune.components.ingest.step import ingest_op
+    from kfp_finetune.pipelines._kfp_local import init_local
 
     @dsl.pipeline(name="fingerprint-ingest")
     def fingerprint_then_ingest(source: str) -> dsl.Dataset:

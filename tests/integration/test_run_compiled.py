@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines import cli, commands
+from kfp_finetune.pipelines import cli, commands
 
 MARKER = "edited in the compiled YAML"
 STEP_LINE = re.compile(r"\[(\d+/\d+|-)\] \S+ +[A-Z]+\b.*$")
@@ -24,9 +24,9 @@ def _edit_ingest(package: Path) -> Path:
     spec = yaml.safe_load(package.read_text())
     command = spec["deploymentSpec"]["executors"]["exec-ingest"]["container"]["command"]
     program = command[-1]
-    assert "    from components.ingest.step import" in program
-    command[-1] = program.replace("    from components.ingest.step import",
-                                  f"    raise SystemExit({MARKER!r})\n    from components.ingest.step import", 1)
+    assert "    from kfp_finetune.components.ingest.step import" in program
+    line = "    from kfp_finetune.components.ingest.step import"
+    command[-1] = program.replace(line, f"    raise SystemExit({MARKER!r})\n{line}", 1)
     package.write_text(yaml.safe_dump(spec, sort_keys=False))
     return package
 

@@ -21,7 +21,7 @@ from kfp import dsl
 from kfp.dsl import Dataset, Input
 from PIL import Image
 
-from components.ingest.step import ingest_op
+from kfp_finetune.components.ingest.step import ingest_op
 
 
 @dsl.component(base_image="python:3.11", install_kfp_package=False)
@@ -78,7 +78,7 @@ def _pytest(project: Path, *args: str, **env: str) -> subprocess.CompletedProces
 
 def _entry_point_name() -> str | None:
     for ep in metadata.entry_points(group="pytest11"):
-        if ep.value == "pipelines.testing":
+        if ep.value == "kfp_finetune.pipelines.testing":
             return ep.name
     return None
 
@@ -95,7 +95,7 @@ def test_fixture_works_with_no_setup(tmp_path):
 
 def test_conftest_line_with_autoload_off(tmp_path):
     """With plugin autoloading off, the conftest line of the docs loads the fixture."""
-    project = _user_project(tmp_path, 'pytest_plugins = ["pipelines.testing"]\n', DOUBLE_TEST)
+    project = _user_project(tmp_path, 'pytest_plugins = ["kfp_finetune.pipelines.testing"]\n', DOUBLE_TEST)
     proc = _pytest(project, PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "1 passed" in proc.stdout
@@ -108,9 +108,9 @@ def test_conftest_line_with_autoload_off(tmp_path):
 def test_conftest_line_with_autoload_on(tmp_path):
     """The line users copy from older docs no longer crashes pytest ("already registered under a different name")."""
     name = _entry_point_name()
-    if name != "pipelines.testing":
+    if name != "kfp_finetune.pipelines.testing":
         pytest.skip(f"the installed entry point is still named {name!r}: reinstall kfp-finetune (make setup)")
-    project = _user_project(tmp_path, 'pytest_plugins = ["pipelines.testing"]\n', DOUBLE_TEST)
+    project = _user_project(tmp_path, 'pytest_plugins = ["kfp_finetune.pipelines.testing"]\n', DOUBLE_TEST)
     proc = _pytest(project)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "already registered" not in proc.stdout + proc.stderr

@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "pipelines", *args], env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "kfp_finetune.pipelines", *args], env=env, capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, f"kfp-finetune {args[0]} failed:\n{proc.stderr[-3000:]}"
     return proc
 
@@ -35,7 +35,7 @@ def test_flowers_train_head_then_fine_tune_beats_chance(flowers_dir: Path, weigh
     _cli("fine-tune", "--dataset", data, "--model", head, "--output", tuned, "--epochs", "2",
          "--unfreeze-top", "12", "--learning-rate", "5e-5", env=env)
 
-    from components.core import dataset, modelio
+    from kfp_finetune.components.core import dataset, modelio
 
     meta = json.loads((tmp_path / "tuned" / "model.json").read_text())
     assert meta["phase"] == "fine_tune" and len(meta["class_names"]) == 5

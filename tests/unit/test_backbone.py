@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from components.backbone import step as backbone
-from components.backbone.step import BackboneConfig, build_backbone
-from components.core import modelio
-from components.core.errors import UserError
+from kfp_finetune.components.backbone import step as backbone
+from kfp_finetune.components.backbone.step import BackboneConfig, build_backbone
+from kfp_finetune.components.core import modelio
+from kfp_finetune.components.core.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("offline_weights")  # empty Keras cache, no mirror, no network
 
@@ -63,7 +63,7 @@ EXPECTED_PREPROCESSING = {
 def test_preprocessing_per_family_matches_keras(keras_name, mode):
     """Our built-in block (and the legacy layer) compute what the family's own keras.applications preprocess_input
     computes."""
-    from components.core.layers import Preprocess, preprocessing_block
+    from kfp_finetune.components.core.layers import Preprocess, preprocessing_block
 
     spec = backbone.lookup(keras_name)
     assert spec.preprocessing == mode

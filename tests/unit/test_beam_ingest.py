@@ -13,11 +13,11 @@ import pytest
 
 pytest.importorskip("apache_beam", reason="needs the beam extra: pip install -e '.[beam]'")
 
-from components.core.errors import UserError  # noqa: E402
-from components.ingest import tfds_format  # noqa: E402
-from components.ingest.beam_ingest import DataflowSettings, check_dataflow_options, pipeline_flags  # noqa: E402
-from components.ingest.step import IngestConfig, ingest  # noqa: E402
-from pipelines.cli import main as cli_main  # noqa: E402
+from kfp_finetune.components.core.errors import UserError  # noqa: E402
+from kfp_finetune.components.ingest import tfds_format  # noqa: E402
+from kfp_finetune.components.ingest.beam_ingest import DataflowSettings, check_dataflow_options, pipeline_flags  # noqa: E402
+from kfp_finetune.components.ingest.step import IngestConfig, ingest  # noqa: E402
+from kfp_finetune.pipelines.cli import main as cli_main  # noqa: E402
 from tests import imagegen  # noqa: E402
 
 VALID = imagegen.ImageFactory.VALID
@@ -172,8 +172,8 @@ def test_direct_runner_gives_the_local_dataset_on_flowers_and_it_loads_in_tfds(f
 @pytest.mark.slow
 def test_beam_dataset_trains(mini_flowers, weights_mirror, tmp_path, monkeypatch):
     """The DirectRunner's dataset goes through backbone -> train_head like any other (2 epochs, cached features)."""
-    from components.backbone.step import BackboneConfig, build_backbone
-    from components.train import HeadConfig, train_head
+    from kfp_finetune.components.backbone.step import BackboneConfig, build_backbone
+    from kfp_finetune.components.train import HeadConfig, train_head
 
     monkeypatch.setenv("KFP_FINETUNE_WEIGHTS_MIRROR", str(weights_mirror))
     ingest(IngestConfig(source=str(mini_flowers), output=str(tmp_path / "ds"), runner="direct",
@@ -240,7 +240,7 @@ def test_dataflow_compile_golden_structure_and_job_arguments(tmp_path):
 
     import yaml
 
-    from components.ingest.beam_ingest import compiled_dataflow_options
+    from kfp_finetune.components.ingest.beam_ingest import compiled_dataflow_options
     from tests.pipeline_shape import pipeline_structure
     from tests.unit.test_pipeline_compile import find_task
 
@@ -259,7 +259,7 @@ def test_dataflow_compile_golden_structure_and_job_arguments(tmp_path):
     flags = pipeline_flags("dataflow", [*options, "project=p"])
     assert f"--sdk_container_image={IMAGE}" in flags and "--runner=DataflowRunner" in flags
     executor = next(e for name, e in ir["deploymentSpec"]["executors"].items() if "ingest" in name)
-    assert "from components.ingest.beam_ingest import" in " ".join(executor["container"]["args"] +
+    assert "from kfp_finetune.components.ingest.beam_ingest import" in " ".join(executor["container"]["args"] +
                                                                 executor["container"].get("command", []))
     # the other steps are untouched: the same tasks as without --dataflow
     plain = pipeline_structure(yaml.safe_load((Path(compile_plain(tmp_path))).read_text()), image=IMAGE)
@@ -285,12 +285,12 @@ def test_bad_dataflow_compile_options_are_one_line(args, message, tmp_path, caps
 
 
 def test_submit_checks_dataflow_options_before_any_network_call(tmp_path, monkeypatch, capsys):
-    import pipelines.remote
+    import kfp_finetune.pipelines.remote
 
     def no_network(*_a, **_k):
         raise AssertionError("submit reached the network")
 
-    monkeypatch.setattr(pipelines.remote, "send", no_network)
+    monkeypatch.setattr(kfp_finetune.pipelines.remote, "send", no_network)
     package = compile_dataflow(tmp_path)
     package.write_text(package.read_text().replace("machine_type=n2-standard-4", "machin_type=n2-standard-4"))
     code = cli_main(["submit", "--host", "http://kfp.example.com", "--pipeline-root", "gs://b/root",
@@ -303,9 +303,9 @@ def test_submit_checks_dataflow_options_before_any_network_call(tmp_path, monkey
 def test_beam_component_takes_the_ingest_inputs_plus_runner_and_options(tmp_path):
     from kfp import compiler
 
-    from components.core import settings
-    from components.ingest.beam_ingest import ingest_beam_op
-    from components.ingest.step import ingest_op
+    from kfp_finetune.components.core import settings
+    from kfp_finetune.components.ingest.beam_ingest import ingest_beam_op
+    from kfp_finetune.components.ingest.step import ingest_op
 
     spec = ingest_beam_op.component_spec
     assert spec.implementation.container.image == settings.component_image()
@@ -319,7 +319,7 @@ def test_beam_component_takes_the_ingest_inputs_plus_runner_and_options(tmp_path
     ir = yaml.safe_load((tmp_path / "ingest.yaml").read_text())
     executor = next(iter(ir["deploymentSpec"]["executors"].values()))
     code = " ".join(executor["container"]["command"] + executor["container"]["args"])
-    assert "from components.ingest.step import IngestConfig, ingest" in code and "runner=runner" in code
+    assert "from kfp_finetune.components.ingest.step import IngestConfig, ingest" in code and "runner=runner" in code
 
 
 @pytest.mark.slow

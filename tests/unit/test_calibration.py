@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.core.errors import UserError
-from components.evaluate import calibration
-from components.evaluate.step import EvaluateConfig, bless, evaluate
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.evaluate import calibration
+from kfp_finetune.components.evaluate.step import EvaluateConfig, bless, evaluate
 from tests import evalchain
 
 # Six examples, 2 classes. Top-1 confidences and whether the argmax is right:
@@ -90,8 +90,8 @@ def calibrated(chain, tmp_path_factory):
 
 
 def test_temperature_is_fitted_on_validation_and_lowers_its_nll(chain, calibrated):
-    from components.core import dataset, modelio
-    from components.evaluate.step import predict
+    from kfp_finetune.components.core import dataset, modelio
+    from kfp_finetune.components.evaluate.step import predict
 
     result, out = calibrated
     meta = modelio.read_meta(chain.noisy)
@@ -136,9 +136,9 @@ def test_calibrate_off_and_the_max_ece_rule(chain, calibrated, tmp_path):
 def test_served_probabilities_are_softmax_of_logits_over_t(chain, calibrated, tmp_path, flowers_dir):
     import tensorflow as tf
 
-    from components.core import modelio
-    from components.export import serving
-    from components.export.step import ExportConfig, export
+    from kfp_finetune.components.core import modelio
+    from kfp_finetune.components.export import serving
+    from kfp_finetune.components.export.step import ExportConfig, export
 
     _, evaluation = calibrated
     t = json.loads((evaluation / "evaluation.json").read_text())["calibration"]["temperature"]
@@ -159,7 +159,7 @@ def test_served_probabilities_are_softmax_of_logits_over_t(chain, calibrated, tm
 
 
 def test_the_cli_and_component_carry_calibrate_and_max_ece(chain, tmp_path):
-    from pipelines.cli import main
+    from kfp_finetune.pipelines.cli import main
 
     out = tmp_path / "cli"
     assert main(["evaluate", "--dataset", str(chain.noisy_dataset), "--model", str(chain.noisy), "--output", str(out),

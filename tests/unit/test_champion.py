@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from components.core.errors import UserError
-from components.evaluate.step import EvaluateConfig, _resolve_baseline, bless, evaluate
-from components.registry import registry
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.evaluate.step import EvaluateConfig, _resolve_baseline, bless, evaluate
+from kfp_finetune.components.registry import registry
 from tests import evalchain
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from components.core.errors import UserError
-from pipelines import commands
-from pipelines.cli import main
-from pipelines.commands import Target, build_request, check_cron, parse_params, pipeline_inputs
-from pipelines.pipeline import CompileOptions, compile_pipeline
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.pipelines import commands
+from kfp_finetune.pipelines.cli import main
+from kfp_finetune.pipelines.commands import Target, build_request, check_cron, parse_params, pipeline_inputs
+from kfp_finetune.pipelines.pipeline import CompileOptions, compile_pipeline
 
 IMAGE = "registry.example.com/team/kfp-finetune:1.2.3"
 
@@ -244,8 +244,8 @@ def test_demo_dataset_is_ten_digit_folders_of_pngs(tmp_path):
 
 @pytest.mark.parametrize("compare", [(), ("head_only", "default")])
 def test_run_reads_the_parameters_from_the_pipelines_own_spec_as_compile_writes_them(tmp_path, compare):
-    from pipelines.params import spec_inputs
-    from pipelines.pipeline import CompileOptions, build_pipeline, compile_pipeline
+    from kfp_finetune.pipelines.params import spec_inputs
+    from kfp_finetune.pipelines.pipeline import CompileOptions, build_pipeline, compile_pipeline
 
     from_spec = spec_inputs(build_pipeline(CompileOptions(compare_recipes=compare)))
     from_yaml = pipeline_inputs(compile_pipeline(tmp_path / "p.yaml", CompileOptions(compare_recipes=compare)))

@@ -5,10 +5,16 @@ import json
 import pytest
 import yaml
 
-from components.compare.step import Candidate, branch_settings, comparison_table, parse_recipe_names, pick_winner
-from components.core.errors import UserError
-from pipelines.cli import main
-from pipelines.pipeline import CompileOptions, compile_pipeline
+from kfp_finetune.components.compare.step import (
+    Candidate,
+    branch_settings,
+    comparison_table,
+    parse_recipe_names,
+    pick_winner,
+)
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.pipelines.cli import main
+from kfp_finetune.pipelines.pipeline import CompileOptions, compile_pipeline
 from tests.pipeline_shape import pipeline_structure
 
 IMAGE = "registry.example.com/team/kfp-finetune:1.2.3"

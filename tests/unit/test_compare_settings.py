@@ -13,9 +13,9 @@ from dataclasses import asdict
 import pytest
 import yaml
 
-from components.compare.recipes import RECIPES
-from components.compare.step import branch_settings
-from pipelines.pipeline import CompileOptions, compile_pipeline
+from kfp_finetune.components.compare.recipes import RECIPES
+from kfp_finetune.components.compare.step import branch_settings
+from kfp_finetune.pipelines.pipeline import CompileOptions, compile_pipeline
 
 NO_CAP = {"max_head_epochs": 0, "max_fine_tune_epochs": 0}
 

@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from components.core import compat
+from kfp_finetune.components.core import compat
 
 
 def test_the_weights_hook_is_restored():

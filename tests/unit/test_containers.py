@@ -10,9 +10,9 @@ docker = pytest.importorskip("docker", reason="the dev extra installs the docker
 
 from kfp.local import docker_task_handler  # noqa: E402
 
-from components.core import compat  # noqa: E402
-from components.core.errors import UserError  # noqa: E402
-from pipelines import containers  # noqa: E402
+from kfp_finetune.components.core import compat  # noqa: E402
+from kfp_finetune.components.core.errors import UserError  # noqa: E402
+from kfp_finetune.pipelines import containers  # noqa: E402
 
 
 class FakeContainer:

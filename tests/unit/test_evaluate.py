@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.core.errors import UserError
-from components.evaluate.step import EvaluateConfig, bless, evaluate
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.evaluate.step import EvaluateConfig, bless, evaluate
 from tests import evalchain
 
 
@@ -29,8 +29,8 @@ def weak_eval(chain, tmp_path_factory):
 def test_metrics_equal_keras_model_evaluate(chain, weak_eval):
     import keras
 
-    from components.core import dataset, modelio
-    from components.evaluate.step import split_dataset
+    from kfp_finetune.components.core import dataset, modelio
+    from kfp_finetune.components.evaluate.step import split_dataset
 
     result, out = weak_eval
     model, _ = modelio.load_model(chain.weak)
@@ -119,7 +119,7 @@ def test_better_baseline_blocks_blessing_unless_regression_allowed(chain, tmp_pa
 
 
 def test_training_curves_span_both_phases():
-    from components.evaluate.report import curve_svg
+    from kfp_finetune.components.evaluate.report import curve_svg
 
     history = {"train_head": {"loss": [1.0, 0.8, 0.6], "val_loss": [1.1, 0.9, 0.7]},
                "fine_tune": {"loss": [0.5, 0.4], "val_loss": [0.65, 0.6]}}
@@ -163,7 +163,7 @@ def test_baseline_with_other_classes_is_refused(chain, tmp_path):
 
 
 def test_cli_writes_evaluation_and_exits_2_on_bad_input(chain, tmp_path, capsys):
-    from pipelines.cli import main
+    from kfp_finetune.pipelines.cli import main
 
     out = tmp_path / "cli"
     assert main(["evaluate", "--dataset", str(chain.dataset), "--model", str(chain.strong), "--output", str(out),
@@ -181,7 +181,7 @@ def test_component_maps_outputs(chain, tmp_path):
     """evaluate_op's body with real artifact objects: Metrics, confusion matrix, HTML file, NamedTuple."""
     from kfp import dsl
 
-    from components.evaluate.step import evaluate_op
+    from kfp_finetune.components.evaluate.step import evaluate_op
 
     def artifact(cls, name):  # noqa: ANN001, ANN202
         return cls(name=name, uri=str(tmp_path / name))

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.core.errors import UserError
-from components.export.step import (
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.export.step import (
     LATEST_FILE,
     ExportConfig,
     VertexConfig,
@@ -32,7 +32,7 @@ def chain(tmp_path_factory, synthetic_folder, weights_mirror) -> evalchain.Chain
 
 @pytest.fixture(scope="module")
 def blessed_eval(chain, tmp_path_factory) -> Path:
-    from components.evaluate.step import EvaluateConfig, evaluate
+    from kfp_finetune.components.evaluate.step import EvaluateConfig, evaluate
 
     out = tmp_path_factory.mktemp("export_eval") / "evaluation"
     assert evaluate(EvaluateConfig(dataset=str(chain.dataset), model=str(chain.strong), output=str(out),
@@ -65,8 +65,8 @@ def _flower_images(flowers_dir: Path) -> list[bytes]:
 def test_serving_signature_matches_keras_on_flower_photos(chain, exported, flowers_dir):
     import tensorflow as tf
 
-    from components.core import modelio
-    from components.core.dataset import decode_image
+    from kfp_finetune.components.core import modelio
+    from kfp_finetune.components.core.dataset import decode_image
 
     images = _flower_images(flowers_dir)
     serving = tf.saved_model.load(str(exported)).signatures["serving_default"]
@@ -135,8 +135,8 @@ def test_two_challengers_evaluated_against_one_champion(chain, blessed_eval, tmp
     so B is kept but not promoted, and export says so in one line naming both versions."""
     import logging
 
-    from components.evaluate.step import EvaluateConfig, evaluate
-    from components.registry import registry
+    from kfp_finetune.components.evaluate.step import EvaluateConfig, evaluate
+    from kfp_finetune.components.registry import registry
     from tests.unit.test_registry import make_version_dir
 
     dest = tmp_path / "registry"
@@ -165,7 +165,7 @@ def test_two_challengers_evaluated_against_one_champion(chain, blessed_eval, tmp
 def test_export_push_to_emulator_is_servable(chain, blessed_eval, gcs_bucket, tmp_path, flowers_dir):
     import tensorflow as tf
 
-    from components.core import gcs
+    from kfp_finetune.components.core import gcs
 
     dest = f"gs://{gcs_bucket.name}/models/flowers"
     result = export(ExportConfig(model=str(chain.strong), output=str(tmp_path / "export"),
@@ -189,7 +189,7 @@ def test_export_push_to_emulator_is_servable(chain, blessed_eval, gcs_bucket, tm
 
 
 def test_export_refuses_unblessed_or_foreign_evaluation(chain, blessed_eval, tmp_path):
-    from components.evaluate.step import EvaluateConfig, evaluate
+    from kfp_finetune.components.evaluate.step import EvaluateConfig, evaluate
 
     failed = tmp_path / "failed_eval"
     assert not evaluate(EvaluateConfig(dataset=str(chain.dataset), model=str(chain.weak), output=str(failed),
@@ -238,8 +238,8 @@ def test_vertex_upload_built_offline_and_stops_at_the_network(tmp_path):
 def test_cli_and_component(chain, blessed_eval, tmp_path):
     from kfp import dsl
 
-    from components.export.step import export_op
-    from pipelines.cli import main
+    from kfp_finetune.components.export.step import export_op
+    from kfp_finetune.pipelines.cli import main
 
     assert main(["export", "--model", str(chain.strong), "--output", str(tmp_path / "cli"), "--evaluation",
                  str(blessed_eval), "--push-to", str(tmp_path / "reg"), "--run-id", "cli-1"]) == 0

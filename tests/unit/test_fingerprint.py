@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from components.core.errors import UserError
-from components.ingest.fingerprint import (
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.ingest.fingerprint import (
     STATUS_FIRST,
     STATUS_FORCED,
     STATUS_NO_NEW_DATA,
@@ -18,8 +18,8 @@ from components.ingest.fingerprint import (
     decide,
     fingerprint_source,
 )
-from components.registry import registry
-from pipelines.cli import main
+from kfp_finetune.components.registry import registry
+from kfp_finetune.pipelines.cli import main
 from tests.imagegen import write_class_folder
 
 

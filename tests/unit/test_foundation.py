@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from components.core import gcs
-from components.core.errors import UserError
-from components.core.fsutil import atomic_directory
+from kfp_finetune.components.core import gcs
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.core.fsutil import atomic_directory
 
 
 def test_atomic_directory_moves_into_place(tmp_path: Path) -> None:
@@ -58,7 +58,7 @@ def test_gcs_missing_object_is_a_user_error(gcs_bucket, tmp_path: Path) -> None:
 
 
 def test_cli_reports_user_errors_on_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    from pipelines import cli
+    from kfp_finetune.pipelines import cli
 
     code = cli.main(["train-head", "--dataset", "d", "--backbone", "b", "--output", "o", "--epochs", "-1"])
     err = capsys.readouterr().err

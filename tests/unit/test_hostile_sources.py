@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from components.core import gcs
-from components.core.errors import UserError
-from components.ingest.fingerprint import fingerprint_source
-from components.ingest.step import IngestConfig, ingest
+from kfp_finetune.components.core import gcs
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.ingest.fingerprint import fingerprint_source
+from kfp_finetune.components.ingest.step import IngestConfig, ingest
 from tests import imagegen
 
 CLASSES = ("circle", "square")
@@ -63,7 +63,7 @@ def _ingest(source: Path | str, out: Path, **kw) -> dict:
 
 
 def _stored_images(out: Path) -> set[bytes]:
-    from components.core.dataset import SPLITS, read_split
+    from kfp_finetune.components.core.dataset import SPLITS, read_split
 
     return {bytes(img) for split in SPLITS for img, _ in read_split(out, split).as_numpy_iterator()}
 
@@ -101,7 +101,7 @@ def test_manifest_rows_follow_the_same_rule(hostile, tmp_path):
 
 
 def test_manifest_encoding_bom_and_bad_bytes(tmp_path, capsys):
-    from pipelines.cli import main
+    from kfp_finetune.pipelines.cli import main
 
     data = imagegen.write_class_folder(tmp_path / "data", classes=CLASSES, per_class=3, size=16)
     body = "".join(f"{p.parent.name}/{p.name},{p.parent.name}\n" for p in sorted(data.rglob("*.jpg")))
@@ -143,7 +143,7 @@ def tiny_model(tmp_path_factory) -> Path:
     """A Model artifact small enough to build in a second: pixels [16x16] -> pooled -> 2-class softmax."""
     import keras
 
-    from components.core import modelio
+    from kfp_finetune.components.core import modelio
 
     pixels = keras.Input((16, 16, 3), name="pixels")
     pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(pixels))
@@ -155,7 +155,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def _predict_rows(model: Path, source: Path, out: Path) -> dict[str, dict]:
-    from components.predict.step import PredictConfig, predict
+    from kfp_finetune.components.predict.step import PredictConfig, predict
 
     predict(PredictConfig(model=str(model), input=str(source), output=str(out), workers=2), progress=False)
     return {r["file"]: r for r in map(json.loads, out.read_text().splitlines())}
@@ -185,7 +185,7 @@ def test_predict_skips_hostile_files_with_a_reason(tiny_model, hostile, tmp_path
 
 
 def test_predict_csv_that_is_not_utf8_is_one_line(tiny_model, tmp_path, capsys):
-    from pipelines.cli import main
+    from kfp_finetune.pipelines.cli import main
 
     listing = tmp_path / "list.csv"
     listing.write_bytes(b"file\na.jpg\n\xff\xfeb.jpg\n")
@@ -204,7 +204,7 @@ def test_failed_download_is_retried_once_then_reported_as_such(gcs_bucket, gcs_u
     uri = gcs_upload(gcs_bucket, data, "data")
     rows = "".join(f"{uri}/{p.parent.name}/{p.name},{p.parent.name}\n" for p in sorted(data.rglob("*.jpg")))
     gcs.write_text(f"{uri}/m.csv", f"path,label\n{rows}{uri}/circle/gone.jpg,circle\n")
-    with caplog.at_level(logging.WARNING, logger="components.ingest.sources"):
+    with caplog.at_level(logging.WARNING, logger="kfp_finetune.components.ingest.sources"):
         report = _ingest(f"{uri}/m.csv", tmp_path / "ds")
     gone = [s for s in report["skipped"] if s["path"].endswith("gone.jpg")]
     assert [s["reason"] for s in gone] == ["download_failed"] and "corrupt" not in report["skipped_counts"]
@@ -218,8 +218,8 @@ def test_failed_download_is_retried_once_then_reported_as_such(gcs_bucket, gcs_u
 def test_object_names_that_climb_out_never_leave_the_folder(gcs_bucket, tmp_path):
     """`..` segments and a leading `/` (from `//` in a name) never make a local path outside the folder. (The
     emulator refuses to store a name with `..`; such a name is checked on the name itself.)"""
-    from components.core import safefiles
-    from components.ingest.sources import OUTSIDE_SOURCE, _classify
+    from kfp_finetune.components.core import safefiles
+    from kfp_finetune.components.ingest.sources import OUTSIDE_SOURCE, _classify
 
     assert _classify(("circle", "..", "..", "evil.jpg")) == OUTSIDE_SOURCE
     for name in ("circle/../../evil.jpg", "/abs/evil.jpg", "..", ""):

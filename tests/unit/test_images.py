@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import __version__
+from kfp_finetune.components import __version__
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "images" / "Dockerfile"

@@ -14,6 +14,11 @@ def test_the_repository_keeps_the_import_rules():
     assert not found, "\n".join(found)
 
 
+def test_tests_and_benchmarks_import_the_installed_names():
+    found = import_graph.unprefixed_elsewhere(REPO)
+    assert not found, "\n".join(found)
+
+
 def test_the_graph_sees_every_step_package():
     graph = import_graph.build(REPO)
     steps = {p for p in graph.edges if p.startswith("components.")}
@@ -81,6 +86,13 @@ def test_climbing_imports_fail(tmp_path):
     assert any("components.core must import no step package" in line for line in found)
     assert any("components/ must not import pipelines/" in line for line in found)
     assert any(line.startswith("import cycle") for line in found)  # core <-> a
+
+
+def test_an_import_without_the_installed_name_fails(tmp_path):
+    files = dict(CLEAN)
+    files["pipelines/local.py"] = "def f():\n    from components.a.step import helper\n"
+    assert import_graph.problems(_tree(tmp_path, files)) == [
+        "pipelines/local.py:2 imports components.a.step: write kfp_finetune.components.a.step"]
 
 
 def test_a_long_module_fails(tmp_path):

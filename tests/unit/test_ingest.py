@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.core.dataset import SPLITS, load_info, read_split
-from components.core.errors import UserError
-from components.ingest import tfds_format
-from components.ingest.step import IngestConfig, ingest
-from pipelines.cli import main as cli_main
+from kfp_finetune.components.core.dataset import SPLITS, load_info, read_split
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.ingest import tfds_format
+from kfp_finetune.components.ingest.step import IngestConfig, ingest
+from kfp_finetune.pipelines.cli import main as cli_main
 from tests import imagegen
 
 VALID = imagegen.ImageFactory.VALID
@@ -365,8 +365,8 @@ def test_tfds_source_with_unknown_name_is_a_clear_error(tmp_path):
 def test_component_signature_matches_the_interface(tmp_path):
     from kfp import compiler
 
-    from components.core import settings
-    from components.ingest.step import ingest_op
+    from kfp_finetune.components.core import settings
+    from kfp_finetune.components.ingest.step import ingest_op
 
     spec = ingest_op.component_spec
     assert spec.implementation.container.image == settings.component_image()
@@ -380,4 +380,4 @@ def test_component_signature_matches_the_interface(tmp_path):
     ir = yaml.safe_load((tmp_path / "ingest.yaml").read_text())  # parsed: the YAML may fold a long source line
     executor = next(iter(ir["deploymentSpec"]["executors"].values()))
     code = " ".join(executor["container"]["command"] + executor["container"]["args"])
-    assert "from components.ingest.step import IngestConfig" in code
+    assert "from kfp_finetune.components.ingest.step import IngestConfig" in code

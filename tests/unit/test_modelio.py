@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.core import layers, modelio
+from kfp_finetune.components.core import layers, modelio
 from tests import evalchain
 
 # Runs in a fresh interpreter: this project is made unimportable before anything else happens (the shared venv has
@@ -29,7 +29,7 @@ class Block(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Block())
 try:
-    import components  # noqa: F401
+    import kfp_finetune.components  # noqa: F401
     sys.exit("the project is importable")
 except ImportError:
     pass
@@ -57,7 +57,7 @@ def _tiny_classifier(mode: str, compiled: bool):
     label-smoothing loss (the custom object that must not reach the file)."""
     import keras
 
-    from components.train import sparse_crossentropy
+    from kfp_finetune.components.train import sparse_crossentropy
 
     pixels = keras.Input((16, 16, 3), name="pixels")
     x = layers.preprocessing_block(mode, 16)(pixels)
@@ -132,10 +132,10 @@ def test_the_blocker_really_blocks(tmp_path):
 
 def test_legacy_models_load_and_upgrade(tmp_path):
     """A model.keras written before the built-in block (custom Preprocess) loads here with the same output, and
-    `python -m components.core.modelio upgrade` writes one without the custom layer."""
+    `python -m kfp_finetune.components.core.modelio upgrade` writes one without the custom layer."""
     import keras
 
-    from components.core.errors import UserError
+    from kfp_finetune.components.core.errors import UserError
 
     pixels = keras.Input((16, 16, 3), name="pixels")
     x = layers.Preprocess(mode="caffe", name="preprocess")(pixels)

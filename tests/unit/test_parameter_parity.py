@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 import yaml
 
-from components.compare.recipes import RECIPES, default_recipe
-from components.compare.step import BranchSettings, recipe_op
-from components.train import FineTuneConfig, HeadConfig, TrainResult, fine_tune_op, train_head_op
-from components.train.params import FINE_TUNE, HEAD, PHASES, Param, branch_outputs
-from pipelines.cli import main
-from pipelines.pipeline import CompileOptions, build_pipeline, compile_pipeline
+from kfp_finetune.components.compare.recipes import RECIPES, default_recipe
+from kfp_finetune.components.compare.step import BranchSettings, recipe_op
+from kfp_finetune.components.train import FineTuneConfig, HeadConfig, TrainResult, fine_tune_op, train_head_op
+from kfp_finetune.components.train.params import FINE_TUNE, HEAD, PHASES, Param, branch_outputs
+from kfp_finetune.pipelines.cli import main
+from kfp_finetune.pipelines.pipeline import CompileOptions, build_pipeline, compile_pipeline
 
 KFP_TYPES = {int: "Integer", float: "Float", str: "String", bool: "Boolean"}
 IR_TYPES = {int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", str: "STRING", bool: "BOOLEAN"}
@@ -63,12 +63,12 @@ def test_the_config_has_every_parameter_with_its_default(phase):
 
 @pytest.mark.parametrize("phase", list(PHASES))
 def test_the_cli_hands_every_parameter_to_the_function(phase, monkeypatch):
-    import components.train.finetune
-    import components.train.head
+    import kfp_finetune.components.train.finetune
+    import kfp_finetune.components.train.head
 
     seen: list = []
-    monkeypatch.setattr(components.train.head, "train_head", seen.append)
-    monkeypatch.setattr(components.train.finetune, "fine_tune", seen.append)
+    monkeypatch.setattr(kfp_finetune.components.train.head, "train_head", seen.append)
+    monkeypatch.setattr(kfp_finetune.components.train.finetune, "fine_tune", seen.append)
     paths = ["--dataset", "d", "--backbone" if phase == "train_head" else "--model", "m", "--output", "o"]
     command = "train-head" if phase == "train_head" else "fine-tune"
     assert main([command, *paths]) == 0
@@ -96,7 +96,7 @@ def test_the_component_signature_matches_the_definitions(phase):
 
 @pytest.mark.parametrize("phase", list(PHASES))
 def test_the_component_hands_every_argument_to_the_function(phase, monkeypatch):
-    import components.train
+    import kfp_finetune.components.train
 
     seen: list = []
 
@@ -104,8 +104,8 @@ def test_the_component_hands_every_argument_to_the_function(phase, monkeypatch):
         seen.append(config)
         return TrainResult(phase=phase, output="o", class_names=["a"], history={}, epochs_run=0)
 
-    monkeypatch.setattr(components.train, "train_head", capture)
-    monkeypatch.setattr(components.train, "fine_tune", capture)
+    monkeypatch.setattr(kfp_finetune.components.train, "train_head", capture)
+    monkeypatch.setattr(kfp_finetune.components.train, "fine_tune", capture)
 
     def artifact(path):
         return types.SimpleNamespace(path=path, metadata={})

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.core import settings
-from components.core.errors import UserError
-from pipelines.cli import main
-from pipelines.pipeline import CompileOptions, CustomJob, Gpu, compile_pipeline, mutable_tag_warning
+from kfp_finetune.components.core import settings
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.pipelines.cli import main
+from kfp_finetune.pipelines.pipeline import CompileOptions, CustomJob, Gpu, compile_pipeline, mutable_tag_warning
 from tests.pipeline_shape import pipeline_structure
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "pipeline_structure.json"
@@ -67,7 +67,7 @@ def test_default_image_is_this_releases_versioned_image(tmp_path, monkeypatch):
 def test_compile_does_not_import_tensorflow():
     """What keeps `compile` fast (well under 3 s): no TensorFlow/Keras import on the way."""
     code = (
-        "import sys, tempfile, os; from pipelines.cli import main; d = tempfile.mkdtemp(); "
+        "import sys, tempfile, os; from kfp_finetune.pipelines.cli import main; d = tempfile.mkdtemp(); "
         "assert main(['compile', '--output', os.path.join(d, 'p.yaml')]) == 0; "
         "heavy = [m for m in ('tensorflow', 'keras', 'tensorflow_datasets') if m in sys.modules]; "
         "assert not heavy, heavy"

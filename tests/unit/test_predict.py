@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.core.errors import UserError
-from components.predict.step import PredictConfig, predict
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.predict.step import PredictConfig, predict
 from tests import evalchain
 from tests.imagegen import ImageFactory
 
@@ -30,7 +30,7 @@ def chain(tmp_path_factory, synthetic_folder, weights_mirror) -> evalchain.Chain
 
 @pytest.fixture(scope="module")
 def exported(chain, tmp_path_factory) -> Path:
-    from components.export.step import ExportConfig, export
+    from kfp_finetune.components.export.step import ExportConfig, export
 
     out = tmp_path_factory.mktemp("predict_export") / "export"
     export(ExportConfig(model=str(chain.strong), output=str(out), dataset=str(chain.dataset)))
@@ -75,8 +75,8 @@ def _check_rows(rows: list[dict], root: str, k: int) -> None:
 
 
 def test_predict_local_folder_with_an_export_and_a_model_artifact(chain, exported, images, tmp_path):
-    from components.core import modelio
-    from components.core.dataset import decode_image
+    from kfp_finetune.components.core import modelio
+    from kfp_finetune.components.core.dataset import decode_image
 
     a = predict(PredictConfig(model=str(exported), input=str(images), output=str(tmp_path / "a.jsonl"), top_k=2),
                 progress=False)
@@ -84,7 +84,7 @@ def test_predict_local_folder_with_an_export_and_a_model_artifact(chain, exporte
     assert a.skip_counts == {"corrupt": 3, "too_large": 1}
     rows = _rows(tmp_path / "a.jsonl")
     _check_rows(rows, str(images), 2)
-    from components.predict.inputs import list_inputs
+    from kfp_finetune.components.predict.inputs import list_inputs
 
     files, count = list_inputs(str(images))
     assert [r["file"] for r in rows] == list(files) and count == len(rows)  # input order: a sorted walk
@@ -114,8 +114,8 @@ def complete_version(exported: Path, tmp_path: Path) -> Path:
 
 
 def test_predict_from_the_gcs_emulator_with_latest_and_csv_output(exported, images, gcs_bucket, gcs_upload, tmp_path):
-    from components.core import gcs
-    from components.export.step import push
+    from kfp_finetune.components.core import gcs
+    from kfp_finetune.components.export.step import push
 
     source = gcs_upload(gcs_bucket, images, "incoming")
     dest = f"gs://{gcs_bucket.name}/models"
@@ -155,7 +155,7 @@ def test_predict_csv_list_with_a_missing_file(exported, images, tmp_path):
 
 
 def test_predict_cli_and_config_errors(exported, images, tmp_path):
-    from pipelines.cli import main
+    from kfp_finetune.pipelines.cli import main
 
     assert main(["predict", "--model", str(exported), "--input", str(images / "real"), "--output",
                  str(tmp_path / "cli.jsonl"), "--top-k", "1"]) == 0
@@ -172,9 +172,9 @@ def test_predict_cli_and_config_errors(exported, images, tmp_path):
 
 @pytest.mark.slow  # two kfp.local steps in subprocesses (~40 s each on 2 busy cores)
 def test_batch_predict_pipeline_uses_latest(exported, images, tmp_path):
-    from components.export.step import push
-    from pipelines.batch_predict import build_batch_predict_pipeline, compile_batch_predict
-    from pipelines.testing import local_kfp
+    from kfp_finetune.components.export.step import push
+    from kfp_finetune.pipelines.batch_predict import build_batch_predict_pipeline, compile_batch_predict
+    from kfp_finetune.pipelines.testing import local_kfp
 
     path = compile_batch_predict(tmp_path / "bp.yaml")
     text = path.read_text()

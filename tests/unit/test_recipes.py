@@ -2,9 +2,9 @@
 
 import pytest
 
-from components.compare import recipes
-from components.compare.recipes import DEFAULT_RECIPE, RECIPES, Recipe
-from components.core.errors import UserError
+from kfp_finetune.components.compare import recipes
+from kfp_finetune.components.compare.recipes import DEFAULT_RECIPE, RECIPES, Recipe
+from kfp_finetune.components.core.errors import UserError
 
 
 def test_the_study_recipes_exist_and_round_trip_through_json() -> None:
@@ -20,7 +20,7 @@ def test_the_study_recipes_exist_and_round_trip_through_json() -> None:
 
 
 def test_recipe_kwargs_build_valid_step_configs() -> None:
-    from components.train import FineTuneConfig, HeadConfig
+    from kfp_finetune.components.train import FineTuneConfig, HeadConfig
 
     for recipe in RECIPES.values():
         HeadConfig(dataset="d", backbone="b", output="o", seed=1, **recipe.head_kwargs())

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from components.core.errors import UserError
-from components.registry import registry
-from pipelines.cli import main
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.registry import registry
+from kfp_finetune.pipelines.cli import main
 from tests.conftest import Emulator
 
 
@@ -97,7 +97,7 @@ def test_gcs_versions_and_rollback(tmp_path, gcs_bucket, capsys):
 
 @pytest.mark.slow  # ~2 min: the emulator is stopped and restarted mid-transfer, waiting out client retries
 def test_emulator_stopped_mid_push_leaves_nothing_visible(tmp_path, monkeypatch):
-    from components.core import gcs
+    from kfp_finetune.components.core import gcs
 
     emulator = Emulator(storage=tmp_path / "gcs")  # on disk: it survives a stop
     emulator.start()

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from components.core.errors import UserError
-from components.registry import registry
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.registry import registry
 from tests.conftest import REPO
 from tests.gcsproxy import GcsProxy
 from tests.unit.test_registry import make_version_dir
@@ -29,8 +29,8 @@ from tests.unit.test_registry import make_version_dir
 WORKER = r"""
 import json, sys, time
 from pathlib import Path
-from components.registry import registry
-from components.core.errors import UserError
+from kfp_finetune.components.registry import registry
+from kfp_finetune.components.core.errors import UserError
 kind, dest, go, arg, version, expect = sys.argv[1:7]
 while not Path(go).exists():
     time.sleep(0.002)
@@ -100,8 +100,8 @@ def assert_one_chain(start: str, results: list[dict], final: str | None) -> None
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=180)
+    return subprocess.run([sys.executable, "-m", "kfp_finetune.pipelines", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=180)
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
@@ -124,7 +124,7 @@ def seed(tmp_path: Path, dest: str, *names: str) -> None:
 def test_proxy_applies_gcs_generation_preconditions(proxied_gcs):
     from google.api_core.exceptions import PreconditionFailed
 
-    from components.core import gcs
+    from kfp_finetune.components.core import gcs
 
     proxy, dest = proxied_gcs
     bucket, prefix = gcs.split_uri(dest)
@@ -269,7 +269,7 @@ def version_files(dest: str, version: str) -> dict[str, bytes]:
     """Every file of a pushed version but version.json and the registry's own markers."""
     skip = {registry.VERSION_FILE, registry.CLAIM_FILE, registry.PROMOTED_FILE}
     if dest.startswith("gs://"):
-        from components.core import gcs
+        from kfp_finetune.components.core import gcs
 
         base = f"{dest}/{version}/"
         bucket, prefix = gcs.split_uri(base)
@@ -332,7 +332,7 @@ def test_an_unreadable_version_json_is_one_line(dest, damage, tmp_path, request)
             pytest.skip("file permissions do not stop root")
         Path(uri).chmod(0)
     elif dest.startswith("gs://"):
-        from components.core import gcs
+        from kfp_finetune.components.core import gcs
 
         gcs.write_text(uri, BROKEN[damage])
     else:
@@ -343,7 +343,7 @@ def test_an_unreadable_version_json_is_one_line(dest, damage, tmp_path, request)
     for args in (["versions"], ["rollback"], ["fingerprint", "--source", str(source)]):  # the last: champion lookup
         line = one_line_error(cli(*args, "--push-to", dest))
         assert "v2/version.json" in line and expected in line, line
-    from components.evaluate.step import EvaluateConfig, _resolve_baseline
+    from kfp_finetune.components.evaluate.step import EvaluateConfig, _resolve_baseline
 
     with pytest.raises(UserError, match=expected) as raised:  # evaluate's champion lookup
         _resolve_baseline(EvaluateConfig("d", "m", "o", champion_from=dest))

@@ -10,10 +10,10 @@ import types
 import pytest
 import yaml
 
-from components.evaluate.release_params import EVALUATE, EXPORT
-from components.evaluate.step import EvaluateConfig, EvaluateResult, evaluate_op
-from components.export.step import ExportConfig, ExportResult, export_op
-from pipelines.pipeline import CompileOptions, build_pipeline, compile_pipeline
+from kfp_finetune.components.evaluate.release_params import EVALUATE, EXPORT
+from kfp_finetune.components.evaluate.step import EvaluateConfig, EvaluateResult, evaluate_op
+from kfp_finetune.components.export.step import ExportConfig, ExportResult, export_op
+from kfp_finetune.pipelines.pipeline import CompileOptions, build_pipeline, compile_pipeline
 from tests.unit.test_parameter_parity import IR_TYPES, KFP_TYPES, other_value
 
 STEPS = {"evaluate": (EVALUATE, EvaluateConfig, evaluate_op), "export": (EXPORT, ExportConfig, export_op)}
@@ -37,9 +37,9 @@ def test_configs_components_and_pipeline_follow_the_definitions(step):
 
 @pytest.mark.parametrize("step", list(STEPS))
 def test_cli_and_component_hand_every_value_to_the_function(step, monkeypatch):
-    import components.evaluate.step
-    import components.export.step
-    from pipelines.cli import main
+    import kfp_finetune.components.evaluate.step
+    import kfp_finetune.components.export.step
+    from kfp_finetune.pipelines.cli import main
 
     params, _, op = STEPS[step]
     seen: list = []
@@ -53,8 +53,8 @@ def test_cli_and_component_hand_every_value_to_the_function(step, monkeypatch):
                                                                     "after": {"ece": 0.0}}})
         return ExportResult(saved_model_dir="o")
 
-    monkeypatch.setattr(components.evaluate.step, "evaluate", capture)
-    monkeypatch.setattr(components.export.step, "export", capture)
+    monkeypatch.setattr(kfp_finetune.components.evaluate.step, "evaluate", capture)
+    monkeypatch.setattr(kfp_finetune.components.export.step, "export", capture)
     values = {p.name: other_value(p) for p in params}
     argv = [step, *(["--dataset", "d"] if step == "evaluate" else []), "--model", "m", "--output", "o"]
     for p in params:

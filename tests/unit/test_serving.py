@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.core.errors import UserError
-from components.export import serving
-from components.export.step import LATEST_FILE, ExportConfig, export
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.export import serving
+from kfp_finetune.components.export.step import LATEST_FILE, ExportConfig, export
 from tests import evalchain
 
 
@@ -22,7 +22,7 @@ def chain(tmp_path_factory, synthetic_folder, weights_mirror) -> evalchain.Chain
 
 @pytest.fixture(scope="module")
 def blessed_eval(chain, tmp_path_factory) -> Path:
-    from components.evaluate.step import EvaluateConfig, evaluate
+    from kfp_finetune.components.evaluate.step import EvaluateConfig, evaluate
 
     out = tmp_path_factory.mktemp("serving_eval") / "evaluation"
     assert evaluate(EvaluateConfig(dataset=str(chain.dataset), model=str(chain.strong), output=str(out),
@@ -102,7 +102,7 @@ def test_b64_instances_give_the_same_answer(pushed, chain):
     """Vertex's JSON instance format, decoded as the prebuilt TF container decodes it, fed to the signature."""
     import tensorflow as tf
 
-    from components.core import modelio
+    from kfp_finetune.components.core import modelio
 
     exported, _ = pushed
     samples = serving.sample_images(chain.dataset, ["circle", "square", "stripes"])
@@ -130,7 +130,7 @@ def test_serving_check_refuses_a_broken_export_and_does_not_push(chain, blessed_
     fails the check: export.json says why and nothing is pushed."""
     import keras
 
-    from components.export import step as export_module
+    from kfp_finetune.components.export import step as export_module
 
     real = export_module.write_saved_model
 
@@ -161,7 +161,7 @@ def test_server_process_failure_is_reported(tmp_path):
 def test_saved_model_needs_only_ops_the_vertex_tf215_image_has(pushed):
     """The default --vertex-serving-image is tf2-cpu.2-15: every op of the export must exist in TF 2.15
     (tests/golden/tf2.15_ops.txt, dumped from tensorflow-cpu 2.15.1's op registry)."""
-    from components.export.step import DEFAULT_SERVING_IMAGE
+    from kfp_finetune.components.export.step import DEFAULT_SERVING_IMAGE
 
     exported, _ = pushed
     golden = Path(__file__).resolve().parents[1] / "golden" / "tf2.15_ops.txt"
@@ -177,7 +177,7 @@ def test_saved_model_needs_only_ops_the_vertex_tf215_image_has(pushed):
                     reason="KFP_FINETUNE_SERVING_PYTHON (a Python with the serving image's TF) is not set")
 def test_serving_check_with_the_serving_images_tensorflow(pushed, chain):
     """With KFP_FINETUNE_SERVING_PYTHON pointing at e.g. a tensorflow-cpu 2.15 venv, the same check passes there."""
-    from components.core import modelio
+    from kfp_finetune.components.core import modelio
 
     exported, _ = pushed
     model, meta = modelio.load_model(chain.strong)

@@ -48,8 +48,8 @@ def model():
 
 
 def test_empty_batch_answers_zero_rows_on_every_endpoint_with_onednn(model, tmp_path):
-    from components.export import serving
-    from components.export.step import write_saved_model
+    from kfp_finetune.components.export import serving
+    from kfp_finetune.components.export.step import write_saved_model
 
     write_saved_model(model, CLASSES, tmp_path / "export")
     # The size-0 case is handled in the graph itself, not left to the CPU's kernels.
@@ -70,8 +70,8 @@ def test_empty_batch_answers_zero_rows_on_every_endpoint_with_onednn(model, tmp_
 def test_serving_check_with_relative_paths(model, tmp_path, monkeypatch):
     """`export --output out/export` (relative, as in the README): the server process runs elsewhere, so the paths
     it gets must be absolute."""
-    from components.export import serving
-    from components.export.step import write_saved_model
+    from kfp_finetune.components.export import serving
+    from kfp_finetune.components.export.step import write_saved_model
 
     monkeypatch.chdir(tmp_path)
     relative = Path("out") / "export"

@@ -1,4 +1,4 @@
-"""pipelines.steplog: kfp.local's stream filed per step, one terminal line per step with its key result."""
+"""kfp_finetune.pipelines.steplog: kfp.local's stream filed per step, one terminal line per step with its key result."""
 
 import io
 import json
@@ -6,7 +6,7 @@ import logging
 import threading
 from pathlib import Path
 
-from pipelines.steplog import StepLogs, key_result
+from kfp_finetune.pipelines.steplog import StepLogs, key_result
 
 
 def _executor_output(path: Path, artifacts: dict, params: dict | None = None) -> Path:

@@ -1,12 +1,12 @@
-"""pipelines.testing: the docstring example runs as written, and kfp.local is put back afterwards."""
+"""kfp_finetune.pipelines.testing: the docstring example runs as written, and kfp.local is put back afterwards."""
 
 import doctest
 
 from kfp import dsl
 from kfp.local import config as local_config
 
-from pipelines import testing
-from pipelines.testing import kfp_local, local_kfp  # noqa: F401  (kfp_local is a fixture)
+from kfp_finetune.pipelines import testing
+from kfp_finetune.pipelines.testing import kfp_local, local_kfp  # noqa: F401  (kfp_local is a fixture)
 
 
 def test_docstring_example_runs(synthetic_folder):

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.core.errors import UserError
-from components.export import tflite_export
-from components.export.step import ExportConfig, export
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.export import tflite_export
+from kfp_finetune.components.export.step import ExportConfig, export
 from tests import evalchain
 
 
@@ -26,7 +26,7 @@ def chain(tmp_path_factory, synthetic_folder, weights_mirror) -> evalchain.Chain
 
 @pytest.fixture(scope="module")
 def blessed_eval(chain, tmp_path_factory) -> Path:
-    from components.evaluate.step import EvaluateConfig, evaluate
+    from kfp_finetune.components.evaluate.step import EvaluateConfig, evaluate
 
     out = tmp_path_factory.mktemp("tflite_eval") / "evaluation"
     assert evaluate(EvaluateConfig(dataset=str(chain.dataset), model=str(chain.strong), output=str(out))).blessed
@@ -70,7 +70,7 @@ json.dump(out, open(job["output"], "w"))
 
 
 def test_both_models_load_with_only_litert_and_agree_with_keras(chain, exported, tmp_path):
-    from components.core import modelio
+    from kfp_finetune.components.core import modelio
 
     result, out, _ = exported
     folder = out / "tflite"
@@ -139,7 +139,7 @@ def _unconvertible(model):  # noqa: ANN001
 
 
 def test_a_broken_conversion_is_refused_with_a_reason(chain):
-    from components.core import modelio
+    from kfp_finetune.components.core import modelio
 
     model, _ = modelio.load_model(chain.strong)
     with pytest.raises(tflite_export.ConversionError, match="Erfinv") as info:
@@ -173,7 +173,7 @@ def test_a_failing_conversion_does_not_block_the_saved_model_unless_required(cha
 
 
 def test_predict_runs_a_tflite(chain, exported, tmp_path):
-    from components.predict.step import PredictConfig, predict
+    from kfp_finetune.components.predict.step import PredictConfig, predict
 
     _, out, _ = exported
     result = predict(PredictConfig(model=str(out / "tflite" / "model_int8.tflite"), input=str(chain.synthetic_folder),

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.core.errors import UserError
-from components.train import FineTuneConfig, HeadConfig, fine_tune, train_head, unfreeze
+from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.train import FineTuneConfig, HeadConfig, fine_tune, train_head, unfreeze
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 96
@@ -26,8 +26,8 @@ SIZE = 96
 @pytest.fixture(scope="module")
 def artifacts(synthetic_folder: Path, weights_mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """{'dataset', 'backbone', 'head'}: ingest -> backbone -> train_head (cached features, 4 epochs)."""
-    from components.backbone.step import BackboneConfig, build_backbone
-    from components.ingest.step import IngestConfig, ingest
+    from kfp_finetune.components.backbone.step import BackboneConfig, build_backbone
+    from kfp_finetune.components.ingest.step import IngestConfig, ingest
 
     root = tmp_path_factory.mktemp("train")
     old = os.environ.get("KFP_FINETUNE_WEIGHTS_MIRROR")
@@ -48,7 +48,7 @@ def artifacts(synthetic_folder: Path, weights_mirror: Path, tmp_path_factory: py
 
 
 def _load(path: Path):
-    from components.core import modelio
+    from kfp_finetune.components.core import modelio
 
     return modelio.load_model(path)
 
@@ -63,7 +63,7 @@ def _bn_stats(model) -> dict[str, np.ndarray]:
 
 
 def _pixels(dataset: Path, split: str):
-    from components.core import dataset as ds_mod
+    from kfp_finetune.components.core import dataset as ds_mod
 
     images, labels = [], []
     for image, label in ds_mod.read_split(dataset, split):
@@ -218,7 +218,7 @@ def _cli_env(**extra: str) -> dict[str, str]:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipelines", *args]
+    return [sys.executable, "-m", "kfp_finetune.pipelines", *args]
 
 
 @pytest.mark.slow
@@ -298,7 +298,7 @@ def test_fine_tune_with_two_local_workers(artifacts: dict, tmp_path: Path) -> No
 
 def test_with_policy_computes_in_mixed_precision_and_keeps_softmax_float32(artifacts: dict) -> None:
     """What `auto` mixed precision does on a GPU with compute capability ≥ 7, checked here on the CPU."""
-    from components.train import with_policy
+    from kfp_finetune.components.train import with_policy
 
     model, _ = _load(artifacts["head"])
     mixed = with_policy(model, "mixed_float16")
@@ -315,7 +315,7 @@ def test_with_policy_computes_in_mixed_precision_and_keeps_softmax_float32(artif
 
 
 def test_components_match_the_interface() -> None:
-    from components.train import fine_tune_op, train_head_op
+    from kfp_finetune.components.train import fine_tune_op, train_head_op
 
     head_inputs = train_head_op.component_spec.inputs
     assert set(head_inputs) == {"dataset", "backbone", "epochs", "learning_rate", "batch_size", "dropout", "augment",
@@ -375,7 +375,7 @@ def test_label_smoothing_raises_the_loss_floor_on_sparse_labels() -> None:
     """Smoothed cross-entropy on sparse labels equals Keras's categorical one on one-hot labels."""
     import keras
 
-    from components.train import sparse_crossentropy
+    from kfp_finetune.components.train import sparse_crossentropy
 
     y = np.array([0, 2, 1])
     p = np.array([[0.98, 0.01, 0.01], [0.1, 0.1, 0.8], [0.2, 0.7, 0.1]], dtype="float32")
@@ -429,7 +429,7 @@ def test_guard_returns_the_starting_model_when_fine_tuning_ruins_it(
     assert result.artifact_metadata()["guard_kept"] == "start"
     # The history still shows what fine-tuning did, and the report and evaluation.json say what was kept.
     assert len(meta["history"]["fine_tune"]["loss"]) == 2
-    from components.evaluate.step import EvaluateConfig, evaluate
+    from kfp_finetune.components.evaluate.step import EvaluateConfig, evaluate
 
     evaluation = evaluate(EvaluateConfig(dataset=str(artifacts["dataset"]), model=str(tmp_path / "ruined"),
                                          output=str(tmp_path / "eval"), split="validation")).evaluation
@@ -438,7 +438,7 @@ def test_guard_returns_the_starting_model_when_fine_tuning_ruins_it(
 
 
 def test_guard_decision_rules() -> None:
-    from components.train.guard import KEPT_BEST, KEPT_FINAL, KEPT_START, Score, decide
+    from kfp_finetune.components.train.guard import KEPT_BEST, KEPT_FINAL, KEPT_START, Score, decide
 
     start = Score(0.80, 0.60)
     assert decide(start, Score(0.85, 0.70), 3, Score(0.90, 0.50)).kept == KEPT_FINAL  # better final is kept as is
@@ -451,7 +451,7 @@ def test_guard_decision_rules() -> None:
 
 def test_fine_tune_defaults_follow_the_backbone_family(artifacts: dict, tmp_path: Path) -> None:
     """Unset lr / BN policy come from components/train/family.py by the model's family; explicit values win."""
-    from components.train import family
+    from kfp_finetune.components.train import family
 
     assert family.resolve({"learning_rate": None, "batch_norm": "auto"}, "mobilenet")[0] == {
         "learning_rate": 1e-3, "batch_norm": "train"}

@@ -6,8 +6,8 @@ import types
 
 import pytest
 
-from components.core import gcs
-from components.train.callbacks import HistoryFile, _epoch_logger, epochs_run
+from kfp_finetune.components.core import gcs
+from kfp_finetune.components.train.callbacks import HistoryFile, _epoch_logger, epochs_run
 
 
 def _train(logger, epochs):
