@@ -37,7 +37,7 @@ from kfp_finetune.components.backbone.weights import (  # noqa: F401  (_check: t
     resolve_imagenet,
     resolve_uri,
 )
-from kfp_finetune.components.core import settings
+from kfp_finetune.components.core import compat, settings
 from kfp_finetune.components.core.errors import UserError
 from kfp_finetune.components.core.fsutil import atomic_directory
 
@@ -158,32 +158,10 @@ def _probe_preprocessing(family: str, preprocess_input: Callable[..., Any]) -> s
     raise UserError(f"backbone family {family!r}: its preprocess_input matches none of {PREPROCESSING_MODES}")
 
 
-class _SizeProbe(Exception):
-    def __init__(self, default_size: int, min_size: int) -> None:
-        super().__init__(default_size, min_size)
-        self.default_size, self.min_size = default_size, min_size
-
-
 @functools.cache
 def _probe_sizes(keras_name: str) -> tuple[int, int]:
     """(default input size, minimum input size) as the constructor passes them to Keras's obtain_input_shape."""
-    import keras
-    from keras.src.applications import imagenet_utils
-
-    def probe(*args: Any, default_size: int | None = None, min_size: int | None = None, **kwargs: Any) -> Any:
-        raise _SizeProbe(int(default_size or 224), int(min_size or 32))
-
-    original = imagenet_utils.obtain_input_shape
-    imagenet_utils.obtain_input_shape = probe
-    try:
-        getattr(keras.applications, keras_name)(include_top=False, weights=None)
-    except _SizeProbe as found:
-        return found.default_size, found.min_size
-    except Exception:  # a constructor that validates differently: fall through to the common defaults
-        pass
-    finally:
-        imagenet_utils.obtain_input_shape = original
-    return 224, 32  # MobileNetV3 checks its input itself: default 224, minimum 32
+    return compat.keras_application_sizes(keras_name)
 
 
 # --- configuration -----------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""Every patch of a private Keras or KFP internal, in one place.
+"""Every patch of a private Keras, KFP or Apache Beam internal, in one place.
 
 Each patch names the upstream issue it works around and the version it was written for; it refuses to install on
 another version (RuntimeError), so an upgrade fails loudly at the patch instead of misbehaving quietly. setup.cfg pins
-the versions tested here (keras==3.15.*, kfp==2.17.*). When upgrading: check whether the upstream issue is fixed,
-then either delete the patch or re-check it against the new internals and update the version it accepts.
+the versions tested here (keras==3.15.*, kfp==2.17.*, apache-beam==2.77.0). When upgrading: check whether the
+upstream issue is fixed, then either delete the patch or re-check it against the new internals and update the
+version it accepts.
 
 Where there is a public API, the code uses it instead (the backbone's layers are walked through `.layers`; the epoch
 BackupAndRestore restored is read from its `training_metadata.json`, the file it writes).
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 KERAS_VERSION = "3.15."
 KFP_VERSION = "2.17."
+BEAM_VERSION = "2.77."
 _PATCHED = "_kfp_finetune_patched"
 
 
@@ -52,6 +54,43 @@ def keras_get_file(handler: Callable[..., str]) -> Iterator[None]:
         yield
     finally:
         file_utils.get_file = original
+
+
+# --- Keras: the input sizes of keras.applications -----------------------------------------------------------------
+
+
+class _SizeProbe(Exception):
+    def __init__(self, default_size: int, min_size: int) -> None:
+        super().__init__(default_size, min_size)
+        self.default_size, self.min_size = default_size, min_size
+
+
+def keras_application_sizes(keras_name: str) -> tuple[int, int]:
+    """(default input size, minimum input size) that `keras.applications.<keras_name>` passes to Keras's
+    obtain_input_shape; (224, 32) for a constructor that checks its input itself (MobileNetV3).
+
+    Keras has no public API for either: the constructor is called once with
+    `keras.src.applications.imagenet_utils.obtain_input_shape` replaced by a probe that stops it with the values it
+    was given (no weights are built or loaded). Restored on exit.
+    """
+    _require("keras", KERAS_VERSION, "keras_application_sizes")
+    import keras
+    from keras.src.applications import imagenet_utils
+
+    def probe(*args: Any, default_size: int | None = None, min_size: int | None = None, **kwargs: Any) -> Any:
+        raise _SizeProbe(int(default_size or 224), int(min_size or 32))
+
+    original = imagenet_utils.obtain_input_shape
+    imagenet_utils.obtain_input_shape = probe
+    try:
+        getattr(keras.applications, keras_name)(include_top=False, weights=None)
+    except _SizeProbe as found:
+        return found.default_size, found.min_size
+    except Exception:  # a constructor that validates differently: fall through to the common defaults
+        pass
+    finally:
+        imagenet_utils.obtain_input_shape = original
+    return 224, 32  # MobileNetV3 checks its input itself: default 224, minimum 32
 
 
 # --- Keras: multi-worker training ---------------------------------------------------------------------------------
@@ -106,6 +145,24 @@ def multi_worker_fit(model: Any, strategy: Any) -> Iterator[None]:
     finally:
         trainer.reduce_per_replica = original
         del model._maybe_symbolic_build
+
+
+# --- Beam: GCS credentials against an emulator ---------------------------------------------------------------------
+
+
+def beam_anonymous_gcs() -> None:
+    """Make Beam's GCS filesystem connect anonymously in this process (idempotent, not restored): against a GCS
+    emulator (STORAGE_EMULATOR_HOST) it would otherwise look for credentials first (~20 s of retries per process).
+
+    Beam has no option for this: its per-process credentials cache (`apache_beam.internal.gcp.auth._Credentials`) is
+    filled with "none", and google-cloud-storage then talks to the emulator.
+    """
+    _require("apache-beam", BEAM_VERSION, "beam_anonymous_gcs")
+    from apache_beam.internal.gcp import auth
+
+    with auth._Credentials._credentials_lock:
+        if not auth._Credentials._credentials_init:
+            auth._Credentials._credentials, auth._Credentials._credentials_init = None, True
 
 
 # --- KFP: compile-time names at run time ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from kfp_finetune.components import __version__
-from kfp_finetune.components.core import gcs, imagecheck, settings
+from kfp_finetune.components.core import compat, gcs, imagecheck, settings
 from kfp_finetune.components.core.dataset import REPORT_FILE, SPLITS
 from kfp_finetune.components.core.errors import UserError
 from kfp_finetune.components.ingest import tfds_format
@@ -127,16 +127,8 @@ def _emulator_auth() -> None:
     """Against a GCS emulator (STORAGE_EMULATOR_HOST), Beam's GCS filesystem connects anonymously at once instead
     of looking for credentials first (~20 s of retries per process): google-cloud-storage then talks to the
     emulator. Beam has no option for this, so its per-process credentials cache is filled with "none"."""
-    if not settings.storage_emulator_host():
-        return
-    try:
-        from apache_beam.internal.gcp import auth
-
-        with auth._Credentials._credentials_lock:
-            if not auth._Credentials._credentials_init:
-                auth._Credentials._credentials, auth._Credentials._credentials_init = None, True
-    except (ImportError, AttributeError):  # pragma: no cover  (a Beam version without that cache: just slower)
-        pass
+    if settings.storage_emulator_host():
+        compat.beam_anonymous_gcs()
 
 
 def _read(ref: str) -> bytes:
