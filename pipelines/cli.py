@@ -1,8 +1,9 @@
-"""`kfp-finetune`: one subcommand per step (ingest, backbone, train-head, fine-tune, evaluate, export) and the
-operator commands (compile, run, submit, schedule).
+"""`kfp-finetune` (also `python -m kfp_finetune.pipelines`): the steps' subcommands (fingerprint, ingest, backbone,
+train-head, fine-tune, evaluate, export, predict, pick-winner), the registry's (versions, rollback) and the
+operator commands (compile, run, submit, schedule); `kfp-finetune --help` lists them all.
 
-Each step module exposes `add_cli(subparsers)`, which registers its parser and sets `func` to a handler that
-takes the parsed namespace, builds the step's typed config (validating it) and calls the step's function.
+Each module of COMMAND_MODULES exposes `add_cli(subparsers)`, which registers its parser and sets `func` to a handler
+that takes the parsed namespace, builds the step's typed config (validating it) and calls the step's function.
 Bad input raises `UserError`: printed as one line `kfp-finetune: error: ...`, exit code 2.
 """
 

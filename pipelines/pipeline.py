@@ -22,7 +22,6 @@ from kfp_finetune.components.core.errors import UserError
 log = logging.getLogger(__name__)
 
 PIPELINE_NAME = "kfp-finetune"
-TRAINING_TASKS = ("train-head", "fine-tune")
 
 # Tags that move: a compiled pipeline pointing at one of these runs whatever was pushed last, and KFP's cache key
 # (the image string) then serves stale results (kubeflow/pipelines#13862).
@@ -369,7 +368,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
                 0 means the backbone family's (1e-3 for MobileNet v1, 1e-4 for MobileNetV2 and families not
                 measured; components/train/family.py).
             unfreeze_top: how many layers at the top of the backbone to unfreeze; 0 with an empty unfreeze_from
-                means the fine-tune step's default.
+                unfreezes the whole backbone (the default).
             unfreeze_from: alternatively, the name of the first backbone layer to unfreeze (and all above it).
             warmup_epochs: epochs of linear learning-rate warm-up at the start of fine-tuning.
             early_stopping_patience: fine-tuning stops after this many epochs without validation improvement

@@ -22,9 +22,9 @@ import logging
 import math
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, make_dataclass
+from dataclasses import asdict, dataclass, make_dataclass
 from pathlib import Path
-from typing import Any, List, NamedTuple  # noqa: UP035 (KFP reads typing.List in component signatures)
+from typing import List, NamedTuple  # noqa: UP035 (KFP reads typing.List in component signatures)
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Input, Markdown, Metrics, Model, Output
@@ -256,7 +256,6 @@ class CompareResult:
     output: str
     table: str = ""
     winner_model: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 

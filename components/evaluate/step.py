@@ -27,7 +27,6 @@ empty; an explicit baseline's class names differ.
 import argparse
 import logging
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metri
 from kfp_finetune.components import __version__
 from kfp_finetune.components.core import settings
 from kfp_finetune.components.core.errors import UserError
-from kfp_finetune.components.core.fsutil import atomic_directory, check_output_dir, read_json, write_json
+from kfp_finetune.components.core.fsutil import atomic_directory, check_output_dir, file_sha256, read_json, write_json
 from kfp_finetune.components.evaluate.blessing import EPSILON, NO_BASELINE, baseline_dir, bless  # noqa: F401 (re-exported)
 from kfp_finetune.components.evaluate.blessing import resolve_baseline as _resolve_baseline
 from kfp_finetune.components.evaluate.release_params import EVALUATE as PARAMS
@@ -238,12 +237,6 @@ def _load_classifier(path: str, info: "DatasetInfo", what: str) -> tuple["keras.
     if units != len(names):
         raise UserError(f"{what} {path}: the model outputs {units} classes but model.json names {len(names)}")
     return model, meta
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    from kfp_finetune.components.core.fsutil import file_sha256
-
-    return file_sha256(path)
 
 
 def _calibrate(config: EvaluateConfig, model: "keras.Model", info: "DatasetInfo", pred: Predictions) -> dict:

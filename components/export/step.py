@@ -50,7 +50,13 @@ from kfp.dsl import Artifact, Input, Model, Output
 
 from kfp_finetune.components.core import settings
 from kfp_finetune.components.core.errors import UserError
-from kfp_finetune.components.core.fsutil import atomic_directory, check_output_dir, read_json, write_json
+from kfp_finetune.components.core.fsutil import (
+    atomic_directory,
+    check_output_dir,
+    file_sha256,
+    read_json,
+    write_json,
+)
 from kfp_finetune.components.evaluate.calibration import LOG_FLOOR
 from kfp_finetune.components.evaluate.release_params import EXPORT as PARAMS
 from kfp_finetune.components.evaluate.release_params import tflite_variants
@@ -145,12 +151,6 @@ class ExportResult:
 # --- the serving SavedModel ------------------------------------------------------------------------------------
 
 
-def _input_size(model: "keras.Model") -> int:
-    from kfp_finetune.components.core import modelio
-
-    return modelio.input_size(model)
-
-
 def write_saved_model(model: "keras.Model", class_names: list[str], directory: str | os.PathLike,
                       temperature: float = 1.0) -> None:
     """Write a SavedModel whose serving_default maps encoded images to probabilities (calibrated with
@@ -159,8 +159,9 @@ def write_saved_model(model: "keras.Model", class_names: list[str], directory: s
     import tensorflow as tf
 
     from kfp_finetune.components.core.dataset import decode_image
+    from kfp_finetune.components.core.modelio import input_size
 
-    size = _input_size(model)
+    size = input_size(model)
     names = tf.constant(list(class_names), dtype=tf.string)
 
     # A batch of 0 never reaches the model (oneDNN on AMD EPYC with AVX-512 failed on it: "Incompatible shapes:
@@ -235,8 +236,6 @@ def read_evaluation(path: str) -> dict[str, Any]:
 
 
 def _check_evaluation(evaluation: dict[str, Any], model_dir: str, class_names: list[str], pushing: bool) -> None:
-    from kfp_finetune.components.evaluate.step import file_sha256
-
     if list(evaluation.get("class_names") or []) != list(class_names):
         raise UserError(f"--evaluation is for classes {evaluation.get('class_names')} but model {model_dir} has "
                         f"{class_names}; pass the evaluation of this model")
@@ -306,7 +305,6 @@ def _push_version(config: "ExportConfig", meta: dict[str, Any], evaluation: dict
 
 def _duplicate_of_champion(config: "ExportConfig") -> str:
     """Why this model must not be pushed again ('' when it may): the champion has the same model.keras SHA-256."""
-    from kfp_finetune.components.evaluate.step import file_sha256
     from kfp_finetune.components.registry import registry
 
     champion = registry.resolve_champion(config.push_to)
@@ -363,7 +361,7 @@ def export(config: ExportConfig) -> ExportResult:
             "calibration": {"temperature": temperature,
                             "source": "evaluation.json calibration" if evaluation and evaluation.get("calibration")
                             else "none (T = 1): no calibrated evaluation"},
-            "class_names": class_names, "input_size": _input_size(model), "source_model": str(config.model),
+            "class_names": class_names, "input_size": modelio.input_size(model), "source_model": str(config.model),
             "version": config.run_id,  # without --run-id the version is named at push time (version.json)
             "serving_check": check.as_dict(), "serving_requirements": _serving_requirements(tmp),
             "tflite": tflite or None,
@@ -382,8 +380,6 @@ def export(config: ExportConfig) -> ExportResult:
         result.skipped_push = duplicate
         log.warning("not pushed: %s", duplicate)
     elif config.push_to:
-        from kfp_finetune.components.evaluate.step import file_sha256
-
         pushed = _push_version(config, meta, evaluation, file_sha256(Path(config.model) / "model.keras"), tflite)
         result.pushed_uri, result.version, result.promoted = pushed.uri, pushed.version, pushed.promoted
         result.not_promoted = pushed.message

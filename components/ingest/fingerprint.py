@@ -35,7 +35,6 @@ from kfp_finetune.components.core.fsutil import write_json
 
 log = logging.getLogger(__name__)
 
-FINGERPRINT_FILE = "fingerprint.json"
 STATUS_TRAIN = "new data"
 STATUS_NO_NEW_DATA = "no new data"
 STATUS_FORCED = "retrain forced"
@@ -256,7 +255,7 @@ def fingerprint_op(
 
     Args:
         source: the images (folder, gs://bucket/prefix, CSV manifest or tfds:NAME), as ingest reads them.
-        fingerprint_file: Output Artifact: fingerprint.json (source, kind, fingerprint, image count, status, reason).
+        fingerprint_file: Output Artifact: one JSON object (source, kind, fingerprint, image count, status, reason).
         push_to: the push destination; when set, its writability is checked now (before any training) and its
             champion (LATEST) decides whether the data is new.
         training_settings: the run's training settings; a change retrains even on unchanged data.

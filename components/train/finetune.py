@@ -34,7 +34,6 @@ from kfp_finetune.components.train.model import (
     _backbone_size,
     _compile,
     _feature_extractor,
-    _input_size,
     unfreeze,
 )
 from kfp_finetune.components.train.phase import finish, log_done
@@ -93,7 +92,7 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
         unfrozen = unfreeze(model, config.unfreeze_top, config.unfreeze_from, batch_norm)
         if mixed:
             model = to_mixed_precision(model)
-        size = _input_size(model)
+        size = modelio.input_size(model)
         steps_per_epoch = math.ceil(n_train / config.batch_size)
         warmup = config.warmup_epochs * steps_per_epoch
         total = config.epochs * steps_per_epoch

@@ -17,7 +17,7 @@ from kfp_finetune.components.train.distribute import (
     seed_everything,
     to_mixed_precision,
 )
-from kfp_finetune.components.train.model import _compile, _input_size, build_classifier
+from kfp_finetune.components.train.model import _compile, build_classifier
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -38,7 +38,9 @@ def _extract_features(extractor: "keras.Model", datasets: dict[str, "tf.data.Dat
     import tensorflow as tf
     from tqdm import tqdm
 
-    size = _input_size(extractor)
+    from kfp_finetune.components.core.modelio import input_size
+
+    size = input_size(extractor)
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
     def forward(x: "tf.Tensor") -> "tf.Tensor":
@@ -74,7 +76,7 @@ def train_head(config: HeadConfig) -> TrainResult:
         if extractor.name != "feature_extractor":
             raise UserError(f"--backbone {config.backbone}: expected the output of `kfp-finetune backbone` "
                             f"(a model named feature_extractor), got a model named {extractor.name!r}")
-        size = _input_size(extractor)
+        size = modelio.input_size(extractor)
         if mixed:
             extractor = to_mixed_precision(extractor)
         model = build_classifier(extractor, info.num_classes, config.dropout, config.augment, config.seed)

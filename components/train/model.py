@@ -86,12 +86,6 @@ def _feature_extractor(model: "keras.Model", what: str) -> "keras.Model":
         raise UserError(f"{what}: the model has no `feature_extractor` layer; pass the output of train-head") from exc
 
 
-def _input_size(model: "keras.Model") -> int:
-    from kfp_finetune.components.core import modelio
-
-    return modelio.input_size(model)
-
-
 def _augmentation(seed: int) -> "keras.Sequential":
     """Flip, rotation, zoom, contrast: Keras preprocessing layers that act only when training=True."""
     import keras
@@ -119,8 +113,10 @@ def build_classifier(
     """
     import keras
 
+    from kfp_finetune.components.core.modelio import input_size
+
     extractor.trainable = False
-    size = _input_size(extractor)
+    size = input_size(extractor)
     inputs = keras.Input(shape=(size, size, 3), name="pixels")
     x = _augmentation(seed)(inputs) if augment else inputs
     x = extractor(x, training=False)
@@ -143,7 +139,8 @@ def _save(model: "keras.Model", meta: dict[str, Any], directory: Path, mixed: bo
 
 
 def unfreeze(model: "keras.Model", unfreeze_top: int | None, unfreeze_from: str | None, batch_norm: str) -> list[str]:
-    """Make the top of the nested `backbone` trainable (the rest frozen) and apply the BN policy.
+    """Make the nested `backbone` trainable, all of it unless `unfreeze_top` (its top N layers) or `unfreeze_from`
+    (that layer and all above it) asks for less, and apply the BN policy.
 
     Returns the names of the backbone layers made trainable.
     """
