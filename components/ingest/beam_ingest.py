@@ -8,7 +8,7 @@ the DirectRunner here and on Dataflow in Google Cloud:
 2. on the workers, read each file's bytes through Beam's filesystems, SHA-256 them and run the decode check of
    `components.core.imagecheck.decode_bytes` (the one implementation both runners use);
 3. group by content hash: identical bytes under one label are kept once, under several labels left out as conflicts;
-   each image's split is `ingest._split_of` (the same rule, so the same split membership);
+   each image's split is `rules.split_of` (the same rule, so the same split membership);
 4. rank every kept image in its split by content hash (counts per hash prefix give each bucket's offset, so no
    worker ever holds a split) and deal the ranks round-robin over the shards, exactly as the local writer does;
 5. write each shard with `components.ingest.tfds_format` through Beam's filesystems, as a temporary file, re-reading the

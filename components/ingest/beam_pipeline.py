@@ -14,11 +14,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from kfp_finetune.components import __version__
 from kfp_finetune.components.core import compat, gcs, imagecheck, settings
 from kfp_finetune.components.core.dataset import REPORT_FILE, SPLITS
 from kfp_finetune.components.core.errors import UserError
-from kfp_finetune.components.ingest import tfds_format
+from kfp_finetune.components.ingest import rules, tfds_format
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +79,6 @@ class Job(NamedTuple):
     fingerprint: str | None = None  # the source's data fingerprint (fingerprint.py), recorded in the report
 
 
-def _skip(path: str, reason: str, detail: str = "") -> dict[str, str]:
-    return {"path": path, "reason": reason, "detail": detail}
-
-
 def _join(base: str, *parts: str) -> str:
     _emulator_auth()
     from apache_beam.io.filesystems import FileSystems
@@ -118,7 +113,7 @@ def _classify_match(path: str, source: str) -> Iterator[tuple[str, Any]]:
         yield "class", rel[0]
     reason = _classify(rel)
     if reason:
-        yield "skip", _skip(ref, reason)
+        yield "skip", rules.skip(ref, reason)
     else:
         yield "candidate", Candidate(ref, rel[0])
 
@@ -152,12 +147,10 @@ def _exists(ref: str) -> bool:
 
 def inspect(candidate: Candidate, max_side: int | None) -> Inspected:
     """Read, hash and decode-check one file (on a worker)."""
-    from kfp_finetune.components.ingest.step import MISSING
-
     try:
         data = _read(candidate.ref)
     except Exception as exc:  # noqa: BLE001  (BeamIOError, OSError, google.api_core errors)
-        reason = imagecheck.UNREADABLE if _exists(candidate.ref) else MISSING
+        reason = imagecheck.UNREADABLE if _exists(candidate.ref) else rules.MISSING
         detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         return Inspected(candidate.ref, candidate.label, None, 0, False, reason, detail, False, False)
     digest = imagecheck.hash_bytes(data)
@@ -170,24 +163,19 @@ def inspect(candidate: Candidate, max_side: int | None) -> Inspected:
 
 def resolve(sha: str, group: Iterable[Inspected], job: Job) -> Iterator[tuple[str, Any]]:
     """One content hash -> ('size', bytes) once, then ('kept', Kept) and/or ('skip', skip) as the local ingest."""
-    from kfp_finetune.components.ingest.step import CONFLICT, DUPLICATE, _split_of
-
     items = sorted(group, key=lambda e: e.ref)
     first = items[0]
     yield "size", first.size
     if not first.ok:
         for e in items:
-            yield "skip", _skip(e.ref, first.reason, first.detail)
+            yield "skip", rules.skip(e.ref, first.reason, first.detail)
         return
-    labels = sorted({e.label for e in items})
-    if len(labels) > 1:
-        detail = f"identical bytes labelled {', '.join(map(repr, labels))}: " + ", ".join(e.ref for e in items)
-        for e in items:
-            yield "skip", _skip(e.ref, CONFLICT, detail)
+    keep, skips = rules.resolve_group([(e.ref, e.label) for e in items])
+    for s in skips:
+        yield "skip", s
+    if keep is None:
         return
-    for e in items[1:]:
-        yield "skip", _skip(e.ref, DUPLICATE, f"same bytes as {first.ref}")
-    split = _split_of(sha, job.seed, job.val_fraction, job.test_fraction)
+    split = rules.split_of(sha, job.seed, job.val_fraction, job.test_fraction)
     yield "kept", Kept(sha, first.ref, first.label, split, first.converted, first.resized)
 
 
@@ -201,19 +189,12 @@ def bucket_offsets(counts: Iterable[tuple[tuple[str, str], int]]) -> dict[str, A
     return {"offsets": offsets, "totals": totals}
 
 
-def num_shards(job: Job, split: str, total_bytes: int) -> int:
-    """The local writer's shard count for `split` (before it drops the shards that stayed empty)."""
-    from kfp_finetune.components.ingest.step import _auto_shards
-
-    return job.num_shards or _auto_shards(total_bytes, job.fractions[split])
-
-
 def rank(key: tuple[str, str], items: Iterable[Kept], job: Job, ranks: dict, total_bytes: int) -> Iterator:
     """Kept images of one (split, hash prefix) -> ((split, shard), (rank, Kept)): rank = position in the split
     sorted by hash, shard = rank mod the shard count (the local writer's round robin over hash order)."""
     split, _ = key
     start = ranks["offsets"][key]
-    n = num_shards(job, split, total_bytes)
+    n = rules.num_shards(job, split, total_bytes)
     for i, item in enumerate(sorted(items, key=lambda k: k.sha256)):
         r = start + i
         yield (split, r % n), (r, item)
@@ -262,8 +243,6 @@ def finalize(
     """Check the result, rename the shards into place and write the metadata and ingest_report.json (in the job)."""
     from apache_beam.io.filesystems import FileSystems
 
-    from kfp_finetune.components.ingest.step import BAD_REASONS
-
     def fail(message: str) -> None:
         _delete(job.tmp)
         raise UserError(message)
@@ -271,29 +250,15 @@ def finalize(
     num_candidates, num_listed_skips = stats.get("candidates", 0), stats.get("listing_skips", 0)
     if not num_candidates:
         fail(_no_images_message(job.source, num_listed_skips))
-    if len(classes) < 2:
-        fail(
-            f"--source {job.source}: found {len(classes)} class(es) {classes}; "
-            "a classifier needs at least 2 (one sub-folder or label per class)"
-        )
-    skipped = sorted(skips, key=lambda s: (s["path"], s["reason"]))
-    bad = [s for s in skipped if s["reason"] in BAD_REASONS]
-    if num_candidates and len(bad) / num_candidates > job.max_corrupt_fraction:
-        examples = "; ".join(f"{s['path']}: {s['detail'] or s['reason']}" for s in bad[:3])
-        fail(
-            f"--source {job.source}: {len(bad)} of {num_candidates} image files are unusable "
-            f"({len(bad) / num_candidates:.1%} > --max-corrupt-fraction {job.max_corrupt_fraction}); "
-            f"fix or remove them, or raise the limit. First: {examples}"
-        )
-    counts = {split: dict.fromkeys(classes, 0) for split in SPLITS}
+    skipped = rules.sort_skipped(skips)
+    counts = rules.empty_counts(classes)
     for (split, label), n in class_counts:
         counts[split][label] += n
-    for name in classes:
-        if not any(counts[split][name] for split in SPLITS):
-            fail(
-                f"--source {job.source}: class {name!r} ({job.class_refs.get(name, name)}) has no valid image; "
-                "add images or remove it"
-            )
+    try:
+        rules.check_classes(job.source, classes)
+        rules.final_checks(job, classes, counts, skipped, num_candidates, job.class_refs)
+    except UserError as exc:
+        fail(str(exc))
 
     split_infos = {}
     by_split = {split: sorted((s for s in shards if s.split == split), key=lambda s: s.index) for split in SPLITS}
@@ -308,33 +273,14 @@ def finalize(
         targets = [_join(job.output, tfds_format.shard_name(split, i, len(infos))) for i in range(len(infos))]
         FileSystems.rename(sources, targets)
         split_infos[split] = ([s.length for s in infos], sum(s.num_bytes for s in infos))
-    description = f"Images ingested by kfp-finetune {__version__} from {job.source}"
-    for name, data in tfds_format.metadata_files(classes, split_infos, description).items():
+    for name, data in tfds_format.metadata_files(classes, split_infos, rules.description(job.source)).items():
         _write(_join(job.output, name), data)
 
-    num_examples = {split: sum(counts[split].values()) for split in SPLITS}
-    total = sum(num_examples.values())
-    seconds = time.time() - job.started
-    report = {
-        "source": job.source,
-        "data_fingerprint": job.fingerprint or None,
-        "seed": job.seed,
-        "fractions": job.fractions,
-        "max_side": job.max_side,
-        "class_names": list(classes),
-        "num_examples": num_examples,
-        "counts": counts,
-        "num_files": num_candidates + num_listed_skips,
-        "num_image_files": num_candidates,
-        "converted": stats.get("converted", 0),
-        "resized": stats.get("resized", 0),
-        "num_shards": {split: len(split_infos[split][0]) for split in SPLITS},
-        "skipped_counts": dict(sorted(Counter(s["reason"] for s in skipped).items())),
-        "skipped": skipped,
-        "seconds": round(seconds, 3),
-        "images_per_second": round(total / max(seconds, 1e-9), 1),
-        "kfp_finetune_version": __version__,
-    }
+    report = rules.report(
+        job, classes, counts, skipped, num_candidates=num_candidates, num_listing_skips=num_listed_skips,
+        converted=stats.get("converted", 0), resized=stats.get("resized", 0),
+        shards_per_split={s: len(split_infos[s][0]) for s in SPLITS}, seconds=time.time() - job.started,
+    )
     import json
 
     _write(_join(job.output, REPORT_FILE), (json.dumps(report, indent=2, sort_keys=True, default=str) + "\n").encode())
@@ -410,7 +356,7 @@ def build(pipeline: Any, job: Job, candidates: Sequence[Candidate] | None, known
         | "Inspect" >> beam.Map(inspect, job.max_side)
     )
     unread = inspected | "Unread" >> beam.FlatMap(
-        lambda e: [] if e.sha256 is not None else [_skip(e.ref, e.reason, e.detail)]
+        lambda e: [] if e.sha256 is not None else [rules.skip(e.ref, e.reason, e.detail)]
     )
     resolved = (
         inspected

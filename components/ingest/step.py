@@ -10,20 +10,21 @@ How it works, in two passes over the files, both on a process pool with one work
 2. fully decode one file per distinct content (catching truncated/corrupt files and decompression bombs), convert
    what is not RGB/grey JPEG/PNG, and stream the bytes straight into the split's TFRecord shards: memory stays flat
    however large the dataset.
-The directory is built beside DIR and renamed into place (`atomic_directory`); any error leaves nothing at DIR.
+The dataset rules (split, shard count, duplicates and conflicts, the final checks, the report) are rules.py's, the
+same functions the Beam runner calls. The directory is built beside DIR and renamed into place (`atomic_directory`);
+any error leaves nothing at DIR.
 EXIF orientation is not applied, neither to kept nor to converted images: TF's decoders ignore it as well, so
 training, evaluation and serving all see the same pixels.
 """
 
 import argparse
-import hashlib
 import logging
 import math
 import multiprocessing
 import os
 import tempfile
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -32,12 +33,11 @@ from typing import Any
 
 from kfp import dsl
 
-from kfp_finetune.components import __version__
 from kfp_finetune.components.core import gcs, imagecheck, settings
 from kfp_finetune.components.core.dataset import REPORT_FILE, SPLITS
 from kfp_finetune.components.core.errors import UserError
 from kfp_finetune.components.core.fsutil import atomic_directory, check_output_dir, write_json
-from kfp_finetune.components.ingest import tfds_format
+from kfp_finetune.components.ingest import rules, tfds_format
 from kfp_finetune.components.ingest.sources import (  # noqa: F401  (the listing reasons, re-exported)
     DOWNLOAD_FAILED,
     HIDDEN,
@@ -48,19 +48,10 @@ from kfp_finetune.components.ingest.sources import (  # noqa: F401  (the listing
     _collect,
     _Entry,
     _Listing,
-    _skip,
 )
 
 log = logging.getLogger(__name__)
 
-# Skip reasons besides imagecheck's corrupt / too_large / unreadable.
-MISSING = "missing"
-DUPLICATE = "duplicate"
-CONFLICT = "label_conflict"
-BAD_REASONS = imagecheck.BAD_REASONS | {MISSING, DOWNLOAD_FAILED}
-
-TARGET_SHARD_BYTES = 64 << 20
-MAX_AUTO_SHARDS = 1024
 BATCH = 16  # files per task sent to a worker
 
 
@@ -134,17 +125,6 @@ class IngestResult:
 # --- the work -------------------------------------------------------------------------------------------------------
 
 
-def _split_of(sha256: str, seed: int, val_fraction: float, test_fraction: float) -> str:
-    """Deterministic in (seed, content hash) alone: the same bytes always land in the same split."""
-    digest = hashlib.sha256(f"{seed}:{sha256}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2.0**64
-    if u < test_fraction:
-        return "test"
-    if u < test_fraction + val_fraction:
-        return "validation"
-    return "train"
-
-
 def _cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -207,10 +187,6 @@ def _ordered_map(executor: Executor | None, fn: Callable[..., list], batches: It
         yield from pending.popleft().result()
 
 
-def _auto_shards(total_bytes: int, fraction: float) -> int:
-    return max(1, min(MAX_AUTO_SHARDS, math.ceil(total_bytes * fraction / TARGET_SHARD_BYTES)))
-
-
 def ingest(config: IngestConfig) -> IngestResult:
     """Build the Dataset artifact at `config.output` from `config.source`; see the module docstring."""
     if config.runner != "local":
@@ -221,11 +197,7 @@ def ingest(config: IngestConfig) -> IngestResult:
     check_output_dir(config.output)
     with tempfile.TemporaryDirectory(prefix="kfp-finetune-ingest-") as staging:
         listing = _collect(config.source, Path(staging))
-        if len(listing.class_names) < 2:
-            raise UserError(
-                f"--source {config.source}: found {len(listing.class_names)} class(es) {listing.class_names}; "
-                "a classifier needs at least 2 (one sub-folder or label per class)"
-            )
+        rules.check_classes(config.source, listing.class_names)
         with atomic_directory(config.output) as tmp:
             report = _build(config, listing, tmp, start)
     seconds = time.perf_counter() - start
@@ -258,7 +230,7 @@ def _build(config: IngestConfig, listing: _Listing, out: Path, start: float) -> 
     entries = []
     for entry in listing.entries:
         if entry.local is None:
-            skipped.append(_skip(entry.ref, DOWNLOAD_FAILED, entry.error or "could not be downloaded"))
+            skipped.append(rules.skip(entry.ref, DOWNLOAD_FAILED, entry.error or "could not be downloaded"))
         else:
             entries.append(entry)
     num_candidates = len(listing.entries)
@@ -273,8 +245,8 @@ def _build(config: IngestConfig, listing: _Listing, out: Path, start: float) -> 
         hashes = tqdm(hashes, total=len(entries), unit="file", desc="hash", mininterval=1.0, leave=False)
         for entry, fh in zip(entries, hashes, strict=True):
             if fh.sha256 is None:
-                reason = fh.reason or (MISSING if "FileNotFound" in (fh.error or "") else imagecheck.UNREADABLE)
-                skipped.append(_skip(entry.ref, reason, fh.error or ""))
+                reason = fh.reason or (rules.MISSING if "FileNotFound" in (fh.error or "") else imagecheck.UNREADABLE)
+                skipped.append(rules.skip(entry.ref, reason, fh.error or ""))
                 continue
             group = groups.setdefault(fh.sha256, [])
             if not group:
@@ -283,14 +255,12 @@ def _build(config: IngestConfig, listing: _Listing, out: Path, start: float) -> 
 
         # Pass 2: decode one file per distinct content, in hash order (a shuffle that does not depend on paths),
         # and stream it into its split's shards.
-        fractions = config.fractions
         for split in SPLITS:
-            shards = config.num_shards or _auto_shards(total_bytes, fractions[split])
-            writers[split] = tfds_format.SplitWriter(out, split, shards)
+            writers[split] = tfds_format.SplitWriter(out, split, rules.num_shards(config, split, total_bytes))
         order = sorted(groups)
         for group in groups.values():
             group.sort(key=lambda e: e.ref)
-        counts = {split: dict.fromkeys(class_names, 0) for split in SPLITS}
+        counts = rules.empty_counts(class_names)
         converted = resized = 0
         results = _ordered_map(
             executor, imagecheck.decode_batch, _batched([groups[s][0].local for s in order], BATCH), config.max_side
@@ -299,18 +269,16 @@ def _build(config: IngestConfig, listing: _Listing, out: Path, start: float) -> 
         for sha, result in zip(order, bar, strict=True):
             group = groups[sha]
             if not result.ok:
-                skipped.extend(_skip(e.ref, result.reason, result.detail) for e in group)
+                skipped.extend(rules.skip(e.ref, result.reason, result.detail) for e in group)
                 continue
-            labels = sorted({e.label for e in group})
-            if len(labels) > 1:
-                detail = f"identical bytes labelled {', '.join(map(repr, labels))}: " + ", ".join(e.ref for e in group)
-                skipped.extend(_skip(e.ref, CONFLICT, detail) for e in group)
+            keep, skips = rules.resolve_group([(e.ref, e.label) for e in group])
+            skipped.extend(skips)
+            if keep is None:
                 continue
-            keep = group[0]
-            skipped.extend(_skip(e.ref, DUPLICATE, f"same bytes as {keep.ref}") for e in group[1:])
-            split = _split_of(sha, config.seed, config.val_fraction, config.test_fraction)
-            writers[split].write(tfds_format.encode_example(result.data, label_index[keep.label]))
-            counts[split][keep.label] += 1
+            label = keep[1]
+            split = rules.split_of(sha, config.seed, config.val_fraction, config.test_fraction)
+            writers[split].write(tfds_format.encode_example(result.data, label_index[label]))
+            counts[split][label] += 1
             converted += result.converted
             resized += result.resized
         bar.close()
@@ -322,22 +290,8 @@ def _build(config: IngestConfig, listing: _Listing, out: Path, start: float) -> 
         if executor is not None:
             executor.shutdown(cancel_futures=True)
 
-    skipped.sort(key=lambda s: (s["path"], s["reason"]))
-    skipped_counts = dict(sorted(Counter(s["reason"] for s in skipped).items()))
-    bad = [s for s in skipped if s["reason"] in BAD_REASONS]
-    if num_candidates and len(bad) / num_candidates > config.max_corrupt_fraction:
-        examples = "; ".join(f"{s['path']}: {s['detail'] or s['reason']}" for s in bad[:3])
-        raise UserError(
-            f"--source {config.source}: {len(bad)} of {num_candidates} image files are unusable "
-            f"({len(bad) / num_candidates:.1%} > --max-corrupt-fraction {config.max_corrupt_fraction}); "
-            f"fix or remove them, or raise the limit. First: {examples}"
-        )
-    for name in class_names:
-        if not any(counts[split][name] for split in SPLITS):
-            raise UserError(
-                f"--source {config.source}: class {name!r} ({listing.class_refs.get(name, name)}) has no valid image; "
-                "add images or remove it"
-            )
+    skipped = rules.sort_skipped(skipped)
+    rules.final_checks(config, class_names, counts, skipped, num_candidates, listing.class_refs)
 
     split_infos = {}
     for split in SPLITS:
@@ -345,32 +299,13 @@ def _build(config: IngestConfig, listing: _Listing, out: Path, start: float) -> 
         split_infos[split] = (lengths, writers[split].num_bytes)
         if not sum(lengths):
             log.warning("split %r is empty: too few images for its fraction", split)
-    description = f"Images ingested by kfp-finetune {__version__} from {config.source}"
-    tfds_format.write_metadata(out, class_names, split_infos, description)
+    tfds_format.write_metadata(out, class_names, split_infos, rules.description(config.source))
 
-    num_examples = {split: sum(counts[split].values()) for split in SPLITS}
-    total = sum(num_examples.values())
-    seconds = time.perf_counter() - start
-    report = {
-        "source": config.source,
-        "data_fingerprint": config.fingerprint or None,
-        "seed": config.seed,
-        "fractions": config.fractions,
-        "max_side": config.max_side,
-        "class_names": list(class_names),
-        "num_examples": num_examples,
-        "counts": counts,
-        "num_files": num_candidates + len(listing.skipped),
-        "num_image_files": num_candidates,
-        "converted": converted,
-        "resized": resized,
-        "num_shards": {split: len(split_infos[split][0]) for split in SPLITS},
-        "skipped_counts": skipped_counts,
-        "skipped": skipped,
-        "seconds": round(seconds, 3),
-        "images_per_second": round(total / max(seconds, 1e-9), 1),
-        "kfp_finetune_version": __version__,
-    }
+    report = rules.report(
+        config, class_names, counts, skipped, num_candidates=num_candidates, num_listing_skips=len(listing.skipped),
+        converted=converted, resized=resized, shards_per_split={s: len(split_infos[s][0]) for s in SPLITS},
+        seconds=time.perf_counter() - start,
+    )
     write_json(out / REPORT_FILE, report)
     return report
 
