@@ -20,8 +20,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from components.dataprofile.hashing import HASH_NAME, THRESHOLD
 from components.dataprofile.neardup import HashRecord, Pair, find_pairs
-from components.dataprofile.phash import HASH_NAME, THRESHOLD
 
 POLICIES = ("move", "report")
 DEFAULT_POLICY = "move"

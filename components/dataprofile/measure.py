@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from components.dataprofile.phash import THRESHOLD, distance, image_hashes, phash, thumbnail, to_rgb
+from components.dataprofile.hashing import THRESHOLD, distance, image_hashes, phash, thumbnail, to_rgb
 
 EDITS = ("jpeg50", "half", "double", "crop3", "crop5", "crop7", "shift5", "mixed", "crop10")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -79,7 +79,7 @@ def dhash(image: Any) -> int:
 
 
 def _pairwise(hashes: list[tuple[int, ...]]) -> np.ndarray:
-    """Near-duplicate distances (`phash.distance`) of all i < j pairs."""
+    """Near-duplicate distances (`hashing.distance`) of all i < j pairs."""
     a = np.array(hashes, dtype=np.uint64)  # (n, k)
     best = None
     for x in range(a.shape[1]):

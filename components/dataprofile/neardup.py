@@ -1,4 +1,4 @@
-"""Near-duplicates across splits: every pair of images whose hashes are within `phash.THRESHOLD` bits, found through
+"""Near-duplicates across splits: every pair of images whose hashes are within `hashing.THRESHOLD` bits, found through
 a band index instead of comparing all pairs, plus exact duplicates by content digest.
 
 The bound (why nothing within the threshold is missed): each 64-bit hash is cut into BANDS = 4 bands of 16 bits. If
@@ -6,7 +6,7 @@ two hashes differ in at most t bits, then by pigeonhole at least one band differ
 four bands over t // 4, the total would be over t). So for each band and each 16-bit value within t // 4 bits of a
 hash's band (1 + 16 + 120 = 137 values at t = 10), the index looks up the images holding that band value: every pair
 within t bits is a candidate, and only candidates get their full distance computed. With two hashes per image (full
-frame and centre, `phash.image_hashes`) all four hash combinations are indexed the same way.
+frame and centre, `hashing.image_hashes`) all four hash combinations are indexed the same way.
 
 Cost: 4 x 137 bucket look-ups per hash, vectorised with numpy, plus one exact check per candidate; candidates grow
 with n^2 x 137 / 65536 per band for uniformly spread hashes (about 0.8 % of all pairs, where the brute force checks
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from components.dataprofile.phash import HASH_BITS, THRESHOLD
+from components.dataprofile.hashing import HASH_BITS, THRESHOLD
+from components.dataprofile.stats import ImageStats
 
 BANDS = 4
 BAND_BITS = HASH_BITS // BANDS
@@ -36,7 +37,7 @@ class HashRecord:
     """One kept image as the leakage check sees it.
 
     id: a stable, runner-independent identifier (the ingest uses the content SHA-256, as the split rule does);
-    split, label: where it is and what it is; hashes: `phash.image_hashes(...)` (full frame, centre);
+    split, label: where it is and what it is; hashes: `hashing.image_hashes(...)` (full frame, centre);
     name: what the report shows (the file path or gs:// URI); digest: the content digest for exact duplicates
     ('' when unknown: then only the hashes count).
     """
@@ -51,6 +52,12 @@ class HashRecord:
     def to_json(self) -> dict:
         return {"id": self.id, "split": self.split, "label": self.label, "name": self.name, "digest": self.digest,
                 "hashes": [f"{h:016x}" for h in self.hashes]}
+
+    @classmethod
+    def from_stats(cls, id: str, split: str, label: str, stats: ImageStats, name: str = "",
+                   digest: str = "") -> HashRecord:
+        """The record of one image whose `stats.image_stats` are known (the usual way to make one)."""
+        return cls(id=id, split=split, label=label, hashes=tuple(stats.hashes), name=name, digest=digest)
 
     @classmethod
     def from_json(cls, data: dict) -> HashRecord:
@@ -78,7 +85,7 @@ def _ball(bits: int, radius: int) -> np.ndarray:
 
 
 def _distances(hashes: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """phash.distance for each (a[i], b[i]) pair of rows of `hashes` (n, k) uint64: the smallest of k*k."""
+    """hashing.distance for each (a[i], b[i]) pair of rows of `hashes` (n, k) uint64: the smallest of k*k."""
     best = None
     for x in range(hashes.shape[1]):
         for y in range(hashes.shape[1]):
@@ -132,7 +139,7 @@ def _near_index_pairs(hashes: np.ndarray, threshold: int) -> set[tuple[int, int]
 
 
 def find_pairs(records: Iterable[HashRecord], threshold: int = THRESHOLD, cross_split_only: bool = False) -> list[Pair]:
-    """Every pair of records within `threshold` bits (`phash.distance`), or with the same non-empty digest.
+    """Every pair of records within `threshold` bits (`hashing.distance`), or with the same non-empty digest.
 
     Sorted by (a, b). With cross_split_only, only pairs whose records sit in different splits.
     Ids must be unique.
@@ -178,7 +185,7 @@ def _with_distances(hashes: np.ndarray, pairs: set[tuple[int, int]]) -> dict[tup
 
 def brute_force_pairs(records: Sequence[HashRecord], threshold: int = THRESHOLD) -> list[tuple[str, str, int]]:
     """All-pairs reference for tests: (a, b, distance) of records within `threshold`, a < b, sorted."""
-    from components.dataprofile.phash import distance
+    from components.dataprofile.hashing import distance
 
     recs = sorted(records, key=lambda r: r.id)
     out = []

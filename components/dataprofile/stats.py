@@ -3,11 +3,11 @@
 `image_stats(data, image)` takes the encoded bytes (for the file size, and to decode when no image is given) and the
 decoded image (a PIL image as `Image.open(...)` + `load()` leaves it, whose `format` and `mode` are the source's, or
 a numpy HxWx3 / HxW uint8 array with `format` and `mode` passed in). It does one box-averaged pass over the pixels
-(the 80x80 thumbnail of `phash.thumbnail`) and works on that thumbnail only:
+(the 80x80 thumbnail of `hashing.thumbnail`) and works on that thumbnail only:
 - brightness: mean ITU-R 601-2 luma (0-255); contrast: its standard deviation (RMS contrast). Both on the 80x80
   thumbnail, so they do not depend on the resolution (a 64 px copy of a photo has the same brightness and contrast);
 - grey: every thumbnail pixel has max(R, G, B) - min(R, G, B) <= GREY_SPREAD (a grey photo stored as RGB counts);
-- hashes: `phash.hashes_of_thumbnail` (full frame, centre).
+- hashes: `hashing.hashes_of_thumbnail` (full frame, centre).
 Everything is an integer (brightness and contrast in thousandths), so sums over any number of images, in any order,
 on any runner, are exact.
 """
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from components.dataprofile.phash import hashes_of_thumbnail, thumbnail
+from components.dataprofile.hashing import hashes_of_thumbnail, thumbnail
 
 _LEVELS = np.arange(256, dtype=np.int64)
 _SQUARES = _LEVELS * _LEVELS
@@ -40,7 +40,7 @@ class ImageStats:
     brightness_milli: int  # 1000 x mean luma (0-255)
     contrast_milli: int  # 1000 x luma standard deviation
     grey: bool
-    hashes: tuple[int, int]  # phash.image_hashes: (full frame, centre)
+    hashes: tuple[int, int]  # hashing.image_hashes: (full frame, centre)
 
     @property
     def brightness(self) -> float:
