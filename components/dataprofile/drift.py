@@ -181,8 +181,12 @@ def compare(current: Profile, baseline: Profile | None, thresholds: DriftThresho
         findings.append(Finding("resolution", "short_side", round(cm / bm, 4), t.min_resolution_ratio,
                                 f"resolution collapsed: median short side {bm:.0f} px -> {cm:.0f} px "
                                 f"({cm / bm:.0%} of the baseline < {t.min_resolution_ratio:.0%})"))
+    findings.sort(key=lambda f: _PRIORITY.index(f.check))  # the most telling reason first in the one line
     verdict = "pass" if not findings else ("refuse" if policy == "refuse" else "warn")
     return DriftResult(policy, verdict, tuple(findings), measures)
+
+
+_PRIORITY = ("resolution", "class_share", "new_category", "category", "histogram")
 
 _CATEGORY_WORD = {"format": "format", "mode": "colour mode", "tone": "tone"}
 

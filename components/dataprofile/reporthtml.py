@@ -108,12 +108,14 @@ def histogram_svg(name: str, current: SplitProfile, baseline: SplitProfile | Non
     for k, i in enumerate(bins):
         x = left + k * slot
         series = [("current", cur[i] / nc)] + ([("baseline", base[i] / nb)] if baseline else [])
+        upper = _bin_label(name, edges[i + 1]) if i + 1 < len(edges) else "up"
+        span = f"{_bin_label(name, edges[i])}-{upper}"
         bar_w = (slot - 2) / len(series)
         for s, (kind, share) in enumerate(series):
             h = plot_h * share / top
             parts.append(f'<rect x="{x + 1 + s * bar_w:.1f}" y="{18 + plot_h - h:.1f}" width="{bar_w:.1f}" '
-                         f'height="{h:.1f}" fill="{COLOURS[kind]}"><title>{escape(name)} bin {i}: {share:.1%}'
-                         f"</title></rect>")
+                         f'height="{h:.1f}" fill="{COLOURS[kind]}"><title>{escape(name)} {escape(span)}: '
+                         f'{share:.1%} ({"this run" if kind == "current" else "champion"})</title></rect>')
         if k % max(1, len(bins) // 6) == 0:
             parts.append(f'<text x="{x:.1f}" y="{height - bottom + 14}" font-size="10">'
                          f"{escape(_bin_label(name, edges[i]))}</text>")
