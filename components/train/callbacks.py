@@ -95,6 +95,9 @@ def _checkpoint_subdir(config: "FineTuneConfig | HeadConfig", root: str, cluster
 class HistoryFile:
     """The history kept beside the checkpoint, so that a resumed run keeps its earlier epochs.
 
+    No longer used by the phases: the checkpoints of components/train/preempt.py carry the history with the state
+    it belongs to. Kept for callers of this module's API (tests/unit/test_train_history.py).
+
     Local paths are written atomically; gs:// ones (AIP_CHECKPOINT_DIR on Vertex) through google-cloud-storage
     (components/gcs.py: an object write is atomic, and it honours STORAGE_EMULATOR_HOST).
     """
