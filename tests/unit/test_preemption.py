@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.train import FineTuneConfig, HeadConfig, fine_tune, train_head
+from components.train import HeadConfig, train_head
 from components.train.preempt import EXIT_PREEMPTED, POINTER, CheckpointStore, Preempted
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,6 +89,12 @@ def _fine_tune_argv(tiny: dict, output: Path, checkpoint: Path | None, *extra: s
     return argv + (["--checkpoint-dir", str(checkpoint)] if checkpoint else [])
 
 
+def _head_argv(tiny: dict, output: Path, checkpoint: Path | None, *extra: str) -> list[str]:
+    argv = ["train-head", "--dataset", str(tiny["dataset"]), "--backbone", str(tiny["backbone"]), "--output",
+            str(output), "--batch-size", str(BATCH), "--augment", "--seed", "2", *extra]
+    return argv + (["--checkpoint-dir", str(checkpoint)] if checkpoint else [])
+
+
 def _weights(model_dir: Path) -> list[np.ndarray]:
     from components import modelio
 
@@ -146,17 +152,13 @@ def test_sigterm_mid_epoch_saves_the_position_and_the_rerun_resumes_there(tiny: 
 
 @pytest.mark.slow
 def test_train_head_resumes_mid_epoch_with_augmentation(tiny: dict, tmp_path: Path) -> None:
-    def argv(output: Path, checkpoint: Path) -> list[str]:
-        return ["train-head", "--dataset", str(tiny["dataset"]), "--backbone", str(tiny["backbone"]), "--output",
-                str(output), "--epochs", "2", "--batch-size", str(BATCH), "--augment", "--seed", "2",
-                "--checkpoint-dir", str(checkpoint)]
-
-    reference = _run(tiny, argv(tmp_path / "reference", tmp_path / "ck-ref"))
+    reference = _run(tiny, _head_argv(tiny, tmp_path / "reference", tmp_path / "ck-ref", "--epochs", "2"))
     assert reference.returncode == 0, reference.stderr[-3000:]
-    killed = _run(tiny, argv(tmp_path / "head", tmp_path / "ck"), kill_at=5)
+    argv = _head_argv(tiny, tmp_path / "head", tmp_path / "ck", "--epochs", "2")
+    killed = _run(tiny, argv, kill_at=5)
     assert killed.returncode == EXIT_PREEMPTED, killed.stderr[-3000:]
     assert "train_head state saved at epoch 1, step 5/7" in killed.stderr
-    rerun = _run(tiny, argv(tmp_path / "head", tmp_path / "ck"))
+    rerun = _run(tiny, argv)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resumed from epoch 1, step 5/7" in rerun.stderr
     assert _meta(tmp_path / "head")["training"]["train_head"]["steps_run"] == 2 * STEPS - 5
@@ -164,9 +166,9 @@ def test_train_head_resumes_mid_epoch_with_augmentation(tiny: dict, tmp_path: Pa
 
 
 def test_kill_9_with_step_checkpoints_loses_at_most_n_steps(tiny: dict, tmp_path: Path) -> None:
-    every, k = 2, STEPS + 3  # killed after global step 10; checkpoints at 2, 4, 6, 7 (epoch end), 9
-    ckpt, out = tmp_path / "ck", tmp_path / "tuned"
-    argv = _fine_tune_argv(tiny, out, ckpt, "--checkpoint-every-steps", str(every))
+    every, k = 2, STEPS + 3  # killed after global step 10; checkpoints after steps 2, 4, 6, 7 (epoch end), 9
+    ckpt, out = tmp_path / "ck", tmp_path / "head"
+    argv = _head_argv(tiny, out, ckpt, "--epochs", "2", "--checkpoint-every-steps", str(every))
     killed = _run(tiny, argv, kill_at=k, how="kill")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     pointer = _pointer(ckpt)
@@ -174,20 +176,20 @@ def test_kill_9_with_step_checkpoints_loses_at_most_n_steps(tiny: dict, tmp_path
     assert 0 <= k - saved <= every, pointer
     rerun = _run(tiny, argv)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    training = _meta(out)["training"]["fine_tune"]
+    training = _meta(out)["training"]["train_head"]
     assert training["resumed_from_epoch"] * STEPS + training["resumed_from_step"] == saved
-    assert training["steps_run"] == 3 * STEPS - saved
+    assert training["steps_run"] == 2 * STEPS - saved
     assert training["checkpoints_written"] >= 1 and training["checkpoint_seconds_mean"] < 10
 
 
 def test_sigterm_without_a_checkpoint_folder_is_one_line_and_status_75(tiny: dict, tmp_path: Path) -> None:
-    killed = _run(tiny, _fine_tune_argv(tiny, tmp_path / "tuned", None), kill_at=4)
+    killed = _run(tiny, _head_argv(tiny, tmp_path / "head", None, "--epochs", "1"), kill_at=4)
     assert killed.returncode == EXIT_PREEMPTED, killed.stderr[-3000:]
     lines = [line for line in killed.stderr.splitlines() if "preempted" in line]
     assert len(lines) == 1, killed.stderr[-3000:]
-    assert "at epoch 1, step 4 of fine_tune: no checkpoint_dir set, nothing saved" in lines[0]
+    assert "at epoch 1, step 4 of train_head: no checkpoint_dir set, nothing saved" in lines[0]
     assert "Traceback" not in killed.stderr
-    assert not (tmp_path / "tuned").exists()
+    assert not (tmp_path / "head").exists()
 
 
 @pytest.mark.slow
@@ -216,41 +218,48 @@ def test_sigterm_from_outside_at_any_moment_then_resume(tiny: dict, tmp_path: Pa
 
 
 def test_the_sigterm_handler_is_put_back_after_training(tiny: dict, tmp_path: Path) -> None:
+    """In-process, as users call the steps from Python (train_head on cached features: the cheapest training)."""
     calls: list[int] = []
 
     def mine(signum, frame):
         calls.append(signum)
 
+    def config(output: str) -> HeadConfig:
+        return HeadConfig(dataset=str(tiny["dataset"]), backbone=str(tiny["backbone"]), output=str(tmp_path / output),
+                          epochs=2, batch_size=BATCH, augment=False, checkpoint_dir=str(tmp_path / "ck"))
+
     previous = signal.signal(signal.SIGTERM, mine)
     try:
-        fine_tune(FineTuneConfig(dataset=str(tiny["dataset"]), model=str(tiny["head"]), output=str(tmp_path / "a"),
-                                 epochs=1, batch_size=BATCH, checkpoint_dir=str(tmp_path / "ck")))
+        train_head(config("a"))
         assert signal.getsignal(signal.SIGTERM) is mine
 
         # A preempted call (from Python: Preempted is a SystemExit with status 75) puts it back too.
         import keras
 
-        import components.train.finetune as finetune
+        import components.train.head as head
 
         class SelfTerm(keras.callbacks.Callback):
             def on_train_batch_end(self, batch, logs=None):
-                if batch == 1:
-                    os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
 
-        original = finetune._tensorboard
-        finetune._tensorboard = lambda *a: [*original(*a), SelfTerm()]
+        original = head._tensorboard
+        head._tensorboard = lambda *a: [*original(*a), SelfTerm()]
         try:
             with pytest.raises(Preempted) as exc:
-                fine_tune(FineTuneConfig(dataset=str(tiny["dataset"]), model=str(tiny["head"]),
-                                         output=str(tmp_path / "b"), epochs=1, batch_size=BATCH,
-                                         checkpoint_dir=str(tmp_path / "ck")))
+                train_head(config("b"))
         finally:
-            finetune._tensorboard = original
-        assert exc.value.code == EXIT_PREEMPTED and "state saved at epoch 1, step 2/7" in str(exc.value)
+            head._tensorboard = original
+        # 32 steps per call on cached features: the first call trains the whole 7-step epoch.
+        assert exc.value.code == EXIT_PREEMPTED and "state saved at epoch 1, step 7/7" in str(exc.value)
         assert signal.getsignal(signal.SIGTERM) is mine
         assert calls == []  # the training's handler took that SIGTERM, not ours
+        assert not (tmp_path / "b").exists()
         os.kill(os.getpid(), signal.SIGTERM)
         assert calls == [signal.SIGTERM]
+        # The re-run passes over that epoch's 7 trained batches, validates it, and trains the second epoch only.
+        train_head(config("b"))
+        training = _meta(tmp_path / "b")["training"]["train_head"]
+        assert (training["resumed_from_epoch"], training["resumed_from_step"], training["steps_run"]) == (0, 7, 7)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
