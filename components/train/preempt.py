@@ -291,6 +291,7 @@ class Preemption:
         self._previous: Any = None
         self._installed = False
         self._fit_started = False
+        self.done = False
 
     # -- the signal handler --
 
@@ -310,6 +311,9 @@ class Preemption:
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         if self.requested:
+            return
+        if self.done:  # the output is written: finish normally rather than fail a step that succeeded
+            log.info("SIGTERM after %s wrote its output: finishing", self.phase)
             return
         self.requested = True
         if not self.in_fit:  # nothing half-done to save: stop now (atomic outputs clean up on the way out)
@@ -353,9 +357,11 @@ class Preemption:
             return None
         name, arrays, state = loaded
         if state.get("phase") != self.phase or state.get("steps_per_epoch") != self.steps_per_epoch:
-            raise UserError(f"checkpoint {self.store.uri}/{name} was written by {state.get('phase')} with "
-                            f"{state.get('steps_per_epoch')} steps per epoch, this run has {self.steps_per_epoch} "
-                            f"in {self.phase}; delete {self.store.uri} to start afresh")
+            # The same arguments over other data (a folder refilled between attempts): its position means nothing.
+            log.warning("checkpoint %s/%s was written by %s with %s steps per epoch, this run has %d in %s: not "
+                        "resumed, starting afresh", self.store.uri, name, state.get("phase"),
+                        state.get("steps_per_epoch"), self.steps_per_epoch, self.phase)
+            return None
         model = self.model
         if arrays["metrics"] and len(_metric_variables(model)) != len(arrays["metrics"]) and build_metrics:
             build_metrics()
@@ -441,6 +447,7 @@ class Preemption:
 
     def finished(self) -> None:
         """The phase's output is written: its checkpoints are no longer needed."""
+        self.done = True
         if self.store is not None:
             self.store.clear()
 
