@@ -18,12 +18,14 @@ fine_tune
 
 Both phases: a tf.data pipeline (parallel reads, AUTOTUNE decode+resize, an in-memory cache when the split fits,
 shuffle, batch, prefetch); a distribution strategy picked from the environment; one log line per epoch;
-TensorBoard logs; history of every phase in model.json. fine_tune can checkpoint every epoch and resume.
+TensorBoard logs; history of every phase in model.json. With a checkpoint folder both phases save their exact
+position every epoch (or N steps) and on SIGTERM, which ends the step with status 75 (`Preempted`); a re-run
+resumes mid-epoch (preempt).
 
 The package by concern: config (typed, validated inputs), distribute (strategy, chief, mixed precision), data
 (tf.data input, class weights), model (classifier, loss, unfreeze, save), callbacks (epoch log, TensorBoard,
-history), head and finetune (the two phases), cli (the subcommands) and ops (the KFP components). The names below
-are the package's public API.
+history), preempt (SIGTERM, resume), checkpoint (the atomic checkpoint folder), head and finetune (the two phases),
+cli (the subcommands) and ops (the KFP components). The names below are the package's public API.
 """
 
 from kfp_finetune.components.train.cli import add_cli
@@ -41,14 +43,17 @@ from kfp_finetune.components.train.finetune import fine_tune
 from kfp_finetune.components.train.head import train_head
 from kfp_finetune.components.train.model import build_classifier, sparse_crossentropy, trainable_layer_names, unfreeze
 from kfp_finetune.components.train.ops import fine_tune_op, train_head_op
+from kfp_finetune.components.train.preempt import EXIT_PREEMPTED, Preempted
 
 __all__ = [
     "BATCH_NORM_MODES",
     "CACHE_FEATURE_MODES",
     "CLASS_WEIGHT_MODES",
+    "EXIT_PREEMPTED",
     "Cluster",
     "FineTuneConfig",
     "HeadConfig",
+    "Preempted",
     "TrainResult",
     "add_cli",
     "build_classifier",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kfp_finetune.components.core import gcs, settings
-from kfp_finetune.components.train.config import FineTuneConfig
+from kfp_finetune.components.train.config import FineTuneConfig, HeadConfig
 from kfp_finetune.components.train.distribute import Cluster
 
 log = logging.getLogger("kfp_finetune.train")
@@ -78,16 +78,25 @@ def _final_metrics(history: dict[str, list[float]]) -> dict[str, float]:
     return {k: v[-1] for k, v in history.items() if v}
 
 
-def _checkpoint_subdir(config: FineTuneConfig, root: str, cluster: Cluster) -> str:
-    """A folder per (arguments, worker): the same command resumes; a different one never picks up a stale state."""
-    key = {k: v for k, v in asdict(config).items() if k != "checkpoint_dir"}
+# Settings that do not change what is trained: a retry may change them and still resume.
+_NOT_IN_CHECKPOINT_KEY = ("checkpoint_dir", "checkpoint_every_steps")
+
+
+def _checkpoint_subdir(config: "FineTuneConfig | HeadConfig", root: str, cluster: Cluster,
+                       phase: str = "fine_tune") -> str:
+    """A folder per (phase, arguments, worker): the same command resumes; a different one never picks up a stale
+    state."""
+    key = {k: v for k, v in asdict(config).items() if k not in _NOT_IN_CHECKPOINT_KEY}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    sub = f"{root.rstrip('/')}/fine_tune-{digest}"
+    sub = f"{root.rstrip('/')}/{phase}-{digest}"
     return sub if cluster.is_chief else f"{sub}/worker-{cluster.worker_index}"
 
 
 class HistoryFile:
     """The history kept beside the checkpoint, so that a resumed run keeps its earlier epochs.
+
+    No longer used by the phases: the checkpoints of components/train/preempt.py carry the history with the state
+    it belongs to. Kept for callers of this module's API (tests/unit/test_train_history.py).
 
     Local paths are written atomically; gs:// ones (AIP_CHECKPOINT_DIR on Vertex) through google-cloud-storage
     (components/core/gcs.py: an object write is atomic, and it honours STORAGE_EMULATOR_HOST).

@@ -1,19 +1,18 @@
 """fine_tune: unfreeze the backbone (all of it by default, or its top) and train it (AdamW, warmup then cosine decay),
-checkpointing every epoch and resuming.
+checkpointing every epoch (or N steps) and on SIGTERM, and resuming mid-epoch (components/train/preempt.py).
 """
 
-import json
 import logging
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kfp_finetune.components.core import settings
 from kfp_finetune.components.core.errors import UserError
 from kfp_finetune.components.core.fsutil import atomic_directory, check_output_dir
+from kfp_finetune.components.core.modelio import input_size
 from kfp_finetune.components.train import family, guard
 from kfp_finetune.components.train.callbacks import (
-    HistoryFile,
     _checkpoint_subdir,
     _epoch_logger,
     _tensorboard,
@@ -23,6 +22,7 @@ from kfp_finetune.components.train.callbacks import (
 from kfp_finetune.components.train.config import FineTuneConfig, TrainResult
 from kfp_finetune.components.train.data import _split_sizes, class_weights_from_counts, make_dataset
 from kfp_finetune.components.train.distribute import (
+    Cluster,
     _output_scope,
     fit_scope,
     mixed_precision_wanted,
@@ -37,12 +37,12 @@ from kfp_finetune.components.train.model import (
     unfreeze,
 )
 from kfp_finetune.components.train.phase import finish, log_done
+from kfp_finetune.components.train.preempt import Preemption
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kfp_finetune.components.core.dataset import DatasetInfo
 
 log = logging.getLogger("kfp_finetune.train")
-
-# What keras.callbacks.BackupAndRestore writes beside its weights: {"epoch": N, "batch": ...} of the last backup.
-BACKUP_METADATA = "training_metadata.json"
-
 
 def _pass_through(config: FineTuneConfig) -> TrainResult:
     """fine_tune with epochs=0: copy the train_head model to the output as it is."""
@@ -62,8 +62,12 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
     """Unfreeze the backbone (all of it, or the top `unfreeze_top` layers) and train; write a Model artifact.
 
     With `epochs=0` nothing trains: the input model is copied to the output unchanged (phase stays train_head).
+    With a checkpoint folder (`checkpoint_dir`, else $AIP_CHECKPOINT_DIR) the state is saved every epoch (and every
+    `checkpoint_every_steps` steps), and a re-run with the same arguments resumes where it stopped, mid-epoch.
+    SIGTERM (preemption) saves the state after the current batch and raises `preempt.Preempted`, a SystemExit with
+    status 75; the previous SIGTERM handler is back when this returns or raises (components/train/preempt.py).
     """
-    from kfp_finetune.components.core import dataset, modelio
+    from kfp_finetune.components.core import dataset
 
     if config.epochs == 0:
         return _pass_through(config)
@@ -73,8 +77,18 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
     check_output_dir(config.output)
     checkpoint_root = config.checkpoint_dir or settings.vertex_checkpoint_dir()
     cluster = pick_strategy()
+    ckpt = _checkpoint_subdir(config, checkpoint_root, cluster) if checkpoint_root else None
+    with Preemption("fine_tune", ckpt, config.checkpoint_every_steps, config.epochs) as preemption:
+        result = _fine_tune(config, info, n_train, cluster, preemption, started)
+        preemption.finished()  # the output is in place: nothing left to resume
+    return result
 
+
+def _fine_tune(config: FineTuneConfig, info: "DatasetInfo", n_train: int, cluster: Cluster, preemption: Preemption,
+               started: float) -> TrainResult:
     import keras
+
+    from kfp_finetune.components.core import modelio
 
     seed_everything(config.seed, config.determinism)
     mixed = mixed_precision_wanted()
@@ -92,7 +106,7 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
         unfrozen = unfreeze(model, config.unfreeze_top, config.unfreeze_from, batch_norm)
         if mixed:
             model = to_mixed_precision(model)
-        size = modelio.input_size(model)
+        size = input_size(model)
         steps_per_epoch = math.ceil(n_train / config.batch_size)
         warmup = config.warmup_epochs * steps_per_epoch
         total = config.epochs * steps_per_epoch
@@ -107,42 +121,40 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
     class_weight = class_weights_from_counts(info) if head_training.get("class_weights", "auto") == "auto" else None
     history: dict[str, list[float]] = {}
     val_ds = make_dataset(info, "validation", size, config.batch_size, training=False)
-    # The guard's epoch 0: the starting model, measured before any checkpoint is restored into it.
+    # The guard's epoch 0: the starting model, measured before any checkpoint is restored into it (this also builds
+    # the compiled metrics, whose running sums a mid-epoch checkpoint restores).
     with fit_scope(model, cluster):
         start = guard.measure(model, val_ds)
     keeper = guard.best_epoch_keeper(start, model.get_weights())
     log.info("fine_tune starts from validation accuracy %.4f, loss %.4f", start.accuracy, start.loss)
-    backup = None
-    initial_epoch = 0
-    ckpt = _checkpoint_subdir(config, checkpoint_root, cluster) if checkpoint_root else None
-    if ckpt:
-        backup = keras.callbacks.BackupAndRestore(ckpt, save_freq="epoch", double_checkpoint=True)
-        backup.set_model(model)
-        backup.on_train_begin()  # restores weights, optimizer state (and so the LR schedule) and the epoch
-        initial_epoch = _restored_epoch(ckpt)
-        history.update(HistoryFile(ckpt).read(initial_epoch))
-        if initial_epoch:
-            log.info("resuming fine_tune from %s at epoch %d/%d", ckpt, initial_epoch + 1, config.epochs)
-        else:
-            log.info("fine_tune checkpoints every epoch to %s", ckpt)
+    stopper = (keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience,
+                                             restore_best_weights=True)
+               if config.early_stopping_patience else None)
+    # Weights, optimizer (and so the LR schedule), seed generators, the epoch's metric sums, history, guard and
+    # early stopping: the position of the newest checkpoint, mid-epoch included.
+    preemption.attach(model, steps_per_epoch, history, keeper=keeper, early_stopping=stopper)
+    resumed = preemption.resume()
+    initial_epoch = resumed.epoch if resumed else 0
+    if resumed is not None and resumed.step:
+        preemption.wrap(model)
 
     epoch_seconds: list[float] = []
     with _output_scope(config.output, cluster) as tmp:
         callbacks: list[Any] = [
-            _epoch_logger("fine_tune", config.epochs, HistoryFile(ckpt) if ckpt else None, history, epoch_seconds),
+            _epoch_logger("fine_tune", config.epochs, None, history, epoch_seconds),
             keeper,
             *_tensorboard("fine_tune", tmp, cluster.is_chief),
         ]
-        if config.early_stopping_patience:
-            callbacks.append(keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=config.early_stopping_patience, restore_best_weights=True))
-        if backup is not None:
-            callbacks.append(backup)  # after the logger: the history is on disk before the epoch counts as done
+        if stopper is not None:
+            callbacks.append(stopper)
+        callbacks.append(preemption.callback())  # last: the history and the guard have seen the epoch it saves
         log.info("fine_tune: top %d of %d backbone layers unfrozen, batch norm %s (%s), lr %.3g (%s; warmup %d "
                  "epochs), %d epochs", len(unfrozen), _backbone_size(model), batch_norm, sources["batch_norm"],
                  learning_rate, sources["learning_rate"], config.warmup_epochs, config.epochs)
+        # One worker: each epoch's order is a function of (seed, epoch), so a resumed run sees the same batches.
         train_ds = make_dataset(info, "train", size, config.batch_size, training=True, seed=config.seed,
-                                ordered=config.determinism != "off")
+                                ordered=config.determinism != "off",
+                                epoch=preemption.epoch if cluster.num_workers == 1 else None)
         with fit_scope(model, cluster):
             model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
                       class_weight=class_weight, callbacks=callbacks, verbose=_verbose(), shuffle=False)
@@ -151,7 +163,7 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
         result = finish("fine_tune", config, model, info=info, cluster=cluster, history=history,
                         epoch_seconds=epoch_seconds, started=started, mixed=mixed, meta=meta, directory=tmp,
                         training={"unfrozen_layers": len(unfrozen), "class_weight": class_weight,
-                                  "resumed_from_epoch": initial_epoch, "effective": chosen,
+                                  **preemption.summary(), "effective": chosen,
                                   "effective_from": sources, "guard": decision.to_dict()},
                         epochs_run=epochs_run(history, initial_epoch), initial_epoch=initial_epoch,
                         guard=decision.to_dict())
@@ -160,14 +172,3 @@ def fine_tune(config: FineTuneConfig) -> TrainResult:
         result.metrics.update(val_accuracy=kept.accuracy, val_loss=kept.loss)
     log_done(result, config.output, cluster)
     return result
-
-
-def _restored_epoch(checkpoint: str) -> int:
-    """The epoch BackupAndRestore restored: read from the metadata file it writes beside its weights (0: none)."""
-    import tensorflow as tf
-
-    file = f"{checkpoint.rstrip('/')}/{BACKUP_METADATA}"
-    if not tf.io.gfile.exists(file):
-        return 0
-    with tf.io.gfile.GFile(file) as f:
-        return int(json.loads(f.read()).get("epoch", 0) or 0)

@@ -9,7 +9,8 @@ beat the start or, when none did, the starting weights, and says so in the log, 
 "Worse" compares validation accuracy first and, on equal accuracy, validation loss (a 150-image validation split
 moves in steps of 0.7 points, so ties are common). Every recipe goes through it, compare-mode branches included,
 because it lives in fine_tune itself. A run resumed from a checkpoint measures the same start (the input model is
-measured before the checkpoint is restored); the best epoch before the interruption is not remembered.
+measured before the checkpoint is restored), and the checkpoint carries the best epoch so far (its score and, when it
+beat the start, its weights; components/train/preempt.py).
 """
 
 import logging

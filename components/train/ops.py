@@ -26,6 +26,8 @@ def train_head_op(
     label_smoothing: float = 0.1,
     seed: int = 0,
     determinism: str = "data",
+    checkpoint_dir: str = "",
+    checkpoint_every_steps: int = 0,
 ) -> None:
     """Train a classification head (dropout + dense softmax) on the frozen backbone.
 
@@ -44,6 +46,9 @@ def train_head_op(
         seed: Random seed.
         determinism: "data" (seeded, ordered input: the same seed and data give the same model on a CPU),
             "ops" (also TensorFlow op determinism, for accelerators) or "off".
+        checkpoint_dir: Where to save the training state every epoch and on SIGTERM, so that a retry resumes
+            mid-epoch; "" uses $AIP_CHECKPOINT_DIR when set. A preempted attempt exits with status 75.
+        checkpoint_every_steps: With a checkpoint folder, also save every N training steps (0: every epoch only).
     """
     arguments = dict(locals())  # every argument is handed on: HeadConfig takes the ones params.HEAD defines
     from kfp_finetune.components.train import HeadConfig, train_head
@@ -67,6 +72,7 @@ def fine_tune_op(
     batch_norm: str = "auto",
     early_stopping_patience: int = 0,
     checkpoint_dir: str = "",
+    checkpoint_every_steps: int = 0,
     label_smoothing: float = 0.1,
     seed: int = 0,
     determinism: str = "data",
@@ -86,7 +92,9 @@ def fine_tune_op(
         batch_size: Global batch size.
         batch_norm: "train" (BN statistics adapt), "frozen" (inference mode) or "auto" (the backbone family's).
         early_stopping_patience: Epochs without val_loss improvement before stopping; 0 (default) disables.
-        checkpoint_dir: Where to save state every epoch for resume; "" uses $AIP_CHECKPOINT_DIR when set.
+        checkpoint_dir: Where to save the training state every epoch and on SIGTERM, so that a retry resumes
+            mid-epoch; "" uses $AIP_CHECKPOINT_DIR when set. A preempted attempt exits with status 75.
+        checkpoint_every_steps: With a checkpoint folder, also save every N training steps (0: every epoch only).
         label_smoothing: Mix the one-hot targets with the uniform distribution by this much (0 = off).
         seed: Random seed.
         determinism: "data" (seeded, ordered input: the same seed and data give the same model on a CPU),

@@ -110,6 +110,23 @@ DETERMINISM = Param("determinism", str, "data",
                     "~1.7x slower BatchNorm-training epochs on CPU); off: parallel input in any order "
                     "(docs/fine-tuning.md)", choices=DETERMINISM_MODES, recipe=False, pipeline="determinism")
 
+
+
+def _checkpoint_dir(pipeline: str | None) -> Param:
+    return Param("checkpoint_dir", str, None,
+                 "folder (local, /gcs/... or gs://) where the step saves its training state, every epoch and on "
+                 "SIGTERM, and from which a re-run with the same arguments resumes, mid-epoch (default: "
+                 "$AIP_CHECKPOINT_DIR when set; docs/operations.md, Preemption)",
+                 optional=True, recipe=False, pipeline=pipeline)
+
+
+# Not a pipeline parameter yet: wiring it (and train_head's checkpoint_dir) into pipelines/pipeline.py changes the
+# compiled pipeline's golden structure; the step, its CLI and its KFP component take it.
+CHECKPOINT_EVERY_STEPS = Param(
+    "checkpoint_every_steps", int, 0,
+    "with a checkpoint folder, also save the training state every N training steps, so that a hard kill loses at "
+    "most N steps (0: at the end of each epoch only)", _int_at_least(0), "an integer ≥ 0", recipe=False)
+
 HEAD: tuple[Param, ...] = (
     _epochs(5, "head_epochs", "training epochs; 0 writes the untrained classifier (fine_tune then trains everything)"),
     _learning_rate("head_learning_rate", "Adam learning rate"),
@@ -125,6 +142,10 @@ HEAD: tuple[Param, ...] = (
     LABEL_SMOOTHING,
     SEED,
     DETERMINISM,
+    # train_head's checkpoint_dir is not wired to the pipeline's parameter (see CHECKPOINT_EVERY_STEPS);
+    # $AIP_CHECKPOINT_DIR still applies on Vertex custom jobs.
+    _checkpoint_dir(pipeline=None),
+    CHECKPOINT_EVERY_STEPS,
 )
 
 FINE_TUNE: tuple[Param, ...] = (
@@ -147,9 +168,8 @@ FINE_TUNE: tuple[Param, ...] = (
     Param("early_stopping_patience", int, 0,
           "stop after this many epochs without val_loss gain and keep the best; 0: off, the cosine schedule runs "
           "to its end", _int_at_least(0), "an integer ≥ 0, 0 to disable", pipeline="early_stopping_patience"),
-    Param("checkpoint_dir", str, None,
-          "save state every epoch and resume from it (default: $AIP_CHECKPOINT_DIR when set)", optional=True,
-          recipe=False, pipeline="checkpoint_dir"),
+    _checkpoint_dir(pipeline="checkpoint_dir"),
+    CHECKPOINT_EVERY_STEPS,
     LABEL_SMOOTHING,
     SEED,
     DETERMINISM,

@@ -319,7 +319,8 @@ def test_components_match_the_interface() -> None:
 
     head_inputs = train_head_op.component_spec.inputs
     assert set(head_inputs) == {"dataset", "backbone", "epochs", "learning_rate", "batch_size", "dropout", "augment",
-                                "class_weights", "cache_features", "label_smoothing", "seed", "determinism"}
+                                "class_weights", "cache_features", "label_smoothing", "seed", "determinism",
+                                "checkpoint_dir", "checkpoint_every_steps"}
     assert set(train_head_op.component_spec.outputs) == {"model"}
     assert set(fine_tune_op.component_spec.outputs) == {"tuned_model"}
     assert fine_tune_op.component_spec.inputs["unfreeze_top"].default == 0
