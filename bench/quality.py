@@ -101,7 +101,8 @@ EXPLORE: dict[str, Recipe] = {r.name: r for r in (
                                                                              "batch_norm": bn},
               description=f"the default's phases, fine-tune lr {lr} with BatchNorm "
                           + ("training" if bn == "train" else "frozen (inference mode)"))
-      for lr, bn in (("1e-3", "train"), ("1e-4", "frozen"), ("1e-4", "train"), ("1e-5", "frozen"), ("3e-4", "frozen"))),
+      for lr, bn in (("1e-3", "train"), ("1e-4", "frozen"), ("1e-4", "train"), ("1e-5", "frozen"), ("3e-4", "frozen"),
+                     ("1e-3", "frozen"))),
     # The head phase's length: the V2 head starts fine-tuning from 0.82-0.90 validation after 5 epochs.
     *(replace(RECIPES[DEFAULT_RECIPE], name=f"x_head_{n}", head={"epochs": n},
               description=f"the default with {n} head epochs (instead of 5)") for n in (2, 10)),
