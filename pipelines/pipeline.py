@@ -365,8 +365,8 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
             fine_tune_epochs: maximum epochs of the second phase, training the unfrozen top of the backbone
                 (early stopping may end it sooner); 0 skips fine-tuning in effect.
             fine_tune_learning_rate: peak learning rate of the fine-tuning phase (AdamW, warm-up then cosine);
-                0 means the backbone family's (1e-3 for MobileNet v1, 1e-4 for MobileNetV2 and families not
-                measured; components/train/family.py).
+                0 means the backbone family's (1e-3 for MobileNet v1, 3e-4 for MobileNetV2, 1e-4 for families
+                not measured; components/train/family.py).
             unfreeze_top: how many layers at the top of the backbone to unfreeze; 0 with an empty unfreeze_from
                 unfreezes the whole backbone (the default).
             unfreeze_from: alternatively, the name of the first backbone layer to unfreeze (and all above it).

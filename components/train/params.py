@@ -156,7 +156,7 @@ FINE_TUNE: tuple[Param, ...] = (
     _epochs(10, "fine_tune_epochs", "maximum epochs (early stopping may end sooner); 0 passes the model through"),
     Param("learning_rate", float, None,
           "peak learning rate (AdamW, linear warmup then cosine decay); unset: the backbone family's "
-          "(components/train/family.py: 1e-3 for MobileNet v1, 1e-4 for MobileNetV2 and unmeasured families)",
+          "(components/train/family.py: 1e-3 for MobileNet v1, 3e-4 for MobileNetV2, 1e-4 for unmeasured families)",
           _positive, "a number > 0", optional=True, pipeline="fine_tune_learning_rate"),
     Param("warmup_epochs", int, 1, "epochs of linear warmup from 0", _int_at_least(0), "an integer ≥ 0",
           pipeline="warmup_epochs"),

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kfp_finetune.components.train import family
 from kfp_finetune.pipelines import cli, commands
 
 MARKER = "edited in the compiled YAML"
@@ -154,7 +155,7 @@ def test_production_default_backbone_runs_end_to_end_with_random_weights(tmp_pat
     assert {"Conv1", "expanded_conv_depthwise", "block_16_project", "Conv_1"} <= trainable
     assert not {"bn_Conv1", "block_16_project_BN", "Conv_1_bn"} & trainable
     assert len(trainable) >= 50
-    assert tuned["training"]["fine_tune"]["effective"] == {"learning_rate": 1e-4, "batch_norm": "frozen"}
+    assert tuned["training"]["fine_tune"]["effective"] == family.FAMILY_DEFAULTS["mobilenet_v2"].settings()
     export = json.loads((run_dir / "export" / "exported_model" / "export.json").read_text())
     assert export["input_size"] == 224 and export["serving_check"]["passed"], export["serving_check"]
     assert export["outputs"]["probabilities"].startswith("float32 [None, 3]")  # calibrated: softmax(logits / T)
