@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kfp_finetune.components.core import gcs
+from kfp_finetune.components.core.fsutil import atomic_directory
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -82,18 +83,10 @@ class CheckpointStore:
             gcs.write_text(f"{self.uri}/{POINTER}", pointer)
         else:
             root = Path(self.uri)
-            root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-            try:
+            # A hidden `.ckpt-NNNNNN.tmp-*` sibling renamed into place (copied on a FUSE mount that cannot rename
+            # folders); the pointer still moves last.
+            with atomic_directory(root / name, "checkpoint") as tmp:
                 _write_files(tmp, arrays, state)
-                try:
-                    os.rename(tmp, root / name)
-                except OSError:  # a FUSE mount that cannot rename folders: the pointer still moves last
-                    shutil.copytree(tmp, root / name)
-                    shutil.rmtree(tmp, ignore_errors=True)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
             _atomic_write(root / POINTER, pointer.encode())
             _fsync_dir(root)
         self._prune(keep=name)
