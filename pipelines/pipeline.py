@@ -146,11 +146,14 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
     from kfp import dsl
     from kfp.dsl import HTML, Artifact, Markdown, Metrics, Model, pipeline_channel
 
+    from kfp_finetune.components.backbone.params import BACKBONE
     from kfp_finetune.components.backbone.step import backbone_op
+    from kfp_finetune.components.core.params import step_arguments
     from kfp_finetune.components.evaluate.release_params import EVALUATE, EXPORT
     from kfp_finetune.components.evaluate.step import evaluate_op
     from kfp_finetune.components.export.step import export_op
     from kfp_finetune.components.ingest.fingerprint import STATUS_NO_NEW_DATA, fingerprint_op
+    from kfp_finetune.components.ingest.params import FINGERPRINT, INGEST
     from kfp_finetune.components.ingest.step import ingest_op
     from kfp_finetune.components.registry.registry import no_new_data_op
     from kfp_finetune.components.train import fine_tune_op, params, train_head_op
@@ -250,41 +253,34 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
     def evaluate_and_export(dataset: Any, model: Any, v: dict[str, Any]) -> tuple[Any, Any]:
         """evaluate on the test split against the champion (push_to/LATEST unless baseline_model says otherwise),
         then export and push when blessed."""
-        evaluate = evaluate_c(dataset=dataset, model=model, split="test", min_accuracy=v["min_accuracy"],
-                              baseline_model=v["baseline_model"], max_regression=v["max_regression"],
-                              champion_from=v["push_to"], class_change=v["class_change"],
-                              max_class_regression=v["max_class_regression"],
-                              **params.step_arguments(EVALUATE, v))
+        evaluate = evaluate_c(dataset=dataset, model=model, split="test", **step_arguments(EVALUATE, v))
         evaluate.set_display_name("evaluate")
         with dsl.If(evaluate.outputs["blessed"] == True, name="blessed"):  # noqa: E712 (a KFP condition)
             # No run_id: export then names the pushed version by UTC timestamp (digits), which TF Serving orders.
-            export = export_c(model=model, evaluation=evaluate.outputs["evaluation"], push_to=v["push_to"],
-                              fingerprint=v["fingerprint"], training_settings=v["training_settings"],
-                              pipeline_job=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, **params.step_arguments(EXPORT, v))
+            export = export_c(model=model, evaluation=evaluate.outputs["evaluation"], fingerprint=v["fingerprint"],
+                              training_settings=v["training_settings"],
+                              pipeline_job=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, **step_arguments(EXPORT, v))
             # Pushing is a side effect: never satisfy it from the cache.
             export.set_display_name("export").set_caching_options(False)
         return evaluate, export
 
     def train_and_evaluate(v: dict[str, Any]) -> dict[str, Any]:
         """The tasks of a run with new data (inside the `new-data` condition): the outputs, by name."""
-        ingest = ingest_c(source=v["source"], val_fraction=v["val_fraction"], test_fraction=v["test_fraction"],
-                          seed=v["seed"], max_side=v["max_side"], fingerprint=v["fingerprint"])
+        ingest = ingest_c(fingerprint=v["fingerprint"], **step_arguments(INGEST, v))
         ingest.set_display_name("ingest").set_caching_options(True)
 
         if options.compare_recipes:
             return compare_branches(ingest, v)
 
-        backbone_task = backbone_c(name=v["backbone"], alpha=v["backbone_alpha"], image_size=v["image_size"],
-                                   weights=v["weights"], weights_sha256=v["weights_sha256"],
-                                   fallback_to_random=options.demo_fallback)
+        backbone_task = backbone_c(fallback_to_random=options.demo_fallback, **step_arguments(BACKBONE, v))
         backbone_task.set_display_name("backbone").set_caching_options(True)
 
         head = head_c(dataset=ingest.outputs["dataset"], backbone=backbone_task.outputs["model"],
-                      **params.step_arguments(params.HEAD, v))
+                      **step_arguments(params.HEAD, v))
         training_resources(head, "train head")
 
         tune = tune_c(dataset=ingest.outputs["dataset"], model=head.outputs["model"],
-                      **params.step_arguments(params.FINE_TUNE, v))
+                      **step_arguments(params.FINE_TUNE, v))
         training_resources(tune, "fine-tune")
 
         evaluate, _ = evaluate_and_export(ingest.outputs["dataset"], tune.outputs["tuned_model"], v)
@@ -302,8 +298,8 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
     def finetune_pipeline(
         source: str,
         backbone: str = "mobilenet_v2",
-        backbone_alpha: float = 1.0,
-        image_size: int = 224,
+        backbone_alpha: float = 0.0,
+        image_size: int = 0,
         weights: str = "imagenet",
         weights_sha256: str = "",
         val_fraction: float = 0.1,
@@ -408,16 +404,15 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
             max_tflite_drop: a .tflite whose test accuracy is more than this below the Keras model's is not pushed.
             tflite_required: fail the export (nothing pushed) when a requested .tflite does not convert or pass.
         """
-        values = dict(locals())  # the pipeline's parameters by name, for params.step_arguments / branch_arguments
-        # What the skip decision compares with the champion's: every parameter that shapes the model.
-        not_training = {"source", "checkpoint_dir", "min_accuracy", "baseline_model", "max_regression", "push_to",
-                        "force_retrain", "class_change", "max_class_regression", "calibrate", "max_ece", "tflite",
-                        "max_tflite_drop", "tflite_required"}
+        values = dict(locals())  # the pipeline's parameters by name, for step_arguments / branch_arguments
+        # What the skip decision compares with the champion's: every parameter that shapes the model, as the
+        # parameters feeding it declare (Param.training); tests/unit/test_step_parameters.py checks that every
+        # pipeline parameter feeds at least one defined parameter.
+        training = training_parameters()
         training_settings = {k: v for k, v in values.items()
-                             if isinstance(v, pipeline_channel.PipelineParameterChannel) and k not in not_training}
+                             if isinstance(v, pipeline_channel.PipelineParameterChannel) and k in training}
         training_settings["compare_recipes"] = ",".join(options.compare_recipes)
-        fingerprint = fingerprint_c(source=source, push_to=push_to, training_settings=training_settings,
-                                    force_retrain=force_retrain)
+        fingerprint = fingerprint_c(training_settings=training_settings, **step_arguments(FINGERPRINT, values))
         # Listing the source is the point: never answer it from the cache.
         fingerprint.set_display_name("fingerprint").set_caching_options(False)
         status = fingerprint.outputs["status"]
@@ -431,6 +426,24 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         return PipelineOutputs(status=status, **{k: dsl.OneOf(trained[k], skipped.outputs[k]) for k in names})
 
     return finetune_pipeline
+
+
+def step_parameters() -> dict[str, tuple[Any, ...]]:
+    """Every step's parameter definitions (components.core.params.Param), by KFP task: what the pipeline wires."""
+    from kfp_finetune.components.backbone.params import BACKBONE
+    from kfp_finetune.components.evaluate.release_params import EVALUATE, EXPORT
+    from kfp_finetune.components.ingest.params import FINGERPRINT, INGEST
+    from kfp_finetune.components.train.params import FINE_TUNE, HEAD
+
+    return {"fingerprint": FINGERPRINT, "ingest": INGEST, "backbone": BACKBONE, "train-head": HEAD,
+            "fine-tune": FINE_TUNE, "evaluate": EVALUATE, "export": EXPORT}
+
+
+def training_parameters() -> frozenset[str]:
+    """The pipeline parameters that are training settings (fed to a parameter declared `training`)."""
+    from kfp_finetune.components.core.params import training_settings
+
+    return training_settings(p for ps in step_parameters().values() for p in ps)
 
 
 def compile_pipeline(output: str | Path, options: CompileOptions | None = None) -> Path:

@@ -30,6 +30,7 @@ from typing import Any
 from kfp import dsl
 from kfp.dsl import Model, Output
 
+from kfp_finetune.components.backbone.params import BACKBONE
 from kfp_finetune.components.backbone.weights import (  # noqa: F401  (_check: tested through this module)
     WeightsFile,
     _answer_get_file,
@@ -40,6 +41,7 @@ from kfp_finetune.components.backbone.weights import (  # noqa: F401  (_check: t
 from kfp_finetune.components.core import compat, settings
 from kfp_finetune.components.core.errors import UserError
 from kfp_finetune.components.core.fsutil import atomic_directory
+from kfp_finetune.components.core.params import add_arguments, by_name
 
 log = logging.getLogger(__name__)
 
@@ -167,17 +169,21 @@ def _probe_sizes(keras_name: str) -> tuple[int, int]:
 # --- configuration -----------------------------------------------------------------------------------------------
 
 
+_DEFAULT = {name: p.default for name, p in by_name(BACKBONE).items()}
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     """What to build. `alpha`/`image_size` None = the family's default; weights: imagenet | none | a URI."""
 
-    name: str
     output: str
-    alpha: float | None = None
-    image_size: int | None = None
-    weights: str = "imagenet"
-    weights_sha256: str | None = None
-    fallback_to_random: bool = False
+    # The parameters (components/backbone/params.py defines their defaults, help and checks).
+    name: str = _DEFAULT["name"]
+    alpha: float | None = _DEFAULT["alpha"]
+    image_size: int | None = _DEFAULT["image_size"]
+    weights: str = _DEFAULT["weights"]
+    weights_sha256: str | None = _DEFAULT["weights_sha256"]
+    fallback_to_random: bool = _DEFAULT["fallback_to_random"]
 
     def __post_init__(self) -> None:
         spec = lookup(self.name)
@@ -382,14 +388,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         "a feature vector; write model.keras + model.json to --output. ImageNet weights come from the Keras cache, "
         "then KFP_FINETUNE_WEIGHTS_MIRROR (a folder or gs:// prefix with Keras's file names), then the public URL.",
     )
-    parser.add_argument("--name", required=True, help="keras.applications name, e.g. MobileNet, mobilenet_v2, "
-                        "EfficientNetB0, resnet50 (case-insensitive)")
-    parser.add_argument("--alpha", type=float, default=None, help="width multiplier (MobileNet families)")
-    parser.add_argument("--image-size", type=int, default=None, help="input size in pixels (default: the family's)")
-    parser.add_argument("--weights", default="imagenet", help="imagenet | none | a weights file: path, gs://, https://")
-    parser.add_argument("--weights-sha256", default=None, help="expected SHA-256 of the weights file")
-    parser.add_argument("--fallback-to-random", action="store_true",
-                        help="if no ImageNet weights can be had, warn and use random init (demos only)")
+    add_arguments(parser, BACKBONE)
     parser.add_argument("--output", required=True, help="directory to write (must not exist or be empty)")
     parser.set_defaults(func=_run_cli)
 
@@ -411,8 +410,8 @@ def _run_cli(args: argparse.Namespace) -> int:
 
 @dsl.component(base_image=settings.component_image(), install_kfp_package=False)
 def backbone_op(
-    name: str,
     model: Output[Model],
+    name: str = "mobilenet_v2",
     alpha: float = 0.0,
     image_size: int = 0,
     weights: str = "imagenet",

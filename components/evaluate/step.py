@@ -26,7 +26,6 @@ empty; an explicit baseline's class names differ.
 
 import argparse
 import logging
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -42,9 +41,13 @@ from kfp_finetune.components import __version__
 from kfp_finetune.components.core import settings
 from kfp_finetune.components.core.errors import UserError
 from kfp_finetune.components.core.fsutil import atomic_directory, check_output_dir, file_sha256, read_json, write_json
+from kfp_finetune.components.core.params import add_arguments, by_name, config_kwargs
 from kfp_finetune.components.evaluate.blessing import EPSILON, NO_BASELINE, baseline_dir, bless  # noqa: F401 (re-exported)
 from kfp_finetune.components.evaluate.blessing import resolve_baseline as _resolve_baseline
+from kfp_finetune.components.evaluate.release_params import CLASS_CHANGE_POLICIES  # noqa: F401 (re-exported)
 from kfp_finetune.components.evaluate.release_params import EVALUATE as PARAMS
+
+_DEFAULT = {name: p.default for name, p in by_name(PARAMS).items()}
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -57,7 +60,6 @@ EVALUATION_FILE = "evaluation.json"
 REPORT_FILE = "report.html"
 BATCH_SIZE = 32
 MAX_MISTAKES = 12
-CLASS_CHANGE_POLICIES = ("bless", "refuse")
 
 
 @dataclass(frozen=True)
@@ -67,32 +69,27 @@ class EvaluateConfig:
     dataset: str
     model: str
     output: str
-    split: str = "test"
-    min_accuracy: float = 0.0
-    baseline_model: str | None = None
-    max_regression: float = 0.0
-    champion_from: str | None = None  # a push destination: its LATEST is the baseline unless one is named
-    class_change: str = "bless"  # when the champion's classes differ: "bless" on thresholds, or "refuse"
-    max_class_regression: float = 1.0  # how far any class's recall may drop against the baseline (1: no rule)
-    calibrate: bool = PARAMS[0].default  # fit a temperature on the validation split (calibration.py)
-    max_ece: float = PARAMS[1].default  # bless only at or below this ECE of the served probabilities (1: no rule)
+    # The parameters (release_params.EVALUATE): their defaults, help and checks are defined there.
+    split: str = _DEFAULT["split"]
+    min_accuracy: float = _DEFAULT["min_accuracy"]
+    baseline_model: str | None = _DEFAULT["baseline_model"]
+    max_regression: float = _DEFAULT["max_regression"]
+    champion_from: str | None = _DEFAULT["champion_from"]  # a push destination: its LATEST is the baseline
+    class_change: str = _DEFAULT["class_change"]  # when the champion's classes differ: bless on thresholds, or refuse
+    max_class_regression: float = _DEFAULT["max_class_regression"]  # 1: no per-class rule
+    calibrate: bool = _DEFAULT["calibrate"]  # fit a temperature on the validation split (calibration.py)
+    max_ece: float = _DEFAULT["max_ece"]  # bless only at or below this ECE of the served probabilities (1: no rule)
 
     def __post_init__(self) -> None:
         for name in ("dataset", "model", "output", "split"):
             if not str(getattr(self, name) or "").strip():
                 raise UserError(f"--{name.replace('_', '-')} is required")
-        for name in ("min_accuracy", "max_regression", "max_class_regression"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and 0.0 <= value <= 1.0):
-                raise UserError(f"--{name.replace('_', '-')} must be a number in [0, 1] (got {value!r})")
         if self.baseline_model is not None and not str(self.baseline_model).strip():
             object.__setattr__(self, "baseline_model", None)
         if self.champion_from is not None and not str(self.champion_from).strip():
             object.__setattr__(self, "champion_from", None)
         for p in PARAMS:
             p.validate(getattr(self, p.name))
-        if self.class_change not in CLASS_CHANGE_POLICIES:
-            raise UserError(f"--class-change {self.class_change!r} must be one of {', '.join(CLASS_CHANGE_POLICIES)}")
 
 
 @dataclass
@@ -374,8 +371,6 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    from kfp_finetune.components.train.params import add_arguments
-
     p = subparsers.add_parser(
         "evaluate", help="measure a model on a split, write evaluation.json + report.html, decide blessed",
         description="Evaluate a classifier (output of train-head or fine-tune) on one split of a Dataset. "
@@ -384,32 +379,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", required=True, help="Dataset artifact directory (output of `ingest`)")
     p.add_argument("--model", required=True, help="Model artifact directory (output of `train-head`/`fine-tune`)")
     p.add_argument("--output", required=True, help="new directory for evaluation.json and report.html")
-    p.add_argument("--split", default="test", help="split to evaluate on (default: test)")
-    p.add_argument("--min-accuracy", type=float, default=0.0, help="bless only at or above this accuracy")
-    p.add_argument("--baseline-model", default=None, metavar="DIR_OR_GS_URI",
-                   help="a Model artifact (local dir or gs:// prefix) the candidate must not fall behind")
-    p.add_argument("--max-regression", type=float, default=0.0,
-                   help="how far below the baseline's accuracy the candidate may be and still be blessed")
-    p.add_argument("--champion-from", default=None, metavar="PUSH_TO",
-                   help="a push destination: its LATEST version is the baseline unless --baseline-model names one "
-                        "(--baseline-model none: no comparison)")
-    p.add_argument("--class-change", choices=CLASS_CHANGE_POLICIES, default="bless",
-                   help="when the champion's classes differ from the dataset's: bless on thresholds, or refuse")
-    p.add_argument("--max-class-regression", type=float, default=1.0,
-                   help="how far any class's recall may drop against the baseline (default 1: no per-class rule)")
     add_arguments(p, PARAMS)
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kfp_finetune.components.train.params import config_kwargs
-
-    evaluate(EvaluateConfig(
-        dataset=args.dataset, model=args.model, output=args.output, split=args.split,
-        min_accuracy=args.min_accuracy, baseline_model=args.baseline_model, max_regression=args.max_regression,
-        champion_from=args.champion_from, class_change=args.class_change,
-        max_class_regression=args.max_class_regression, **config_kwargs(PARAMS, args),
-    ))
+    evaluate(EvaluateConfig(dataset=args.dataset, model=args.model, output=args.output,
+                            **config_kwargs(PARAMS, args)))
     return 0
 
 
@@ -425,7 +401,7 @@ def evaluate_op(
     report: Output[HTML],
     evaluation: Output[Artifact],
     split: str = "test",
-    min_accuracy: float = 0.0,
+    min_accuracy: float = 0.7,
     baseline_model: str = "",
     max_regression: float = 0.0,
     champion_from: str = "",

@@ -57,6 +57,7 @@ from kfp_finetune.components.core.fsutil import (
     read_json,
     write_json,
 )
+from kfp_finetune.components.core.params import add_arguments, by_name, config_kwargs
 from kfp_finetune.components.evaluate.calibration import LOG_FLOOR
 from kfp_finetune.components.evaluate.release_params import EXPORT as PARAMS
 from kfp_finetune.components.evaluate.release_params import tflite_variants
@@ -86,6 +87,9 @@ OUTPUT_NAMES = ("probabilities", "class_id", "class_name", "logits")
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
+_DEFAULT = {name: p.default for name, p in by_name(PARAMS).items()}
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """export's inputs. `model`: a Model artifact dir; `evaluation`: evaluate's output dir or its evaluation.json."""
@@ -93,17 +97,17 @@ class ExportConfig:
     model: str
     output: str
     evaluation: str | None = None
-    push_to: str | None = None
-    run_id: str | None = None
+    push_to: str | None = _DEFAULT["push_to"]  # (release_params.EXPORT defines this and the parameters below)
+    run_id: str | None = _DEFAULT["run_id"]
     vertex: VertexConfig | None = None
     fingerprint: str | None = None  # the data fingerprint, recorded in the pushed version
     settings: dict[str, Any] | None = None  # the training settings, compared by the next run's skip decision
     pipeline_job: str | None = None  # the KFP pipeline job / run name, recorded in the lineage
     # Where the serving check takes one test image per class from (default: the evaluation's dataset).
     dataset: str | None = None
-    tflite: str = PARAMS[0].default  # none | fp16 | int8 | both (components/export/tflite_export.py)
-    max_tflite_drop: float = PARAMS[1].default  # a .tflite more than this below Keras's accuracy is not pushed
-    tflite_required: bool = PARAMS[2].default  # a requested .tflite that will not ship fails the export
+    tflite: str = _DEFAULT["tflite"]  # none | fp16 | int8 | both (components/export/tflite_export.py)
+    max_tflite_drop: float = _DEFAULT["max_tflite_drop"]  # a .tflite more than this below Keras's is not pushed
+    tflite_required: bool = _DEFAULT["tflite_required"]  # a requested .tflite that will not ship fails the export
 
     def __post_init__(self) -> None:
         for p in PARAMS:
@@ -405,14 +409,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="new directory for the SavedModel")
     p.add_argument("--evaluation", default=None,
                    help="evaluate's output directory (or evaluation.json): copied along; a push needs it blessed")
-    p.add_argument("--push-to", default=None, metavar="DIR_OR_GS_URI",
-                   help="copy the export to PUSH_TO/<version>/ and then point PUSH_TO/LATEST at it")
-    p.add_argument("--run-id", default=None, help="version folder name (default: UTC timestamp in ms)")
+    add_arguments(p, PARAMS[:2])  # --push-to, --run-id
     p.add_argument("--dataset", default=None,
                    help="Dataset artifact for the serving check's test images (default: the evaluation's dataset)")
-    from kfp_finetune.components.train.params import add_arguments
-
-    add_arguments(p.add_argument_group("LiteRT (TFLite) models for phones (optional)"), PARAMS)
+    add_arguments(p.add_argument_group("LiteRT (TFLite) models for phones (optional)"), PARAMS[2:])
     v = p.add_argument_group("Vertex AI Model Registry (optional)")
     v.add_argument("--vertex-upload", action="store_true", help="register the pushed gs:// version in Vertex AI")
     v.add_argument("--vertex-project", default=None, help="GCP project (default: $GOOGLE_CLOUD_PROJECT)")
@@ -424,15 +424,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kfp_finetune.components.train.params import config_kwargs
-
     vertex = None
     if args.vertex_upload:
         vertex = VertexConfig(project=args.vertex_project or settings.gcp_project() or "", region=args.vertex_region,
                               display_name=args.vertex_display_name, parent_model=args.vertex_parent_model,
                               serving_image=args.vertex_serving_image)
-    result = export(ExportConfig(model=args.model, output=args.output, evaluation=args.evaluation,
-                                 push_to=args.push_to, run_id=args.run_id, vertex=vertex,
+    result = export(ExportConfig(model=args.model, output=args.output, evaluation=args.evaluation, vertex=vertex,
                                  dataset=args.dataset, **config_kwargs(PARAMS, args)))
     if result.pushed_uri and result.promoted:
         log.info("pushed version %s to %s; LATEST names it", result.version, result.pushed_uri)

@@ -205,17 +205,18 @@ def decide(fp: Fingerprint, push_to: str | None, training_settings: dict[str, An
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    from kfp_finetune.components.core.params import add_arguments
+    from kfp_finetune.components.ingest.params import FINGERPRINT
+
     p = subparsers.add_parser(
         "fingerprint", help="a stable digest of a data source, listed without downloading; new data or not",
         description="List a source (folder, gs:// prefix, CSV manifest, tfds:NAME) without downloading it and print "
                     "its fingerprint and image count. With --push-to, say whether it differs from the champion's.",
     )
-    p.add_argument("--source", required=True, help="folder, gs://bucket/prefix, a .csv manifest or tfds:NAME")
     p.add_argument("--output", default=None, help="write the result as JSON to this file")
-    p.add_argument("--push-to", default=None, help="a push destination: compare with its champion (LATEST)")
     p.add_argument("--settings", default=None, metavar="JSON",
                    help="training settings (a JSON object) to compare with the champion's")
-    p.add_argument("--force-retrain", action="store_true", help="decide 'retrain' whatever the fingerprint")
+    add_arguments(p, FINGERPRINT)  # --source, --push-to, --force-retrain
     p.set_defaults(func=_cli)
 
 

@@ -37,7 +37,9 @@ from kfp_finetune.components.core import gcs, imagecheck, settings
 from kfp_finetune.components.core.dataset import REPORT_FILE, SPLITS
 from kfp_finetune.components.core.errors import UserError
 from kfp_finetune.components.core.fsutil import atomic_directory, check_output_dir, write_json
+from kfp_finetune.components.core.params import add_arguments, by_name
 from kfp_finetune.components.ingest import rules, tfds_format
+from kfp_finetune.components.ingest.params import INGEST
 from kfp_finetune.components.ingest.sources import (  # noqa: F401  (the listing reasons, re-exported)
     DOWNLOAD_FAILED,
     HIDDEN,
@@ -58,18 +60,22 @@ BATCH = 16  # files per task sent to a worker
 # --- config and result -------------------------------------------------------------------------------------------
 
 
+_DEFAULT = {name: p.default for name, p in by_name(INGEST).items()}
+
+
 @dataclass(frozen=True)
 class IngestConfig:
     """What to ingest and how; validated on construction (raises UserError naming the flag)."""
 
     source: str
     output: str
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    seed: int = 0
-    max_side: int | None = None
-    max_corrupt_fraction: float = 0.01
-    num_shards: int | None = None
+    # The parameters (components/ingest/params.py defines their defaults, help and checks).
+    val_fraction: float = _DEFAULT["val_fraction"]
+    test_fraction: float = _DEFAULT["test_fraction"]
+    seed: int = _DEFAULT["seed"]
+    max_side: int | None = _DEFAULT["max_side"]
+    max_corrupt_fraction: float = _DEFAULT["max_corrupt_fraction"]
+    num_shards: int | None = _DEFAULT["num_shards"]
     # Where it runs: "local" (this machine's process pool) or Beam's "direct" / "dataflow" (beam_ingest.py),
     # with Beam pipeline options as KEY=VALUE strings.
     runner: str = "local"
@@ -104,6 +110,8 @@ class IngestConfig:
             raise UserError(f"--max-corrupt-fraction {self.max_corrupt_fraction!r} must be in [0, 1]")
         if self.num_shards is not None and (not isinstance(self.num_shards, int) or self.num_shards < 1):
             raise UserError(f"--num-shards {self.num_shards!r} must be a positive integer or 'auto'")
+        for p in INGEST:  # anything the checks above leave to the definitions (components/ingest/params.py)
+            p.validate(getattr(self, p.name))
 
     @property
     def fractions(self) -> dict[str, float]:
@@ -333,17 +341,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
             "layout, a CSV manifest with a 'path,label' header, or tfds:NAME[:VERSION]."
         ),
     )
-    p.add_argument("--source", required=True, metavar="SRC", help="folder, gs://bucket/prefix, .csv, tfds:NAME")
     p.add_argument("--output", required=True, metavar="DIR", help="new (or empty) directory to create")
-    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="validation share (default 0.1)")
-    p.add_argument("--test-fraction", type=float, default=0.1, metavar="F", help="test share (default 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="changes which images land in which split (default 0)")
-    p.add_argument("--max-side", type=int, default=None, metavar="N",
-                   help="downscale images whose longer side exceeds N pixels (default: keep bytes unchanged)")
-    p.add_argument("--max-corrupt-fraction", type=float, default=0.01, metavar="F",
-                   help="fail when more than this share of image files is unusable (default 0.01)")
+    add_arguments(p, [q for q in INGEST if q.name != "num_shards"])
     p.add_argument("--num-shards", type=_shards_arg, default=None, metavar="N|auto",
-                   help="TFRecord shards per split (default auto: about 64 MiB each)")
+                   help=f"{by_name(INGEST)['num_shards'].help} (default auto)")
     beam = p.add_argument_group("runner", "where the ingest runs (Apache Beam: pip install 'kfp-finetune[beam]')")
     beam.add_argument("--runner", choices=("local", "direct", "dataflow"), default="local",
                       help="local: a process pool here (default); direct: Beam's DirectRunner here; "

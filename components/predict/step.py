@@ -42,6 +42,7 @@ from kfp.dsl import Dataset, Output
 
 from kfp_finetune.components.core import gcs, settings
 from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.core.params import add_arguments, by_name, config_kwargs
 from kfp_finetune.components.predict.inputs import (  # noqa: F401  (re-exported: the reading and writing side of predict)
     CSV_COLUMNS,
     TF_FORMATS,
@@ -53,12 +54,14 @@ from kfp_finetune.components.predict.inputs import (  # noqa: F401  (re-exported
     load_item,
     read_item,
 )
+from kfp_finetune.components.predict.params import PREDICT
 
 log = logging.getLogger("kfp_finetune.predict")
 
 OUTPUT_FORMATS = (".jsonl", ".csv")
-DEFAULT_BATCH = 32
-DEFAULT_TOP_K = 3
+_DEFAULT = {name: p.default for name, p in by_name(PREDICT).items()}
+DEFAULT_BATCH = _DEFAULT["batch_size"]
+DEFAULT_TOP_K = _DEFAULT["top_k"]
 PIXEL_ENDPOINT = "predict_pixels"
 
 
@@ -69,9 +72,10 @@ class PredictConfig:
     model: str
     input: str
     output: str
+    # The parameters (components/predict/params.py defines their defaults, help and checks).
     top_k: int = DEFAULT_TOP_K
     batch_size: int = DEFAULT_BATCH
-    workers: int = 0  # 0: the CPU count
+    workers: int = _DEFAULT["workers"]  # 0: the CPU count
 
     def __post_init__(self) -> None:
         for name in ("model", "input", "output"):
@@ -79,10 +83,8 @@ class PredictConfig:
                 raise UserError(f"--{name} is required")
         if Path(str(self.output)).suffix.lower() not in OUTPUT_FORMATS:
             raise UserError(f"--output {self.output}: name a .jsonl or .csv file")
-        if not (isinstance(self.top_k, int) and self.top_k >= 1):
-            raise UserError(f"--top-k {self.top_k!r} must be a whole number >= 1")
-        if not (isinstance(self.batch_size, int) and 1 <= self.batch_size <= 4096):
-            raise UserError(f"--batch-size {self.batch_size!r} must be 1..4096")
+        for p in PREDICT:
+            p.validate(getattr(self, p.name))
         if gcs.is_gcs(self.input):
             gcs.split_uri(self.input)
         elif not Path(self.input).exists():
@@ -363,16 +365,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="export folder, Model artifact folder, or push destination (folder or gs://) with LATEST")
     p.add_argument("--input", required=True, metavar="FOLDER|gs://PREFIX|CSV", help="the images to classify")
     p.add_argument("--output", required=True, help="predictions file: .jsonl or .csv (local path or gs://)")
-    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help=f"classes per row (default {DEFAULT_TOP_K})")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"images per forward pass "
-                   f"(default {DEFAULT_BATCH})")
-    p.add_argument("--workers", type=int, default=0, help="reader/decoder threads (default: the CPU count)")
+    add_arguments(p, PREDICT)
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    predict(PredictConfig(model=args.model, input=args.input, output=args.output, top_k=args.top_k,
-                          batch_size=args.batch_size, workers=args.workers))
+    predict(PredictConfig(model=args.model, input=args.input, output=args.output, **config_kwargs(PREDICT, args)))
     return 0
 
 
@@ -385,6 +383,8 @@ def predict_op(
     input_uri: str,
     predictions: Output[Dataset],
     top_k: int = 3,
+    batch_size: int = 32,
+    workers: int = 0,
     output_format: str = "jsonl",
 ) -> NamedTuple("PredictOutputs", [("predicted", int), ("skipped", int)]):
     """Batch prediction: classify every image under input_uri with the model at model_uri.
@@ -395,6 +395,8 @@ def predict_op(
         input_uri: Folder, gs:// prefix or .csv list of the images.
         predictions: Output Dataset: a folder holding predictions.jsonl (or .csv), one row per file.
         top_k: Classes (with probabilities) per row.
+        batch_size: Images per forward pass.
+        workers: Reader threads; 0: the CPU count.
         output_format: "jsonl" or "csv".
 
     Returns:
@@ -408,7 +410,8 @@ def predict_op(
 
     os.makedirs(predictions.path, exist_ok=True)
     out = os.path.join(predictions.path, f"predictions.{output_format}")
-    result = predict(PredictConfig(model=model_uri, input=input_uri, output=out, top_k=top_k), progress=False)
+    result = predict(PredictConfig(model=model_uri, input=input_uri, output=out, top_k=top_k, batch_size=batch_size,
+                                   workers=workers), progress=False)
     predictions.metadata.update({"model": model_uri, "input": input_uri, "predicted": result.predicted,
                                  "skipped": result.skipped, "skip_counts": result.skip_counts,
                                  "file": os.path.basename(out)})

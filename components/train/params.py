@@ -15,77 +15,28 @@ Every door derives from these definitions or is held to them by tests/unit/test_
 No TensorFlow here: the pipeline imports this module at compile time. docs/architecture.md says how to add one.
 """
 
-import argparse
-import math
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+from kfp_finetune.components.core.params import (  # noqa: F401 (re-exported: the training parameters' toolkit)
+    Check,
+    Param,
+    add_arguments,
+    by_name,
+    config_kwargs,
+    defaults,
+    from_step,
+    int_at_least,
+    positive,
+    step_arguments,
+)
+from kfp_finetune.components.core.params import fraction as _fraction
+from kfp_finetune.components.core.params import int_at_least as _int_at_least
+from kfp_finetune.components.core.params import positive as _positive
 
 BATCH_NORM_MODES = ("auto", "frozen", "train")
 CLASS_WEIGHT_MODES = ("auto", "none")
 CACHE_FEATURE_MODES = ("auto", "on", "off")
-
-Check = Callable[[Any], bool]
-
-
-@dataclass(frozen=True)
-class Param:
-    """One parameter of a training phase.
-
-    Args:
-        name: the field of HeadConfig/FineTuneConfig and the KFP component's argument (`--name-with-dashes` on the CLI).
-        type: int, float, str or bool.
-        default: the default of every door. None (for `optional` ones) travels as 0 / "" through KFP.
-        help: one line for `--help`, the component's docstring and docs/interfaces.md.
-        check: True when a value is acceptable; `expect` says what is (the error reads "--NAME must be EXPECT").
-        choices: the accepted strings, if a closed set.
-        optional: None is allowed ("not set").
-        recipe: a recipe may set it (how a model is trained); False for what belongs to the run (seed, batch size,
-            caching, checkpoints).
-        pipeline: the pipeline parameter that feeds it in the standard mode; None when the pipeline does not expose it.
-    """
-
-    name: str
-    type: type
-    default: Any
-    help: str
-    check: Check | None = None
-    expect: str = ""
-    choices: tuple[str, ...] = ()
-    optional: bool = False
-    recipe: bool = True
-    pipeline: str | None = None
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    @property
-    def unset(self) -> Any:
-        """How KFP spells None for this parameter (its signatures have no Optional)."""
-        return {int: 0, float: 0.0, str: ""}.get(self.type) if self.optional else None
-
-    def validate(self, value: Any) -> None:
-        from kfp_finetune.components.core.errors import UserError
-
-        if value is None and self.optional:
-            return
-        if self.choices and value not in self.choices:
-            raise UserError(f"{self.flag} must be one of {self.choices} (got {value!r})")
-        if self.check is not None and not self.check(value):
-            raise UserError(f"{self.flag} must be {self.expect} (got {value!r})")
-
-
-def _int_at_least(low: int) -> Check:
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
-def _fraction(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and 0.0 <= v < 1.0
-
-
-def _positive(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 def _epochs(default: int, pipeline: str, help: str) -> Param:
@@ -117,7 +68,7 @@ def _checkpoint_dir(pipeline: str | None) -> Param:
                  "folder (local, /gcs/... or gs://) where the step saves its training state, every epoch and on "
                  "SIGTERM, and from which a re-run with the same arguments resumes, mid-epoch (default: "
                  "$AIP_CHECKPOINT_DIR when set; docs/operations.md, Preemption)",
-                 optional=True, recipe=False, pipeline=pipeline)
+                 optional=True, recipe=False, pipeline=pipeline, training=False)
 
 
 # Not a pipeline parameter yet: wiring it (and train_head's checkpoint_dir) into pipelines/pipeline.py changes the
@@ -125,7 +76,8 @@ def _checkpoint_dir(pipeline: str | None) -> Param:
 CHECKPOINT_EVERY_STEPS = Param(
     "checkpoint_every_steps", int, 0,
     "with a checkpoint folder, also save the training state every N training steps, so that a hard kill loses at "
-    "most N steps (0: at the end of each epoch only)", _int_at_least(0), "an integer ≥ 0", recipe=False)
+    "most N steps (0: at the end of each epoch only)", _int_at_least(0), "an integer ≥ 0",
+    recipe=False, training=False)
 
 HEAD: tuple[Param, ...] = (
     _epochs(5, "head_epochs", "training epochs; 0 writes the untrained classifier (fine_tune then trains everything)"),
@@ -178,32 +130,9 @@ FINE_TUNE: tuple[Param, ...] = (
 PHASES: dict[str, tuple[Param, ...]] = {"train_head": HEAD, "fine_tune": FINE_TUNE}
 
 
-def by_name(params: Iterable[Param]) -> dict[str, Param]:
-    return {p.name: p for p in params}
-
-
-def defaults(params: Iterable[Param], *, recipe_only: bool = False) -> dict[str, Any]:
-    """{name: default} (only the parameters a recipe may set, with `recipe_only`)."""
-    return {p.name: p.default for p in params if p.recipe or not recipe_only}
-
-
 def recipe_params(params: Iterable[Param]) -> tuple[Param, ...]:
     return tuple(p for p in params if p.recipe)
 
-
-def from_step(params: Iterable[Param], arguments: Mapping[str, Any]) -> dict[str, Any]:
-    """A KFP component's arguments -> config keyword arguments: 0 / "" of optional parameters become None."""
-    out = {}
-    for p in params:
-        if p.name in arguments:
-            value = arguments[p.name]
-            out[p.name] = None if p.optional and value == p.unset else value
-    return out
-
-
-def step_arguments(params: Iterable[Param], pipeline_values: Mapping[str, Any]) -> dict[str, Any]:
-    """The component arguments fed by pipeline parameters: {param name: pipeline_values[param.pipeline]}."""
-    return {p.name: pipeline_values[p.pipeline] for p in params if p.pipeline}
 
 
 def branch_outputs() -> list[tuple[str, Param, str]]:
@@ -227,18 +156,3 @@ def branch_arguments(phase: str, recipe_outputs: Mapping[str, Any], pipeline_val
     out = {p.name: recipe_outputs[name] for ph, p, name in branch_outputs() if ph == phase}
     out.update({p.name: pipeline_values[p.pipeline] for p in PHASES[phase] if not p.recipe and p.pipeline})
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser, params: Iterable[Param]) -> None:
-    """One option per parameter: type, default, choices and help from the definitions."""
-    for p in params:
-        help = p.help if p.default is None else f"{p.help} (default {p.default})"
-        if p.type is bool:
-            parser.add_argument(p.flag, action=argparse.BooleanOptionalAction, default=p.default, help=help)
-        else:
-            parser.add_argument(p.flag, type=p.type, default=p.default, choices=p.choices or None, help=help)
-
-
-def config_kwargs(params: Iterable[Param], args: argparse.Namespace) -> dict[str, Any]:
-    """The parsed options of `params` as config keyword arguments."""
-    return {p.name: getattr(args, p.name) for p in params}
