@@ -163,7 +163,8 @@ def test_component_signature_and_compile(tmp_path):
 
     params = inspect.signature(backbone_op.python_func).parameters
     assert {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty} == {
-        "alpha": 0.0, "image_size": 0, "weights": "imagenet", "weights_sha256": "", "fallback_to_random": False}
+        "name": "mobilenet_v2", "alpha": 0.0, "image_size": 0, "weights": "imagenet", "weights_sha256": "",
+        "fallback_to_random": False}
     compiler.Compiler().compile(backbone_op, str(tmp_path / "backbone.yaml"))
     assert "build_backbone" in (tmp_path / "backbone.yaml").read_text()
 
