@@ -63,6 +63,7 @@ _DEFAULT = {name: p.default for name, p in by_name(PREDICT).items()}
 DEFAULT_BATCH = _DEFAULT["batch_size"]
 DEFAULT_TOP_K = _DEFAULT["top_k"]
 PIXEL_ENDPOINT = "predict_pixels"
+CHUNK = 16  # files per hand-over from the reader threads to tf.data
 
 
 @dataclass(frozen=True)
@@ -230,21 +231,32 @@ def _predict_pixels(classifier: Classifier, items: Iterator[Item], batch_size: i
     produced = [0]
     failure: list[BaseException] = []
 
-    def generate() -> Iterator[tuple[int, bytes]]:
+    def generate() -> Iterator[tuple[Any, Any]]:
+        """(indices, encoded images) in chunks: one crossing from Python into tf.data per CHUNK files, not per
+        file (the per-element generator call, under the GIL, cost ~1.5 ms an image on 2 cores)."""
+        indices: list[int] = []
+        data: list[bytes] = []
         try:
             for i, item in enumerate(items):
                 files[i] = item.file
                 produced[0] = i + 1
                 if item.skip_reason:
                     skips[i] = item.skip_reason
-                else:
-                    yield i, item.data
+                    continue
+                indices.append(i)
+                data.append(item.data)
+                if len(indices) >= CHUNK:
+                    yield np.array(indices, np.int64), np.array(data, dtype=object)
+                    indices, data = [], []
+            if indices:
+                yield np.array(indices, np.int64), np.array(data, dtype=object)
         except BaseException as exc:  # ignore_errors below would swallow it: kept and re-raised after the loop
             failure.append(exc)
 
     size = classifier.size
-    ds = (tf.data.Dataset.from_generator(generate, output_signature=(tf.TensorSpec([], tf.int64),
-                                                                     tf.TensorSpec([], tf.string)))
+    ds = (tf.data.Dataset.from_generator(generate, output_signature=(tf.TensorSpec([None], tf.int64),
+                                                                     tf.TensorSpec([None], tf.string)))
+          .unbatch()
           .map(lambda i, b: (i, decode_image(b, size)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
           .ignore_errors()
           .batch(batch_size)
