@@ -82,6 +82,20 @@ def champion_profile(push_to: str) -> tuple[Profile | None, str]:
         return None, f"champion {champion.version}'s {PROFILE_FILE} is not comparable ({exc})"
 
 
+def copy_profile(dataset: str | None, target: Path) -> bool:
+    """Copy a Dataset's data_profile.json into `target` (export: into the version it pushes, so that the next run's
+    drift check compares with it); False, with a warning, when the Dataset has none."""
+    import shutil
+
+    found = Path(dataset) / PROFILE_FILE if dataset else None
+    if found is not None and found.is_file():
+        shutil.copy2(found, Path(target) / PROFILE_FILE)
+        return True
+    log.warning("no %s in the dataset %s: the version goes without a data profile (the next run's drift check "
+                "will have no baseline)", PROFILE_FILE, dataset)
+    return False
+
+
 @dataclass(frozen=True)
 class DriftConfig:
     """drift's inputs: `dataset` (this run's), and the baseline: `against` (explicit) or `champion_from` (a push
