@@ -462,6 +462,9 @@ def ingest_op(
         num_shards: TFRecord shards per split; 0 picks about 64 MiB per shard.
         fingerprint: the source's data fingerprint (fingerprint step): recorded in the Dataset, and part of this
             task's inputs, so KFP's cache key changes exactly when the data does.
+        leakage: near-duplicates (perceptual hash within 10 bits) in different splits: "move" each group into one
+            split (the first of train > validation > test holding a member) or "report" them only; both list the
+            pairs in ingest_report.json. The Dataset also holds data_profile.json.
     """
     from kfp_finetune.components.ingest.step import IngestConfig, ingest
 
@@ -469,7 +472,7 @@ def ingest_op(
         IngestConfig(
             source=source, output=dataset.path, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
             max_side=max_side or None, max_corrupt_fraction=max_corrupt_fraction, num_shards=num_shards or None,
-            fingerprint=fingerprint or None,
+            fingerprint=fingerprint or None, leakage=leakage,
         )
     )
     dataset.metadata["class_names"] = list(result.class_names)
