@@ -129,3 +129,28 @@ def test_bad_leakage_policy_is_one_line(tmp_path):
 
     with pytest.raises(UserError, match="--leakage must be one of"):
         IngestConfig(source="x", output=str(tmp_path / "o"), leakage="drop")
+
+
+def test_report_data_section_shows_the_leaked_pairs_and_the_drift_verdict_offline(leaky, tmp_path):
+    import re
+
+    from kfp_finetune.components.dataprofile import compare
+    from kfp_finetune.components.evaluate import datasection
+
+    root, planted = leaky
+    out = tmp_path / "ds"
+    result = ingest(IngestConfig(source=str(root), output=str(out), val_fraction=0.25, test_fraction=0.25))
+    profile = Profile.loads((out / PROFILE_FILE).read_text())
+    drift = compare(profile, profile, policy="refuse")
+    champion_dir = tmp_path / "push" / "v1"
+    champion_dir.mkdir(parents=True)
+    shutil.copy(out / PROFILE_FILE, champion_dir / PROFILE_FILE)
+    html = datasection.render(str(out), result.report, {"version": "v1", "uri": str(champion_dir)},
+                              datasection.read_drift(json.dumps(drift.to_json())))
+    pairs = result.report["leakage"]["cross_split_pairs"]
+    assert html.count('src="data:image/jpeg;base64,') == 2 * pairs >= 6  # both photos of each pair, inline
+    for original, copy in planted:
+        assert Path(original).name in html and Path(copy).name in html
+    assert "drift against the champion" in html and "<b>pass</b>" in html and "no champion profile" not in html
+    assert re.findall(r'(?:src|href)="(?!data:)', html) == [] and "<script" not in html
+    assert datasection.render(str(tmp_path), {}, {}, None) == ""  # a Dataset from before profiles: no section

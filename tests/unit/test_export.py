@@ -113,7 +113,9 @@ def test_push_is_a_complete_champion_and_never_a_duplicate(chain, blessed_eval, 
     assert read_latest(str(dest)) == "run-1" and Path(first.pushed_uri) == dest / "run-1"
     version = Path(first.pushed_uri)
     assert {"saved_model.pb", "variables", "model.json", "evaluation.json", "data_fingerprint.json", "version.json",
-            "model"} <= {p.name for p in version.iterdir()}
+            "model", "data_profile.json"} <= {p.name for p in version.iterdir()}
+    # the Dataset's profile travels with the version: the next run's drift baseline
+    assert (version / "data_profile.json").read_bytes() == (chain.dataset / "data_profile.json").read_bytes()
     assert (version / "model" / "model.keras").read_bytes() == (chain.strong / "model.keras").read_bytes()
     record = json.loads((version / "version.json").read_text())
     assert record["data_fingerprint"] == "abc123" and record["settings"] == {"head_epochs": "6"}
