@@ -9,8 +9,8 @@ self-contained page with the report's data section.
 import argparse
 import logging
 import sys
+from pathlib import Path
 
-from kfp_finetune.components.core.fsutil import write_json
 from kfp_finetune.components.datacheck.params import LEAKAGE
 from kfp_finetune.components.train.params import add_arguments
 
@@ -36,10 +36,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    import json
     import os
     import tempfile
-    from pathlib import Path
 
     from kfp_finetune.components.dataprofile import LeakageResult
     from kfp_finetune.components.dataprofile.reporthtml import html_section, page
@@ -56,8 +54,11 @@ def _cli(args: argparse.Namespace) -> int:
              "pair(s) across splits (%s)", args.source, profile.count, len(overall.classes),
              overall.quantile("short_side", 0.5)[0], dict(overall.categories["format"]),
              dict(overall.categories["mode"]), leak["cross_split_pairs"], leak["policy"])
+    for target in (args.output, args.html):
+        if target:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
     if args.output:
-        write_json(args.output, json.loads(profile.dumps()))
+        _write_text(Path(args.output), profile.dumps())  # byte for byte what ingest writes
     else:
         sys.stdout.write(profile.dumps())
     if args.html:
@@ -67,8 +68,12 @@ def _cli(args: argparse.Namespace) -> int:
             path = Path(names.get(record_id, ""))
             return path.read_bytes() if names.get(record_id) and path.is_file() else None
 
-        html = page(html_section(profile, None, LeakageResult.from_json(leak), image))
-        tmp = Path(args.html).with_name(f".{Path(args.html).name}.tmp")
-        tmp.write_text(html, encoding="utf-8")
-        tmp.replace(args.html)
+        _write_text(Path(args.html), page(html_section(profile, None, LeakageResult.from_json(leak), image)))
     return 0
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomically: a hidden temporary file beside `path`, then a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
