@@ -180,11 +180,12 @@ def test_export_push_to_emulator_is_servable(chain, blessed_eval, gcs_bucket, tm
     local = tmp_path / "fetched"
     prefix = "models/flowers/run-7/"
     gcs.download_many([f"gs://{gcs_bucket.name}/{n}" for n in names], [local / n[len(prefix):] for n in names])
-    # The export, plus what makes it a complete champion: the Model artifact, the data fingerprint, version.json.
+    # The export, plus what makes it a complete champion: the Model artifact, the data fingerprint and profile,
+    # version.json.
     assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()) == sorted(
         [p.relative_to(tmp_path / "export").as_posix() for p in (tmp_path / "export").rglob("*") if p.is_file()]
-        + ["claim.json", "data_fingerprint.json", "model/model.json", "model/model.keras", "promoted.json",
-           "version.json"])
+        + ["claim.json", "data_fingerprint.json", "data_profile.json", "model/model.json", "model/model.keras",
+           "promoted.json", "version.json"])
     serving = tf.saved_model.load(str(local)).signatures["serving_default"]
     out = serving(image_bytes=tf.constant(_flower_images(flowers_dir)[:2]))
     assert out["probabilities"].shape == (2, 3)
