@@ -32,7 +32,7 @@ def photos(flowers: Path, root: Path, start: int, thumb: bool) -> Path:
     return root
 
 
-@pytest.mark.slow  # kfp.local runs fingerprint, ingest, backbone and the drift step: ~1 minute
+@pytest.mark.slow  # kfp.local runs fingerprint, ingest, backbone and the drift step: 7-15 s
 def test_refused_drift_stops_the_run_before_training(flowers_dir, weights_mirror, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("KFP_FINETUNE_WEIGHTS_MIRROR", str(weights_mirror))
     # The champion: a version (pushed by hand) whose data were 250 ordinary photos.
@@ -53,7 +53,7 @@ def test_refused_drift_stops_the_run_before_training(flowers_dir, weights_mirror
     text = captured.out + captured.err
     assert code != 0
     assert "data drift: refuse: resolution collapsed: median short side" in text
-    assert sorted(p.name for p in push_to.iterdir()) == ["LATEST", version.name]  # nothing pushed
+    assert sorted(p.name for p in push_to.iterdir()) == sorted(["LATEST", version.name])  # nothing pushed
     assert (push_to / "LATEST").read_text().strip() == version.name
     for name in ("train-head", "fine-tune", "evaluate", "export"):
         assert not list((tmp_path / "run").rglob(f"*{name}*")), f"{name} ran"
