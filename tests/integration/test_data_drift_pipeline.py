@@ -53,6 +53,8 @@ def test_refused_drift_stops_the_run_before_training(flowers_dir, weights_mirror
     text = captured.out + captured.err
     assert code != 0
     assert "data drift: refuse: resolution collapsed: median short side" in text
+    final = captured.err.strip().splitlines()[-1]  # the operator's last line names the step and the reason
+    assert final.startswith("kfp-finetune: error: step data-drift failed: data drift: refuse: resolution collapsed")
     assert sorted(p.name for p in push_to.iterdir()) == sorted(["LATEST", version.name])  # nothing pushed
     assert (push_to / "LATEST").read_text().strip() == version.name
     for name in ("train-head", "fine-tune", "evaluate", "export"):
