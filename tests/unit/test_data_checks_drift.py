@@ -205,3 +205,19 @@ def test_the_pipeline_keeps_drift_out_of_the_training_settings(tmp_path):
     assert "leakage" in str(settings) and "drift" not in str(settings)
     assert "data-drift" in tasks["train-head"]["dependentTasks"]
     assert tasks["data-drift"]["cachingOptions"] == {} or not tasks["data-drift"]["cachingOptions"].get("enableCache")
+
+
+def test_run_shows_the_drift_line_and_the_moves_in_the_step_lines():
+    from kfp_finetune.pipelines.local import step_error
+    from kfp_finetune.pipelines.steplog import key_result
+
+    drift = {"artifacts": {"drift": {"artifacts": [{"metadata": {"line": "data drift: pass (against champion 7)"}}]}}}
+    assert key_result("data-drift", drift) == "data drift: pass (against champion 7)"
+    dataset = {"artifacts": {"dataset": {"artifacts": [{"metadata": {
+        "num_examples": {"train": 8.0, "validation": 1.0, "test": 1.0}, "class_names": ["a", "b"],
+        "leakage": {"policy": "move", "cross_split_pairs": 2, "moved": 2}}}]}}}
+    assert key_result("ingest", dataset) == "10 images ingested (8 train / 1 validation / 1 test), 2 classes; " \
+        "2 near-duplicate(s) moved"
+    tail = ["Traceback (most recent call last):", "kfp_finetune.components.datacheck.step.DataDriftRefused: "
+            "data drift: refuse: x", ""]
+    assert step_error(tail) == "data drift: refuse: x" and step_error(["ValueError: y"]) == ""
