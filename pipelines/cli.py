@@ -1,6 +1,6 @@
-"""`kfp-finetune` (also `python -m kfp_finetune.pipelines`): the steps' subcommands (fingerprint, ingest, backbone,
-train-head, fine-tune, evaluate, export, predict, pick-winner), the registry's (versions, rollback) and the
-operator commands (compile, run, submit, schedule); `kfp-finetune --help` lists them all.
+"""`kfp-finetune` (also `python -m kfp_finetune.pipelines`): the steps' subcommands (fingerprint, ingest, profile,
+drift, backbone, train-head, fine-tune, evaluate, export, predict, pick-winner), the registry's (versions, rollback)
+and the operator commands (compile, run, submit, schedule); `kfp-finetune --help` lists them all.
 
 Each module of COMMAND_MODULES exposes `add_cli(subparsers)`, which registers its parser and sets `func` to a handler
 that takes the parsed namespace, builds the step's typed config (validating it) and calls the step's function.
@@ -22,6 +22,8 @@ from kfp_finetune.components.core.errors import UserError
 COMMAND_MODULES = (
     "kfp_finetune.components.ingest.fingerprint",
     "kfp_finetune.components.ingest.step",
+    "kfp_finetune.components.ingest.profile_cli",
+    "kfp_finetune.components.datacheck.step",
     "kfp_finetune.components.backbone.step",
     "kfp_finetune.components.train",
     "kfp_finetune.components.evaluate.step",

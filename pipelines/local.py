@@ -6,7 +6,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -108,6 +108,15 @@ class RunSummary:
         out += [f"  WARNING: {w}" for w in self.warnings]
         return out
 
+
+
+def step_error(tail: Iterable[str]) -> str:
+    """The one-line message of an error of ours that ended a step (e.g. the data-drift step's refusal), or ''."""
+    for line in reversed(list(tail)):
+        found = re.match(r"\s*kfp_finetune\.[\w.]+\.\w+: (.+)$", line)
+        if found:
+            return found.group(1).strip()
+    return ""
 
 
 def _failed_step(message: str) -> str:
@@ -244,7 +253,9 @@ def run_package(
             raise UserError(f"step {name} failed; logs under {logs}; artifacts so far under {root}") from exc
         steps.finish(failed, "FAILURE")
         terminal.write(steps.failure_report(failed) + "\n")
-        raise UserError(f"step {failed.name} failed (log: {failed.log}); artifacts so far under {root}") from exc
+        reason = step_error(failed.tail)
+        raise UserError(f"step {failed.name} failed{': ' + reason if reason else ''} (log: {failed.log}); "
+                        f"artifacts so far under {root}") from exc
     finally:
         steps.close()
     summary = summarize(task.outputs, root)

@@ -1,5 +1,6 @@
 """Pipeline parameters as operators give them: `--param NAME=VALUE` strings checked against a compiled pipeline's
-inputs (names, types, required ones) before anything runs or is sent.
+inputs (names, types, required ones) before anything runs or is sent; and what each pipeline parameter feeds
+(`step_parameters`) and whether it is a training setting (`training_parameters`), from the steps' definitions.
 """
 
 import os
@@ -120,3 +121,22 @@ def check_values(values: dict[str, Any], inputs: dict[str, PipelineInput]) -> di
     if missing:
         raise UserError(f"missing required parameter(s) {', '.join(missing)}; add --param NAME=VALUE for each")
     return values
+
+
+def step_parameters() -> dict[str, tuple[Any, ...]]:
+    """Every step's parameter definitions (components.core.params.Param), by KFP task: what the pipeline wires."""
+    from kfp_finetune.components.backbone.params import BACKBONE
+    from kfp_finetune.components.datacheck.params import DRIFT
+    from kfp_finetune.components.evaluate.release_params import EVALUATE, EXPORT
+    from kfp_finetune.components.ingest.params import FINGERPRINT, INGEST
+    from kfp_finetune.components.train.params import FINE_TUNE, HEAD
+
+    return {"fingerprint": FINGERPRINT, "ingest": INGEST, "data-drift": DRIFT, "backbone": BACKBONE,
+            "train-head": HEAD, "fine-tune": FINE_TUNE, "evaluate": EVALUATE, "export": EXPORT}
+
+
+def training_parameters() -> frozenset[str]:
+    """The pipeline parameters that are training settings (fed to a parameter declared `training`)."""
+    from kfp_finetune.components.core.params import training_settings
+
+    return training_settings(p for ps in step_parameters().values() for p in ps)

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 from kfp_finetune.components.core import settings
 from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.pipelines.params import training_parameters
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,8 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
     from kfp_finetune.components.backbone.params import BACKBONE
     from kfp_finetune.components.backbone.step import backbone_op
     from kfp_finetune.components.core.params import step_arguments
+    from kfp_finetune.components.datacheck.params import DRIFT
+    from kfp_finetune.components.datacheck.step import drift_op
     from kfp_finetune.components.evaluate.release_params import EVALUATE, EXPORT
     from kfp_finetune.components.evaluate.step import evaluate_op
     from kfp_finetune.components.export.step import export_op
@@ -159,8 +162,8 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
     from kfp_finetune.components.train import fine_tune_op, params, train_head_op
 
     options = options or CompileOptions()
-    fingerprint_c, no_new_data_c = (_with_image(op, options.image, name) for op, name in (
-        (fingerprint_op, "fingerprint"), (no_new_data_op, "no-new-data")))
+    fingerprint_c, no_new_data_c, drift_c = (_with_image(op, options.image, name) for op, name in (
+        (fingerprint_op, "fingerprint"), (no_new_data_op, "no-new-data"), (drift_op, "data-drift")))
     ingest_c, backbone_c, head_c, tune_c, evaluate_c, export_c = (
         _with_image(op, options.image, name)
         for op, name in ((ingest_op, "ingest"), (backbone_op, "backbone"), (train_head_op, "train-head"),
@@ -210,7 +213,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
                              (evaluate_op, "evaluate-validation"))
         )
 
-    def compare_branches(ingest: Any, values: dict[str, Any]) -> Any:
+    def compare_branches(ingest: Any, check: Any, values: dict[str, Any]) -> Any:
         """Compare mode: one branch per recipe (ParallelFor), the winner on validation, then test → export.
 
         Each branch trains with every setting of its recipe (params.branch_arguments); of the pipeline's training
@@ -231,7 +234,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
             branch_backbone.set_display_name("backbone").set_caching_options(True)
             head = head_c(dataset=dataset, backbone=branch_backbone.outputs["model"],
                           **params.branch_arguments("train_head", s, v))
-            training_resources(head, "train head")
+            training_resources(head, "train head").after(check)
             tune = tune_c(dataset=dataset, model=head.outputs["model"], **params.branch_arguments("fine_tune", s, v))
             training_resources(tune, "fine-tune")
             validate = validate_c(dataset=dataset, model=tune.outputs["tuned_model"], split="validation")
@@ -244,16 +247,17 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         winner.set_display_name("pick winner (validation)")
         model = winner.outputs["winner"]
 
-        evaluate, _ = evaluate_and_export(dataset, model, v)
+        evaluate, _ = evaluate_and_export(dataset, model, check, v)
         return {"metrics": evaluate.outputs["metrics"], "report": evaluate.outputs["report"],
                 "evaluation": evaluate.outputs["evaluation"], "model": model,
                 "blessed": evaluate.outputs["blessed"], "accuracy": evaluate.outputs["accuracy"],
                 "comparison": winner.outputs["comparison"], "winner_recipe": winner.outputs["recipe"]}
 
-    def evaluate_and_export(dataset: Any, model: Any, v: dict[str, Any]) -> tuple[Any, Any]:
+    def evaluate_and_export(dataset: Any, model: Any, check: Any, v: dict[str, Any]) -> tuple[Any, Any]:
         """evaluate on the test split against the champion (push_to/LATEST unless baseline_model says otherwise),
-        then export and push when blessed."""
-        evaluate = evaluate_c(dataset=dataset, model=model, split="test", **step_arguments(EVALUATE, v))
+        with the data-drift verdict in its report, then export and push when blessed."""
+        evaluate = evaluate_c(dataset=dataset, model=model, split="test", data_drift=check.outputs["result"],
+                              **step_arguments(EVALUATE, v))
         evaluate.set_display_name("evaluate")
         with dsl.If(evaluate.outputs["blessed"] == True, name="blessed"):  # noqa: E712 (a KFP condition)
             # No run_id: export then names the pushed version by UTC timestamp (digits), which TF Serving orders.
@@ -268,22 +272,26 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         """The tasks of a run with new data (inside the `new-data` condition): the outputs, by name."""
         ingest = ingest_c(fingerprint=v["fingerprint"], **step_arguments(INGEST, v))
         ingest.set_display_name("ingest").set_caching_options(True)
+        # The data checks against the champion's data: two small JSON files, before any training. A refused drift
+        # fails this task, so no training step starts and nothing is pushed. Never cached: LATEST may have moved.
+        check = drift_c(dataset=ingest.outputs["dataset"], push_to=v["push_to"], **step_arguments(DRIFT, v))
+        check.set_display_name("data drift").set_caching_options(False)
 
         if options.compare_recipes:
-            return compare_branches(ingest, v)
+            return compare_branches(ingest, check, v)
 
         backbone_task = backbone_c(fallback_to_random=options.demo_fallback, **step_arguments(BACKBONE, v))
         backbone_task.set_display_name("backbone").set_caching_options(True)
 
         head = head_c(dataset=ingest.outputs["dataset"], backbone=backbone_task.outputs["model"],
                       **step_arguments(params.HEAD, v))
-        training_resources(head, "train head")
+        training_resources(head, "train head").after(check)
 
         tune = tune_c(dataset=ingest.outputs["dataset"], model=head.outputs["model"],
                       **step_arguments(params.FINE_TUNE, v))
         training_resources(tune, "fine-tune")
 
-        evaluate, _ = evaluate_and_export(ingest.outputs["dataset"], tune.outputs["tuned_model"], v)
+        evaluate, _ = evaluate_and_export(ingest.outputs["dataset"], tune.outputs["tuned_model"], check, v)
         return {"metrics": evaluate.outputs["metrics"], "report": evaluate.outputs["report"],
                 "evaluation": evaluate.outputs["evaluation"], "model": tune.outputs["tuned_model"],
                 "blessed": evaluate.outputs["blessed"], "accuracy": evaluate.outputs["accuracy"]}
@@ -334,6 +342,15 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         tflite: str = "none",
         max_tflite_drop: float = 0.01,
         tflite_required: bool = False,
+        leakage: str = "move",
+        data_drift: str = "warn",
+        drift_max_class_share_change: float = 0.1,
+        drift_max_histogram_distance: float = 0.25,
+        drift_max_category_distance: float = 0.25,
+        drift_min_new_category_share: float = 0.01,
+        drift_min_resolution_ratio: float = 0.5,
+        drift_min_short_side: int = 32,
+        drift_min_images: int = 200,
     ) -> PipelineOutputs:
         """Fine-tune a Keras image classifier: ingest ∥ backbone → train_head → fine_tune → evaluate → export.
 
@@ -403,12 +420,27 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
                 or "both", each checked with the LiteRT interpreter on the test split.
             max_tflite_drop: a .tflite whose test accuracy is more than this below the Keras model's is not pushed.
             tflite_required: fail the export (nothing pushed) when a requested .tflite does not convert or pass.
+            leakage: near-duplicates (perceptual hash within 10 bits) in different splits: "move" each group into
+                one split (the first of train > validation > test holding a member), or "report" only; both list
+                the pairs in ingest_report.json. A training setting (it shapes the splits).
+            data_drift: the data profile against the champion's (a step before training): "warn" (logged, in the
+                report) or "refuse" (the run stops before training with one line saying what moved; nothing is
+                pushed). No champion or no stored profile: "no baseline: drift not checked". The thresholds below
+                are docs/data-checks.md's; none of these is a training setting.
+            drift_max_class_share_change: largest tolerated change of one class's share (0.1 = 10 points).
+            drift_max_histogram_distance: largest tolerated total variation distance of a size, file-size,
+                brightness or contrast histogram.
+            drift_max_category_distance: largest tolerated total variation distance of format / colour mode / tone.
+            drift_min_new_category_share: a format or colour mode new to the data is drift from this share.
+            drift_min_resolution_ratio: median short side below this fraction of the champion's is a collapse.
+            drift_min_short_side: median short side below this many pixels is a collapse whatever the champion.
+            drift_min_images: the distribution checks need this many images on both sides.
         """
         values = dict(locals())  # the pipeline's parameters by name, for step_arguments / branch_arguments
         # What the skip decision compares with the champion's: every parameter that shapes the model, as the
         # parameters feeding it declare (Param.training); tests/unit/test_step_parameters.py checks that every
         # pipeline parameter feeds at least one defined parameter.
-        training = training_parameters()
+        training = training_parameters()  # pipelines/params.py
         training_settings = {k: v for k, v in values.items()
                              if isinstance(v, pipeline_channel.PipelineParameterChannel) and k in training}
         training_settings["compare_recipes"] = ",".join(options.compare_recipes)
@@ -426,24 +458,6 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         return PipelineOutputs(status=status, **{k: dsl.OneOf(trained[k], skipped.outputs[k]) for k in names})
 
     return finetune_pipeline
-
-
-def step_parameters() -> dict[str, tuple[Any, ...]]:
-    """Every step's parameter definitions (components.core.params.Param), by KFP task: what the pipeline wires."""
-    from kfp_finetune.components.backbone.params import BACKBONE
-    from kfp_finetune.components.evaluate.release_params import EVALUATE, EXPORT
-    from kfp_finetune.components.ingest.params import FINGERPRINT, INGEST
-    from kfp_finetune.components.train.params import FINE_TUNE, HEAD
-
-    return {"fingerprint": FINGERPRINT, "ingest": INGEST, "backbone": BACKBONE, "train-head": HEAD,
-            "fine-tune": FINE_TUNE, "evaluate": EVALUATE, "export": EXPORT}
-
-
-def training_parameters() -> frozenset[str]:
-    """The pipeline parameters that are training settings (fed to a parameter declared `training`)."""
-    from kfp_finetune.components.core.params import training_settings
-
-    return training_settings(p for ps in step_parameters().values() for p in ps)
 
 
 def compile_pipeline(output: str | Path, options: CompileOptions | None = None) -> Path:

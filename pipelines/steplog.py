@@ -81,7 +81,11 @@ def key_result(step: str, output: dict[str, Any]) -> str:
         counts = {k: int(v) for k, v in meta["dataset"]["num_examples"].items()}
         classes = len(meta["dataset"].get("class_names") or [])
         split = " / ".join(f"{counts[k]} {k}" for k in ("train", "validation", "test") if k in counts)
-        return f"{sum(counts.values())} images ingested ({split}), {classes} classes"
+        leak = meta["dataset"].get("leakage") or {}
+        moved = f"; {int(leak['moved'])} near-duplicate(s) moved" if leak.get("moved") else ""
+        return f"{sum(counts.values())} images ingested ({split}), {classes} classes{moved}"
+    if "line" in (meta.get("drift") or {}):  # the data-drift step: its one line (pass, warn, or no baseline)
+        return str(meta["drift"]["line"])
     for name in ("tuned_model", "model"):
         model = meta.get(name) or {}
         if "val_accuracy" in model:

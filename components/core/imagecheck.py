@@ -10,8 +10,10 @@ import hashlib
 import io
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kfp_finetune.components.core import safefiles
 
@@ -82,6 +84,7 @@ class ImageResult:
     resized: bool = False
     reason: str | None = None
     detail: str = ""
+    stats: Any = None  # what `inspect` returned for the decoded image (ingest: dataprofile.ImageStats), or None
 
 
 def hash_file(path: str) -> FileHash:
@@ -134,21 +137,26 @@ def _to_rgb(im):  # noqa: ANN001, ANN202  (PIL.Image.Image in, PIL.Image.Image o
     return im.convert("RGB")
 
 
-def decode_image(path: str, max_side: int | None = None) -> ImageResult:
+Inspect = Callable[[bytes, Any], Any]
+
+
+def decode_image(path: str, max_side: int | None = None, inspect: Inspect | None = None) -> ImageResult:
     """Fully decode `path`; return its bytes unchanged when they are RGB/grey JPEG or PNG within `max_side`,
-    otherwise RGB JPEG/PNG bytes re-encoded from the decoded pixels."""
+    otherwise RGB JPEG/PNG bytes re-encoded from the decoded pixels. `inspect(data, image)`, when given, is called
+    on the loaded source image (before any conversion) and its result is the ImageResult's `stats`."""
     try:
         data = safefiles.read_bytes(path)
     except safefiles.UnsafeFile as exc:
         return ImageResult(False, reason=exc.reason, detail=exc.detail)
     except OSError as exc:
         return ImageResult(False, reason=UNREADABLE, detail=_os_error(exc))
-    return decode_bytes(data, max_side)
+    return decode_bytes(data, max_side, inspect)
 
 
-def decode_bytes(data: bytes, max_side: int | None = None) -> ImageResult:
+def decode_bytes(data: bytes, max_side: int | None = None, inspect: Inspect | None = None) -> ImageResult:
     """`decode_image` on bytes already read (the Beam ingest reads them through Beam's filesystems): the one
-    implementation of the decode check, conversion and resizing for every runner."""
+    implementation of the decode check, conversion and resizing for every runner. `inspect`: see decode_image (a
+    module-level function, so that it pickles by reference to pool workers)."""
     from PIL import Image
 
     if not data:
@@ -165,9 +173,10 @@ def decode_bytes(data: bytes, max_side: int | None = None) -> ImageResult:
                     )
                 im.load()  # the full decode: truncated and corrupt files fail here
                 fmt = im.format
+                stats = inspect(data, im) if inspect is not None else None
                 too_big = bool(max_side) and max(width, height) > max_side
                 if fmt in KEEP_FORMATS and im.mode in KEEP_MODES and not too_big:
-                    return ImageResult(True, data=data, format=fmt, width=width, height=height)
+                    return ImageResult(True, data=data, format=fmt, width=width, height=height, stats=stats)
                 rgb = _to_rgb(im)
     except Image.DecompressionBombError as exc:
         return ImageResult(False, reason=TOO_LARGE, detail=str(exc))
@@ -187,9 +196,9 @@ def decode_bytes(data: bytes, max_side: int | None = None) -> ImageResult:
     converted = not (fmt in KEEP_FORMATS and im.mode in KEEP_MODES)
     return ImageResult(
         True, data=buf.getvalue(), format=out_format, width=rgb.width, height=rgb.height,
-        converted=converted, resized=too_big,
+        converted=converted, resized=too_big, stats=stats,
     )
 
 
-def decode_batch(paths: list[str], max_side: int | None) -> list[ImageResult]:
-    return [decode_image(p, max_side) for p in paths]
+def decode_batch(paths: list[str], max_side: int | None, inspect: Inspect | None = None) -> list[ImageResult]:
+    return [decode_image(p, max_side, inspect) for p in paths]

@@ -103,6 +103,11 @@ class DriftResult:
         return {"policy": self.policy, "verdict": self.verdict, "message": self.message(), "note": self.note,
                 "findings": [asdict(f) for f in self.findings], "measures": self.measures}
 
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> DriftResult:
+        return cls(policy=d["policy"], verdict=d["verdict"], findings=tuple(Finding(**f) for f in d["findings"]),
+                   measures=dict(d.get("measures") or {}), note=d.get("note", ""))
+
 def tvd(a: Mapping[str, int] | list[int], b: Mapping[str, int] | list[int]) -> float:
     """Total variation distance of two count vectors (lists of equal length, or dicts over the union of keys)."""
     if isinstance(a, Mapping) or isinstance(b, Mapping):

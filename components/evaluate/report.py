@@ -293,6 +293,7 @@ def render(
     model_meta: dict[str, Any],
     ingest_report: dict[str, Any],
     mistakes: Sequence[Mistake],
+    data_html: str = "",
 ) -> str:
     """The whole report page as one HTML string."""
     m = evaluation["metrics"]
@@ -349,5 +350,6 @@ def render(
 <h2>Per class</h2>{_table(["class", "precision", "recall", "F1", "support"], class_rows)}
 <h2>Worst mistakes</h2><p class="muted">misclassified examples, most confident first</p>{mistakes_html}
 <h2>Dataset</h2>{_dataset_section(ingest_report, names)}
+{data_html}
 </body></html>
 """

@@ -42,6 +42,7 @@ from kfp_finetune.components.core import settings
 from kfp_finetune.components.core.errors import UserError
 from kfp_finetune.components.core.fsutil import atomic_directory, check_output_dir, file_sha256, read_json, write_json
 from kfp_finetune.components.core.params import add_arguments, by_name, config_kwargs
+from kfp_finetune.components.evaluate import datasection
 from kfp_finetune.components.evaluate.blessing import EPSILON, NO_BASELINE, baseline_dir, bless  # noqa: F401 (re-exported)
 from kfp_finetune.components.evaluate.blessing import resolve_baseline as _resolve_baseline
 from kfp_finetune.components.evaluate.release_params import CLASS_CHANGE_POLICIES  # noqa: F401 (re-exported)
@@ -79,6 +80,7 @@ class EvaluateConfig:
     max_class_regression: float = _DEFAULT["max_class_regression"]  # 1: no per-class rule
     calibrate: bool = _DEFAULT["calibrate"]  # fit a temperature on the validation split (calibration.py)
     max_ece: float = _DEFAULT["max_ece"]  # bless only at or below this ECE of the served probabilities (1: no rule)
+    data_drift: str | None = None  # the drift step's result (JSON text or drift.json), for the report's data section
 
     def __post_init__(self) -> None:
         for name in ("dataset", "model", "output", "split"):
@@ -264,6 +266,7 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
     from kfp_finetune.components.evaluate import report
 
     started = time.perf_counter()
+    drift = datasection.read_drift(config.data_drift)  # a bad --data-drift fails before any model is loaded
     info = dataset.load_info(config.dataset)
     info.require_split(config.split)
     check_output_dir(config.output)
@@ -344,7 +347,9 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
     mistakes = [report.Mistake(i, names[t], names[p], c, images.get(i, b"")) for i, t, p, c in worst]
     evaluation["worst_mistakes"] = [{"index": m.index, "true": m.true_name, "predicted": m.predicted_name,
                                      "confidence": m.confidence} for m in mistakes]
-    html = report.render(evaluation, meta, info.report, mistakes)
+    evaluation["data_drift"] = drift.to_json() if drift else None
+    html = report.render(evaluation, meta, info.report, mistakes,
+                         datasection.render(config.dataset, info.report, champion, drift))
 
     with atomic_directory(config.output) as tmp:
         write_json(tmp / EVALUATION_FILE, evaluation)
@@ -380,11 +385,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="Model artifact directory (output of `train-head`/`fine-tune`)")
     p.add_argument("--output", required=True, help="new directory for evaluation.json and report.html")
     add_arguments(p, PARAMS)
+    p.add_argument("--data-drift", default=None, metavar="DRIFT_JSON", help="the drift step's drift.json, shown")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    evaluate(EvaluateConfig(dataset=args.dataset, model=args.model, output=args.output,
+    evaluate(EvaluateConfig(dataset=args.dataset, model=args.model, output=args.output, data_drift=args.data_drift,
                             **config_kwargs(PARAMS, args)))
     return 0
 
@@ -409,6 +415,7 @@ def evaluate_op(
     max_class_regression: float = 1.0,
     calibrate: bool = True,
     max_ece: float = 1.0,
+    data_drift: str = "",
 ) -> NamedTuple("EvaluateOutputs", [("blessed", bool), ("accuracy", float)]):
     """Evaluate a classifier on one split, write a report, and decide whether it is blessed.
 
@@ -430,6 +437,7 @@ def evaluate_op(
         calibrate: Fit a temperature T on the validation split (minimising NLL); export serves softmax(log(p) / T).
         max_ece: Blessed only if the expected calibration error (15 bins) of the served probabilities is at most
             this (1 = no such rule).
+        data_drift: The drift step's result (JSON text), shown in the report's data section; "" for none.
 
     Returns:
         blessed: Whether every blessing rule passed (use with dsl.If to gate export).
@@ -444,7 +452,7 @@ def evaluate_op(
         dataset=dataset.path, model=model.path, output=evaluation.path, split=split, min_accuracy=min_accuracy,
         baseline_model=baseline_model or None, max_regression=max_regression,
         champion_from=champion_from or None, class_change=class_change, max_class_regression=max_class_regression,
-        calibrate=calibrate, max_ece=max_ece,
+        calibrate=calibrate, max_ece=max_ece, data_drift=data_drift or None,
     ))
     m = result.metrics
     for key in ("accuracy", "loss", "top_k_accuracy", "macro_f1", "weighted_f1"):

@@ -302,6 +302,9 @@ def _push_version(config: "ExportConfig", meta: dict[str, Any], evaluation: dict
             shutil.copy2(Path(config.model) / name, stage / registry.MODEL_DIR / name)
         write_json(stage / "data_fingerprint.json", {"data_fingerprint": record["data_fingerprint"],
                                                 "source": record["lineage"]["source"]})
+        from kfp_finetune.components.datacheck.step import copy_profile
+
+        copy_profile(config.dataset or (evaluation or {}).get("dataset"), stage)  # the next run's drift baseline
         write_json(stage / registry.VERSION_FILE, record)
         return registry.push(stage, config.push_to, config.run_id,
                              expect=registry.evaluated_champion(evaluation, config.push_to))

@@ -170,7 +170,7 @@ def run(config: "IngestConfig") -> "IngestResult":
             source=source, output=out, tmp=_join(out, f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}"), seed=config.seed,
             val_fraction=config.val_fraction, test_fraction=config.test_fraction, fractions=config.fractions,
             max_side=config.max_side, max_corrupt_fraction=config.max_corrupt_fraction, num_shards=config.num_shards,
-            started=time.time(), class_refs=class_refs, fingerprint=config.fingerprint,
+            started=time.time(), class_refs=class_refs, fingerprint=config.fingerprint, leakage=config.leakage,
         )
         log.info("ingest on Beam %s: %s", BEAM_RUNNERS[config.runner], " ".join(flags))
         pipeline = beam.Pipeline(options=PipelineOptions(flags))
@@ -237,6 +237,7 @@ def ingest_beam_op(
     runner: str = "dataflow",
     beam_options: list = [],  # noqa: B006  (KFP reads the default; it is never mutated)
     fingerprint: str = "",
+    leakage: str = "move",
 ) -> None:
     """The ingest step on Apache Beam (`kfp-finetune ingest --runner direct|dataflow`); blocks until the job ends.
 
@@ -254,6 +255,8 @@ def ingest_beam_op(
         beam_options: Beam pipeline options as KEY=VALUE strings (region, temp_location, max_num_workers, ...).
         fingerprint: the source's data fingerprint (fingerprint step): recorded in the Dataset, and part of this
             step's cache key, so changed data is ingested again.
+        leakage: near-duplicates (perceptual hash within 10 bits) in different splits: "move" each group into one
+            split or "report" them only (ingest_report.json lists the pairs either way).
     """
     from kfp_finetune.components.ingest.beam_ingest import parse_option
     from kfp_finetune.components.ingest.step import IngestConfig, ingest
@@ -271,7 +274,7 @@ def ingest_beam_op(
             source=source, output=dataset.uri if remote else dataset.path, val_fraction=val_fraction,
             test_fraction=test_fraction, seed=seed, max_side=max_side or None,
             max_corrupt_fraction=max_corrupt_fraction, num_shards=num_shards or None, runner=runner,
-            beam_options=tuple(options), fingerprint=fingerprint or None,
+            beam_options=tuple(options), fingerprint=fingerprint or None, leakage=leakage,
         )
     )
     dataset.metadata["class_names"] = list(result.class_names)

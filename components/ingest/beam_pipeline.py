@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 from kfp_finetune.components.core import compat, gcs, imagecheck, settings
 from kfp_finetune.components.core.dataset import REPORT_FILE, SPLITS
 from kfp_finetune.components.core.errors import UserError
-from kfp_finetune.components.ingest import rules, tfds_format
+from kfp_finetune.components.dataprofile import PROFILE_FILE, ProfileBuilder
+from kfp_finetune.components.ingest import profiling, rules, tfds_format
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +44,18 @@ class Inspected(NamedTuple):
     detail: str
     converted: bool
     resized: bool
+    stats: Any = None  # dataprofile.ImageStats of a decoded image (profiling.stats_of)
 
 
 class Kept(NamedTuple):
     sha256: str
     ref: str
     label: str
-    split: str
+    split: str  # the content-hash split, then (after the leakage decision) the final one
     converted: bool
     resized: bool
+    stats: Any = None
+    duplicates: int = 0  # byte-identical files skipped as its copies
 
 
 class ShardInfo(NamedTuple):
@@ -77,6 +81,7 @@ class Job(NamedTuple):
     started: float  # time.time() at launch, for the report's seconds
     class_refs: dict[str, str]  # class -> where it came from (known classes of a folder/manifest source)
     fingerprint: str | None = None  # the source's data fingerprint (fingerprint.py), recorded in the report
+    leakage: str = "move"  # near-duplicates across splits: move | report (rules.leakage)
 
 
 def _join(base: str, *parts: str) -> str:
@@ -154,10 +159,10 @@ def inspect(candidate: Candidate, max_side: int | None) -> Inspected:
         detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         return Inspected(candidate.ref, candidate.label, None, 0, False, reason, detail, False, False)
     digest = imagecheck.hash_bytes(data)
-    result = imagecheck.decode_bytes(data, max_side)
+    result = imagecheck.decode_bytes(data, max_side, profiling.stats_of)
     return Inspected(
         candidate.ref, candidate.label, digest.sha256, digest.size, result.ok, result.reason, result.detail,
-        result.converted, result.resized,
+        result.converted, result.resized, result.stats,
     )
 
 
@@ -176,7 +181,26 @@ def resolve(sha: str, group: Iterable[Inspected], job: Job) -> Iterator[tuple[st
     if keep is None:
         return
     split = rules.split_of(sha, job.seed, job.val_fraction, job.test_fraction)
-    yield "kept", Kept(sha, first.ref, first.label, split, first.converted, first.resized)
+    duplicates = sum(s["reason"] == rules.DUPLICATE for s in skips)
+    yield "kept", Kept(sha, first.ref, first.label, split, first.converted, first.resized, first.stats, duplicates)
+
+
+def move(kept: Kept, leak: Any) -> Kept:
+    """A kept image in its final split (the leakage decision, `rules.final_split`)."""
+    return kept._replace(split=rules.final_split(kept.sha256, kept.split, leak))
+
+
+def combine_profile(items: Iterable[Any]) -> ProfileBuilder:
+    """The profile's combiner (`beam.CombineGlobally`): kept images in their final split and partial profiles,
+    mixed (Beam's callable combiner feeds both), into one ProfileBuilder: counts only, so any order gives the same
+    profile."""
+    out = ProfileBuilder()
+    for item in items:
+        if isinstance(item, ProfileBuilder):
+            out = out.merge(item)
+        else:
+            out.add(item.split, item.label, item.stats, item.duplicates)
+    return out
 
 
 def bucket_offsets(counts: Iterable[tuple[tuple[str, str], int]]) -> dict[str, Any]:
@@ -238,7 +262,7 @@ def _no_images_message(source: str, others: int) -> str:
 
 def finalize(
     _: Any, job: Job, classes: list[str], stats: dict[str, int], skips: list[dict], shards: list[ShardInfo],
-    class_counts: list[tuple[tuple[str, str], int]], total_bytes: int,
+    class_counts: list[tuple[tuple[str, str], int]], total_bytes: int, leak: Any, profile: ProfileBuilder,
 ) -> Iterator[dict]:
     """Check the result, rename the shards into place and write the metadata and ingest_report.json (in the job)."""
     from apache_beam.io.filesystems import FileSystems
@@ -279,10 +303,11 @@ def finalize(
     report = rules.report(
         job, classes, counts, skipped, num_candidates=num_candidates, num_listing_skips=num_listed_skips,
         converted=stats.get("converted", 0), resized=stats.get("resized", 0),
-        shards_per_split={s: len(split_infos[s][0]) for s in SPLITS}, seconds=time.time() - job.started,
+        shards_per_split={s: len(split_infos[s][0]) for s in SPLITS}, seconds=time.time() - job.started, leak=leak,
     )
     import json
 
+    _write(_join(job.output, PROFILE_FILE), profile.result(rules.profile_meta(job, leak)).dumps().encode())
     _write(_join(job.output, REPORT_FILE), (json.dumps(report, indent=2, sort_keys=True, default=str) + "\n").encode())
     _delete(job.tmp)
     yield report
@@ -364,7 +389,17 @@ def build(pipeline: Any, job: Job, candidates: Sequence[Candidate] | None, known
         | "GroupHash" >> beam.GroupByKey()
         | "Resolve" >> beam.FlatMap(lambda kv, j: resolve(kv[0], kv[1], j), job)
     )
-    kept = resolved | "Kept" >> beam.FlatMap(lambda kv: [kv[1]] if kv[0] == "kept" else [])
+    unmoved = resolved | "Kept" >> beam.FlatMap(lambda kv: [kv[1]] if kv[0] == "kept" else [])
+    # The leakage decision needs every kept image's hashes (small records, one list); the moves are a side input,
+    # applied before anything is ranked, counted or written.
+    leak = (
+        unmoved
+        | "HashRecords" >> beam.Map(lambda k: rules.hash_record(k.sha256, k.ref, k.label, k.split, k.stats))
+        | "AllRecords" >> beam.combiners.ToList()
+        | "Leakage" >> beam.Map(lambda records, j: rules.leakage(records, j.leakage), job)
+    )
+    kept = unmoved | "Move" >> beam.Map(move, beam.pvalue.AsSingleton(leak))
+    profile = kept | "Profile" >> beam.CombineGlobally(combine_profile)
     group_skips = resolved | "GroupSkips" >> beam.FlatMap(lambda kv: [kv[1]] if kv[0] == "skip" else [])
     total_bytes = (
         resolved
@@ -413,5 +448,6 @@ def build(pipeline: Any, job: Job, candidates: Sequence[Candidate] | None, known
             finalize, job,
             beam.pvalue.AsSingleton(classes), beam.pvalue.AsSingleton(stats), beam.pvalue.AsList(skips),
             beam.pvalue.AsList(shards), beam.pvalue.AsList(class_counts), beam.pvalue.AsSingleton(total_bytes),
+            beam.pvalue.AsSingleton(leak), beam.pvalue.AsSingleton(profile),
         )
     )

@@ -9,12 +9,20 @@ No TensorFlow here: the pipeline imports this module at compile time.
 """
 
 from kfp_finetune.components.core.params import Param, fraction, int_at_least, ratio
+from kfp_finetune.components.dataprofile.leakage import POLICIES as LEAKAGE_POLICIES
 
 SOURCE = Param("source", str, None,
                "the images: a class-per-folder directory (local or gs://), a CSV manifest (path,label), or "
                "tfds:NAME[:VERSION]", required=True, recipe=False, pipeline="source", training=False)
 SEED = Param("seed", int, 0, "changes which images land in which split (and seeds training)", int_at_least(0),
              "an integer ≥ 0", recipe=False, pipeline="seed")
+
+# Shapes the splits, so a training setting (like val_fraction): changing it retrains.
+LEAKAGE = Param(
+    "leakage", str, "move",
+    "near-duplicates (perceptual hash within 10 bits) in different splits: move (each group into one split, the "
+    "first of train > validation > test holding a member) or report (splits unchanged); both list the pairs in "
+    "ingest_report.json", choices=LEAKAGE_POLICIES, recipe=False, pipeline="leakage")
 
 INGEST: tuple[Param, ...] = (
     SOURCE,
@@ -30,6 +38,7 @@ INGEST: tuple[Param, ...] = (
           ratio, "a number in [0, 1]", recipe=False, training=False),
     Param("num_shards", int, None, "TFRecord shards per split (unset: about 64 MiB each)", int_at_least(1),
           "a positive integer or 'auto'", optional=True, recipe=False, training=False),
+    LEAKAGE,
 )
 
 FINGERPRINT: tuple[Param, ...] = (

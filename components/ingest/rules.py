@@ -2,8 +2,13 @@
 skipped and why, the final checks, and the ingest report. The local runner (step.py) and the Beam runner
 (beam_pipeline.py) both call these, so that the two produce the same dataset byte for byte and the same report.
 
+The data checks (docs/data-checks.md) are rules too: each kept image's `ImageStats` (computed where it is decoded),
+the leakage decision over all kept images (`leakage`, before any image is written to a split), the final split of
+each image (`final_split`) and the profile (`profile`, written as data_profile.json beside the report).
+
 `job` below is anything with the ingest settings as attributes (`IngestConfig`, or the Beam runner's `Job`):
-source, fingerprint, seed, val_fraction, test_fraction, fractions, max_side, num_shards, max_corrupt_fraction.
+source, fingerprint, seed, val_fraction, test_fraction, fractions, max_side, num_shards, max_corrupt_fraction,
+leakage.
 """
 
 import hashlib
@@ -16,6 +21,15 @@ from kfp_finetune.components import __version__
 from kfp_finetune.components.core import imagecheck
 from kfp_finetune.components.core.dataset import SPLITS
 from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.dataprofile import (
+    THRESHOLD,
+    HashRecord,
+    ImageStats,
+    LeakageResult,
+    Profile,
+    ProfileBuilder,
+    check_leakage,
+)
 from kfp_finetune.components.ingest.sources import DOWNLOAD_FAILED
 
 # Skip reasons besides the listing's (sources.py) and imagecheck's corrupt / too_large / unreadable.
@@ -69,6 +83,38 @@ def resolve_group(items: Sequence[tuple[str, str]]) -> tuple[tuple[str, str] | N
     return keep, [skip(ref, DUPLICATE, f"same bytes as {keep[0]}") for ref, _ in items[1:]]
 
 
+def hash_record(sha256: str, ref: str, label: str, split: str, stats: ImageStats) -> HashRecord:
+    """The leakage check's record of one kept image: its content hash is the id (runner-independent)."""
+    return HashRecord.from_stats(sha256, split, label, stats, name=ref, digest=sha256)
+
+
+def leakage(records: Iterable[HashRecord], policy: str) -> LeakageResult:
+    """Near-duplicates across splits among all kept images, and the moves `policy` (move | report) decides."""
+    return check_leakage(records, policy, THRESHOLD)
+
+
+def final_split(sha256: str, split: str, leak: LeakageResult) -> str:
+    """The split an image is written to: its content-hash split, unless the leakage policy moved its group."""
+    return leak.moves.get(sha256, split)
+
+
+def profile(items: Iterable[tuple[str, str, ImageStats, int]], job: Any, leak: LeakageResult) -> Profile:
+    """data_profile.json of the kept images, (final split, label, stats, byte-identical copies skipped) each.
+
+    Its meta holds nothing that differs between runners or runs of the same data (no paths of temporary folders, no
+    times), so both runners write the same bytes."""
+    builder = ProfileBuilder()
+    for split, label, stats, duplicates in items:
+        builder.add(split, label, stats, duplicates)
+    return builder.result(profile_meta(job, leak))
+
+
+def profile_meta(job: Any, leak: LeakageResult) -> dict[str, Any]:
+    return {"source": job.source, "data_fingerprint": job.fingerprint or None, "seed": job.seed,
+            "fractions": job.fractions, "max_side": job.max_side, "leakage": leak.summary(),
+            "kfp_finetune_version": __version__}
+
+
 def empty_counts(class_names: Sequence[str]) -> dict[str, dict[str, int]]:
     return {split: dict.fromkeys(class_names, 0) for split in SPLITS}
 
@@ -111,8 +157,9 @@ def description(source: str) -> str:
 
 def report(job: Any, class_names: Sequence[str], counts: dict[str, dict[str, int]], skipped: list[dict[str, str]],
            *, num_candidates: int, num_listing_skips: int, converted: int, resized: int,
-           shards_per_split: Mapping[str, int], seconds: float) -> dict[str, Any]:
-    """ingest_report.json: the settings, the counts per split and class, every skipped file with its reason."""
+           shards_per_split: Mapping[str, int], seconds: float, leak: LeakageResult | None = None) -> dict[str, Any]:
+    """ingest_report.json: the settings, the counts per split and class, every skipped file with its reason, and the
+    near-duplicates across splits (both file names, the distance, the moves) under `leakage`."""
     num_examples = {split: sum(counts[split].values()) for split in SPLITS}
     total = sum(num_examples.values())
     return {
@@ -131,6 +178,7 @@ def report(job: Any, class_names: Sequence[str], counts: dict[str, dict[str, int
         "num_shards": {split: shards_per_split[split] for split in SPLITS},
         "skipped_counts": dict(sorted(Counter(s["reason"] for s in skipped).items())),
         "skipped": skipped,
+        "leakage": leak.to_json() if leak is not None else None,
         "seconds": round(seconds, 3),
         "images_per_second": round(total / max(seconds, 1e-9), 1),
         "kfp_finetune_version": __version__,

@@ -11,6 +11,7 @@ Layout of a destination:
         model.json, export.json     its metadata
         evaluation.json             the evaluation that blessed it
         data_fingerprint.json       the data fingerprint and source
+        data_profile.json           the data profile of the Dataset it was trained on (the next drift baseline)
         model/model.keras           the Model artifact it was exported from (a baseline for the next run)
         model/model.json
         version.json                version, created, data fingerprint, training settings, lineage, and

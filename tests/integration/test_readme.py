@@ -30,7 +30,8 @@ def readme_commands(readme: Path = REPO / "README.md") -> list[str]:
 
 def test_the_readme_lists_every_step():
     steps = [shlex.split(c)[1] for c in readme_commands() if c.startswith("kfp-finetune ")]
-    assert steps == ["ingest", "backbone", "train-head", "fine-tune", "evaluate", "export", "predict"]
+    assert steps == ["profile", "ingest", "drift", "backbone", "train-head", "fine-tune", "evaluate", "export",
+                     "predict"]
 
 
 @pytest.mark.slow  # trains on the 1,500 flower photos (2 + 2 epochs): ~2 minutes on 2 cores

@@ -52,7 +52,7 @@ def _assert_failed_in_yaml_edit(code: int, out: str, err: str, output: Path) -> 
     assert MARKER in out and f"full log: {log}" in out  # the tail of the failed step's log, then its path
     step_lines = [line for line in out.splitlines() if line.startswith("[")]
     # ingest and backbone have no dependency between them: either may run first.
-    assert any(re.match(r"\[[23]/7\] ingest +FAILURE", line) for line in step_lines), out
+    assert any(re.match(r"\[[23]/8\] ingest +FAILURE", line) for line in step_lines), out  # 8: with data-drift
     assert "Executing task" not in out and '"executor_input"' not in out  # quiet: kfp.local's stream is filed
 
 

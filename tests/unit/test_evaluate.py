@@ -83,10 +83,13 @@ def test_report_is_self_contained_and_complete(chain, weak_eval):
         assert f"<td>{name}</td>" in html
     mistakes = len(result.evaluation["worst_mistakes"])
     assert mistakes == min(12, result.metrics["num_examples"] - result.metrics["num_correct"]) > 0
-    assert html.count('src="data:image/jpeg;base64,') == mistakes
+    worst = html[html.index("<h2>Worst mistakes</h2>"):html.index("<h2>Dataset</h2>")]
+    assert worst.count('src="data:image/jpeg;base64,') == mistakes
     confidences = [m["confidence"] for m in result.evaluation["worst_mistakes"]]
     assert confidences == sorted(confidences, reverse=True)
     assert str(Path(chain.synthetic_folder)) in html  # the dataset summary names the ingest source
+    data = html[html.index('<section class="dp"'):]  # the data section (issue 23): this run's profile, no champion
+    assert "Class shares" in data and "no champion profile to compare with" in data and data.count("<svg") >= 7
 
 
 def test_worse_baseline_from_gcs_keeps_candidate_blessed(chain, tmp_path, gcs_bucket, gcs_upload, weak_eval):

@@ -113,7 +113,9 @@ def test_push_is_a_complete_champion_and_never_a_duplicate(chain, blessed_eval, 
     assert read_latest(str(dest)) == "run-1" and Path(first.pushed_uri) == dest / "run-1"
     version = Path(first.pushed_uri)
     assert {"saved_model.pb", "variables", "model.json", "evaluation.json", "data_fingerprint.json", "version.json",
-            "model"} <= {p.name for p in version.iterdir()}
+            "model", "data_profile.json"} <= {p.name for p in version.iterdir()}
+    # the Dataset's profile travels with the version: the next run's drift baseline
+    assert (version / "data_profile.json").read_bytes() == (chain.dataset / "data_profile.json").read_bytes()
     assert (version / "model" / "model.keras").read_bytes() == (chain.strong / "model.keras").read_bytes()
     record = json.loads((version / "version.json").read_text())
     assert record["data_fingerprint"] == "abc123" and record["settings"] == {"head_epochs": "6"}
@@ -178,11 +180,12 @@ def test_export_push_to_emulator_is_servable(chain, blessed_eval, gcs_bucket, tm
     local = tmp_path / "fetched"
     prefix = "models/flowers/run-7/"
     gcs.download_many([f"gs://{gcs_bucket.name}/{n}" for n in names], [local / n[len(prefix):] for n in names])
-    # The export, plus what makes it a complete champion: the Model artifact, the data fingerprint, version.json.
+    # The export, plus what makes it a complete champion: the Model artifact, the data fingerprint and profile,
+    # version.json.
     assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()) == sorted(
         [p.relative_to(tmp_path / "export").as_posix() for p in (tmp_path / "export").rglob("*") if p.is_file()]
-        + ["claim.json", "data_fingerprint.json", "model/model.json", "model/model.keras", "promoted.json",
-           "version.json"])
+        + ["claim.json", "data_fingerprint.json", "data_profile.json", "model/model.json", "model/model.keras",
+           "promoted.json", "version.json"])
     serving = tf.saved_model.load(str(local)).signatures["serving_default"]
     out = serving(image_bytes=tf.constant(_flower_images(flowers_dir)[:2]))
     assert out["probabilities"].shape == (2, 3)

@@ -372,7 +372,7 @@ def test_component_signature_matches_the_interface(tmp_path):
     assert spec.implementation.container.image == settings.component_image()
     defaults = {name: i.default for name, i in spec.inputs.items()}
     assert defaults == {"source": None, "val_fraction": 0.1, "test_fraction": 0.1, "seed": 0, "max_side": 0,
-                        "max_corrupt_fraction": 0.01, "num_shards": 0, "fingerprint": ""}
+                        "max_corrupt_fraction": 0.01, "num_shards": 0, "fingerprint": "", "leakage": "move"}
     assert {name: o.type for name, o in spec.outputs.items()} == {"dataset": "system.Dataset@0.0.1"}
     compiler.Compiler().compile(ingest_op, str(tmp_path / "ingest.yaml"))
     import yaml

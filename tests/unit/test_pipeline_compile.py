@@ -53,7 +53,8 @@ def test_compiled_pipeline_loads_back_with_every_executor_on_the_given_image(tmp
     assert component.name == "kfp-finetune"
     assert "source" in component.component_spec.inputs
     images = executor_images(ir)
-    assert len(images) == 8  # fingerprint, ingest, backbone, train-head, fine-tune, evaluate, export, no-new-data
+    assert len(images) == 9  # fingerprint, ingest, data-drift, backbone, train-head, fine-tune, evaluate, export,
+    # no-new-data
     assert set(images.values()) == {IMAGE}
 
 

@@ -22,6 +22,8 @@ import yaml
 from kfp_finetune.components.backbone.params import BACKBONE
 from kfp_finetune.components.backbone.step import BackboneConfig, backbone_op
 from kfp_finetune.components.core.params import Param
+from kfp_finetune.components.datacheck.params import DRIFT
+from kfp_finetune.components.datacheck.step import DriftConfig, drift_op
 from kfp_finetune.components.evaluate.release_params import EVALUATE, EXPORT
 from kfp_finetune.components.evaluate.step import EvaluateConfig, EvaluateResult, evaluate_op
 from kfp_finetune.components.export.step import ExportConfig, ExportResult, export_op
@@ -34,7 +36,8 @@ from kfp_finetune.components.predict.step import PredictConfig, predict_op
 from kfp_finetune.components.train.params import FINE_TUNE, HEAD
 from kfp_finetune.pipelines.batch_predict import build_batch_predict_pipeline
 from kfp_finetune.pipelines.cli import build_parser
-from kfp_finetune.pipelines.pipeline import CompileOptions, build_pipeline, compile_pipeline, training_parameters
+from kfp_finetune.pipelines.params import training_parameters
+from kfp_finetune.pipelines.pipeline import CompileOptions, build_pipeline, compile_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 KFP_TYPES = {int: "Integer", float: "Float", str: "String", bool: "Boolean"}
@@ -54,6 +57,7 @@ class Step:
 STEPS = {
     "ingest": Step(INGEST, IngestConfig, (ingest_op, ingest_beam_op), "ingest", "ingest",
                    {"source": "src", "output": "out"}),
+    "drift": Step(DRIFT, DriftConfig, (drift_op,), "drift", "data-drift", {"dataset": "d"}),
     "fingerprint": Step(FINGERPRINT, None, (fingerprint_op,), "fingerprint", "fingerprint", {}),
     "backbone": Step(BACKBONE, BackboneConfig, (backbone_op,), "backbone", "backbone", {"output": "out"}),
     "evaluate": Step(EVALUATE, EvaluateConfig, (evaluate_op,), "evaluate", "evaluate",
@@ -237,7 +241,8 @@ def test_the_cli_and_the_component_hand_every_value_to_the_function(step, monkey
                                                                     "after": {"ece": 0.0}}})
         if step == "export":
             return ExportResult(saved_model_dir="o")
-        return types.SimpleNamespace(class_names=("a",), num_examples={}, predicted=0, skipped=0, skip_counts={})
+        return types.SimpleNamespace(class_names=("a",), num_examples={}, predicted=0, skipped=0, skip_counts={},
+                                     report={})
 
     module = {"ingest": ingest_module, "evaluate": evaluate_module, "export": export_module,
               "predict": predict_module}[step]
