@@ -39,7 +39,7 @@ from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 from kfp_finetune.components import __version__
-from kfp_finetune.components.core import settings
+from kfp_finetune.components.core import faults, settings
 from kfp_finetune.components.core.errors import UserError
 from kfp_finetune.components.core.fsutil import atomic_directory, check_output_dir, file_sha256, read_json, write_json
 from kfp_finetune.components.evaluate.blessing import EPSILON, NO_BASELINE, baseline_dir, bless  # noqa: F401 (re-exported)
@@ -261,6 +261,7 @@ def _calibrate(config: EvaluateConfig, model: "keras.Model", info: "DatasetInfo"
 # --- the step --------------------------------------------------------------------------------------------------
 
 
+@faults.stops_cleanly("evaluate")
 def evaluate(config: EvaluateConfig) -> EvaluateResult:
     """Evaluate `config.model` on `config.split`; write evaluation.json and report.html to `config.output`."""
     from kfp_finetune.components.core import dataset

@@ -18,7 +18,9 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kfp_finetune.components.core import gcs
+from kfp_finetune.components.core import faults, gcs
 from kfp_finetune.components.core.errors import UserError
 
 log = logging.getLogger("kfp_finetune.registry")
@@ -215,7 +217,10 @@ def swap_latest(push_to: str, expected: str | None, new: str) -> Swap:
             os.replace(tmp, base / LATEST_FILE)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            raise UserError(f"--push-to {push_to}: cannot write {base / LATEST_FILE} ({_one_line(exc)})") from exc
+            space = (f": needs {len(new) + 1} B, {faults.human(faults.free_bytes(base))} free"
+                     if faults.is_disk_full(exc) else "")
+            raise UserError(f"--push-to {push_to}: cannot write {base / LATEST_FILE} ({_one_line(exc)}{space}); "
+                            f"LATEST unchanged") from exc
     log.info("LATEST: %s -> %s", expected, new)
     return Swap(True, new)
 
@@ -271,3 +276,56 @@ def mark_promoted(push_to: str, version: str, previous: str | None) -> None:
     except (UserError, OSError) as exc:
         log.warning("LATEST names %s, but %s could not be written (%s): once LATEST moves on, `versions` will "
                     "list %s as not promoted", version, uri, _one_line(exc), version)
+
+
+# --- writing a version ------------------------------------------------------------------------------------------
+
+
+def upload_version(local_dir: Path, record: Path, push_to: str, target: str, retry_seconds: float) -> None:
+    """gs://: upload the version's files, its version.json last; a failure deletes what was written (best effort)."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p != local_dir / VERSION_FILE)
+    retry = DEFAULT_RETRY.with_timeout(retry_seconds)
+    try:
+        gcs.upload_many(files, [f"{target}/{p.relative_to(local_dir).as_posix()}" for p in files], retry=retry)
+        gcs.upload_many([record], [f"{target}/{VERSION_FILE}"], retry=retry)
+    except UserError as exc:
+        delete_partial(target)
+        raise UserError(f"push to {target} failed, LATEST not changed: {exc}") from exc
+    log.info("pushed %d files to %s", len(files) + 1, target)
+
+
+def place_local(local_dir: Path, record: Path, target: Path) -> None:
+    """Local: build the version beside the claimed (empty) folder, then rename it over the claim. A failure (a full
+    disk included: one line naming the space needed) deletes the copy and gives the claim back."""
+    staging: Path | None = None
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        shutil.copytree(local_dir, staging, dirs_exist_ok=True)
+        shutil.copy2(record, staging / VERSION_FILE)
+        os.replace(staging, target)  # replaces the empty folder that is our claim
+    except BaseException as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            target.rmdir()  # give the claim back: a failed push leaves nothing
+        if faults.is_disk_full(exc):
+            raise UserError(f"push to {target} failed, LATEST not changed: no space left on device (needs about "
+                            f"{faults.human(faults.tree_bytes(local_dir))}, "
+                            f"{faults.human(faults.free_bytes(target.parent))} free there); nothing partial was "
+                            "left") from exc
+        if isinstance(exc, OSError):
+            raise UserError(f"push to {target} failed, LATEST not changed ({_one_line(exc)})") from exc
+        raise
+
+
+def delete_partial(target: str) -> None:
+    """Best effort: delete a partial version (it may be unreachable too; it stays invisible without version.json)."""
+    try:
+        for blob in gcs.list_blobs(target):
+            blob.delete()
+        log.info("deleted the partial version %s", target)
+    except Exception as exc:  # the destination may be the very thing that failed
+        log.warning("could not delete the partial version %s (%s); it has no %s, so nothing uses it",
+                    target, exc, VERSION_FILE)
