@@ -9,9 +9,10 @@ named, the re-run promotes that version (by the same compare-and-swap) instead o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
-import tempfile
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,9 @@ def push_version(config: ExportConfig, meta: dict[str, Any], evaluation: dict[st
     from kfp_finetune.components.ingest.fingerprint import canonical_settings
     from kfp_finetune.components.registry import registry
 
+    # One staging folder per --output, beside it: a re-run after a SIGKILL removes what the killed attempt left.
+    staging = Path(config.output).parent / f".{Path(config.output).name}.push"
+    shutil.rmtree(staging, ignore_errors=True)
     expect = registry.evaluated_champion(evaluation, config.push_to)
     earlier = _pushed_by_an_earlier_attempt(config, model_sha, expect)
     if earlier is not None:
@@ -67,11 +71,9 @@ def push_version(config: ExportConfig, meta: dict[str, Any], evaluation: dict[st
         "champion_before": ((evaluation or {}).get("champion") or {}).get("version"),
         "lineage": lineage(meta, evaluation, config.pipeline_job),
     }
-    parent = Path(config.output).parent
     needed = 2 * faults.tree_bytes(config.output)
-    with faults.resource_errors(parent, "staging the push beside --output", needed), \
-            tempfile.TemporaryDirectory(prefix=".push-", dir=parent) as staging:
-        stage = Path(staging) / "version"
+    with faults.resource_errors(staging, "staging the push beside --output", needed), _fresh(staging):
+        stage = staging / "version"
         shutil.copytree(config.output, stage)
         tflite_export.prune(stage, tflite)  # only the .tflite files that passed max_tflite_drop go with the version
         (stage / registry.MODEL_DIR).mkdir()
@@ -81,6 +83,16 @@ def push_version(config: ExportConfig, meta: dict[str, Any], evaluation: dict[st
                                                     "source": record["lineage"]["source"]})
         write_json(stage / registry.VERSION_FILE, record)
         return registry.push(stage, config.push_to, config.run_id, expect=expect)
+
+
+@contextlib.contextmanager
+def _fresh(folder: Path) -> Iterator[None]:
+    """An empty `folder` for the block, deleted afterwards whatever happens."""
+    folder.mkdir(parents=True)
+    try:
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _pushed_by_an_earlier_attempt(config: ExportConfig, model_sha: str, expect: Any) -> registry.Pushed | None:
