@@ -249,29 +249,32 @@ def push(local_dir: str | os.PathLike, push_to: str, version: str | None = None,
     if expect is CURRENT:
         expect = read_latest(push_to)
     version = _claim(push_to, version)
-    target = _join(push_to, version)
-    record.update(version=version, expected_latest=expect)
-    with tempfile.TemporaryDirectory(prefix=".version-json-") as tmp:
-        store_record = Path(tmp) / VERSION_FILE
-        store_record.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
-        if gcs.is_gcs(push_to):
-            store.upload_version(local_dir, store_record, push_to, target, retry_seconds)
-        else:
-            store.place_local(local_dir, store_record, Path(target))
     try:
-        swap = store.swap_latest(push_to, expect, version)
-    except UserError as exc:
-        raise UserError(f"version {version} is complete at {target} but LATEST was not moved ({exc}); LATEST still "
-                        f"names {read_latest_quietly(push_to)}; `versions` lists {version} as not promoted and "
-                        f"`kfp-finetune rollback --push-to {push_to} --to {version}` promotes it") from exc
-    if swap.swapped:
-        store.mark_promoted(push_to, version, expect)
-        return Pushed(target, version, True, expect, version)
-    message = (f"version {version} was pushed to {push_to} but not promoted: LATEST moved from {expect} (the "
-               f"champion this run was compared against) to {swap.latest} meanwhile; "
-               f"`kfp-finetune rollback --push-to {push_to} --to {version}` promotes it")
-    log.warning("%s", message)
-    return Pushed(target, version, False, expect, swap.latest, message)
+        target = _join(push_to, version)
+        record.update(version=version, expected_latest=expect)
+        with tempfile.TemporaryDirectory(prefix=".version-json-") as tmp:
+            store_record = Path(tmp) / VERSION_FILE
+            store_record.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+            if gcs.is_gcs(push_to):
+                store.upload_version(local_dir, store_record, push_to, target, retry_seconds)
+            else:
+                store.place_local(local_dir, store_record, Path(target))
+        try:
+            swap = store.swap_latest(push_to, expect, version)
+        except UserError as exc:
+            raise UserError(f"version {version} is complete at {target} but LATEST was not moved ({exc}); LATEST still "
+                            f"names {read_latest_quietly(push_to)}; `versions` lists {version} as not promoted and "
+                            f"`kfp-finetune rollback --push-to {push_to} --to {version}` promotes it") from exc
+        if swap.swapped:
+            store.mark_promoted(push_to, version, expect)
+            return Pushed(target, version, True, expect, version)
+        message = (f"version {version} was pushed to {push_to} but not promoted: LATEST moved from {expect} (the "
+                   f"champion this run was compared against) to {swap.latest} meanwhile; "
+                   f"`kfp-finetune rollback --push-to {push_to} --to {version}` promotes it")
+        log.warning("%s", message)
+        return Pushed(target, version, False, expect, swap.latest, message)
+    finally:
+        store.release_claim(push_to, version)
 
 
 def read_latest_quietly(push_to: str) -> str:

@@ -1,7 +1,9 @@
 """registry_store: what must hold at a push destination (a local folder or a gs:// prefix) when runs overlap.
 
 - A version folder is claimed exclusively before anything is written into it. gs://: `<version>/claim.json` created
-  with `if_generation_match=0` (GCS answers 412 to the second creator); local: `os.mkdir` of the version folder.
+  with `if_generation_match=0` (GCS answers 412 to the second creator); local: `os.mkdir` of the version folder,
+  under an flock on `.<version>.push.lock` held until the push ends, so that a claim whose push was killed (no
+  version.json, its lock free) is taken over by the next push of that version instead of blocking it forever.
 - LATEST is read together with a token and moved only by compare-and-swap from the value the caller expects.
   gs://: the token is the object's generation and the swap is an upload with `if_generation_match=<generation>`
   (0 when there is no LATEST yet); local: the swap holds an flock on `.LATEST.lock`, re-reads LATEST and replaces it
@@ -179,12 +181,73 @@ def claim(push_to: str, version: str) -> bool:
     base = Path(push_to)
     try:
         base.mkdir(parents=True, exist_ok=True)
-        (base / version).mkdir()
-    except FileExistsError:
-        return False
+        held = _push_lock(base, version)
+        if held is None:
+            return False  # a push of this very version is in flight
+        try:
+            (base / version).mkdir()
+        except FileExistsError:
+            if not _take_over(base, version, fresh=held[1]):
+                _unlock(base, version, held[0])
+                return False
+        except BaseException:
+            _unlock(base, version, held[0])
+            raise
+        _HELD[str(base / version)] = held[0]
     except OSError as exc:
         raise UserError(f"--push-to {push_to}: cannot create {target} ({_one_line(exc)})") from exc
     return True
+
+
+# Local claims: the push holds an flock on `.<version>.push.lock` from before it creates the folder until it ends,
+# so a folder without version.json whose lock file is there but free was claimed by a push that was killed.
+_HELD: dict[str, int] = {}
+
+
+def _push_lock(base: Path, version: str) -> tuple[int, bool] | None:
+    """(fd, whether this call created the lock file) with the lock held, or None when another push holds it."""
+    path = base / f".{version}.push.lock"
+    try:
+        fd, fresh = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+    except FileExistsError:
+        fd, fresh = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd, fresh
+
+
+def _take_over(base: Path, version: str, fresh: bool) -> bool:
+    """Whether an existing claimed folder is ours to reuse: no version.json, and a lock file left by a push that is
+    gone (a folder without one predates these locks, or is someone's own: never taken)."""
+    folder = base / version
+    if fresh or (folder / VERSION_FILE).exists() or not folder.is_dir():
+        return False
+    for leftover in [*base.glob(f".{version}.tmp-*"), *folder.iterdir()]:
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    log.warning("%s: version %s was claimed by a push that was killed before it finished (no %s, its lock free); "
+                "taking the claim over", base, version, VERSION_FILE)
+    return True
+
+
+def _unlock(base: Path, version: str, fd: int) -> None:
+    with contextlib.suppress(OSError):
+        (base / f".{version}.push.lock").unlink()
+    os.close(fd)
+
+
+def release_claim(push_to: str, version: str) -> None:
+    """End a local push's hold on its version (no-op on gs://, where claim.json is the claim)."""
+    if gcs.is_gcs(push_to):
+        return
+    fd = _HELD.pop(str(Path(push_to) / version), None)
+    if fd is not None:
+        _unlock(Path(push_to), version, fd)
 
 
 # --- LATEST by compare-and-swap --------------------------------------------------------------------------------

@@ -224,3 +224,41 @@ def test_is_disk_full_reads_python_and_tensorflow_errors():
     assert str(oom) == ("--output /out: TensorFlow ran out of a resource (OOM when allocating tensor); nothing partial "
                         "was left; give the step more memory or a smaller batch")
     assert json.loads(json.dumps(faults.human(3 << 20))) == "3.0 MiB"
+
+
+CLAIMER = r"""
+import os, signal, sys, time
+from kfp_finetune.components.registry import store
+assert store.claim(sys.argv[1], sys.argv[2])
+open(os.path.join(sys.argv[1], sys.argv[2], "half-copied.bin"), "wb").write(b"x" * 1000)
+print("claimed", flush=True)
+if sys.argv[3] == "die":
+    os.kill(os.getpid(), signal.SIGKILL)
+time.sleep(120)
+"""
+
+
+def test_a_run_id_claimed_by_a_killed_push_is_taken_over_and_one_in_flight_is_not(tmp_path):
+    """`push --run-id R` after a push of R was SIGKILLed half-way: the claim (its lock free) is taken over and the
+    push completes; while the first push is alive, R stays its own."""
+    dest = tmp_path / "models"
+    alive = subprocess.Popen([sys.executable, "-c", CLAIMER, str(dest), "r1", "live"], cwd=REPO, text=True,
+                             stdout=subprocess.PIPE)
+    try:
+        assert alive.stdout.readline().strip() == "claimed"
+        with pytest.raises(UserError, match="version r1 already exists there .* claimed by a push in flight"):
+            registry.push(make_version_dir(tmp_path, "a"), str(dest), "r1")
+        assert os.listdir(dest / "r1") == ["half-copied.bin"]  # the live push's files are untouched
+    finally:
+        alive.kill()
+        alive.wait()
+    # Now that push is gone (killed mid-way): its claim is taken over.
+    pushed = registry.push(make_version_dir(tmp_path, "b"), str(dest), "r1")
+    assert pushed.version == "r1" and pushed.promoted and registry.read_latest(str(dest)) == "r1"
+    assert "half-copied.bin" not in os.listdir(dest / "r1")
+    dead = subprocess.run([sys.executable, "-c", CLAIMER, str(dest), "r2", "die"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert dead.returncode == -signal.SIGKILL and dead.stdout.strip() == "claimed"
+    assert registry.push(make_version_dir(tmp_path, "c"), str(dest), "r2").promoted
+    assert [v.version for v in registry.list_versions(str(dest))] == ["r1", "r2"]
+    assert sorted(n for n in os.listdir(dest) if n.startswith(".")) == [".LATEST.lock"]  # no lock files left
