@@ -262,3 +262,18 @@ def test_a_run_id_claimed_by_a_killed_push_is_taken_over_and_one_in_flight_is_no
     assert registry.push(make_version_dir(tmp_path, "c"), str(dest), "r2").promoted
     assert [v.version for v in registry.list_versions(str(dest))] == ["r1", "r2"]
     assert sorted(n for n in os.listdir(dest) if n.startswith(".")) == [".LATEST.lock"]  # no lock files left
+
+
+def test_every_step_function_stops_cleanly_on_sigterm():
+    """The behaviour is tested on ingest (above) and export (test_export_faults.py); the others share the wrapper."""
+    from kfp_finetune.components.backbone.step import build_backbone
+    from kfp_finetune.components.compare.step import compare
+    from kfp_finetune.components.evaluate.step import evaluate
+    from kfp_finetune.components.export.step import export
+    from kfp_finetune.components.ingest.step import ingest
+    from kfp_finetune.components.predict.step import predict
+    from kfp_finetune.components.train import Preempted
+
+    for step in (ingest, build_backbone, evaluate, export, predict, compare):
+        assert step.__code__.co_name == "wrapper" and hasattr(step, "__wrapped__"), step.__name__
+    assert issubclass(Preempted, faults.Terminated)
