@@ -217,7 +217,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         """Compare mode: one branch per recipe (ParallelFor), the winner on validation, then test → export.
 
         Each branch trains with every setting of its recipe (params.branch_arguments); of the pipeline's training
-        parameters only the run's own (batch_size, seed, checkpoint_dir) and the epoch caps apply.
+        parameters only the run's own (batch_size, seed, checkpoints) and the epoch caps apply.
         """
         dataset = ingest.outputs["dataset"]
         v = values
@@ -328,6 +328,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         class_weights: str = "auto",
         batch_norm: str = "auto",
         checkpoint_dir: str = "",
+        checkpoint_every_steps: int = 0,
         seed: int = 0,
         determinism: str = "data",
         min_accuracy: float = 0.7,
@@ -356,8 +357,8 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
 
         Compiled with --compare-recipes, each recipe's own settings replace the training parameters below (its
         weights choice, learning rates, dropout, augmentation, class weights, label smoothing, unfreezing, BN
-        policy, warmup, patience); head_epochs and fine_tune_epochs then cap each phase, and batch_size, seed and
-        checkpoint_dir still apply.
+        policy, warmup, patience); head_epochs and fine_tune_epochs then cap each phase, and batch_size, seed,
+        checkpoint_dir and checkpoint_every_steps still apply.
 
         Args:
             source: the images: a class-per-folder directory (local or gs://), a CSV manifest, or a TFDS name.
@@ -393,8 +394,12 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
             batch_norm: BatchNormalization policy while fine-tuning: "train" (statistics adapt to the new data),
                 "frozen" (keeps the ImageNet statistics, inference mode) or "auto" (the backbone family's: train
                 for MobileNet v1, frozen for MobileNetV2 and families not measured; docs/fine-tuning.md).
-            checkpoint_dir: folder where fine_tune keeps checkpoints so that a retried attempt resumes (on Vertex
-                a /gcs/... path); empty uses AIP_CHECKPOINT_DIR when set (Vertex custom jobs), else no resume.
+            checkpoint_dir: folder where train_head and fine_tune keep their training state (every epoch, and on
+                SIGTERM) so that a retried attempt resumes mid-epoch (on Vertex a /gcs/... path); empty uses
+                AIP_CHECKPOINT_DIR when set (Vertex custom jobs), else no resume. A preempted step exits with
+                status 75 (docs/operations.md, Preemption).
+            checkpoint_every_steps: with a checkpoint folder, also save the training state every N training steps,
+                so that a hard kill loses at most N steps; 0 saves at the end of each epoch (and on SIGTERM) only.
             seed: seed for splitting, shuffling, augmentation and initialisation.
             determinism: reproducible training in both phases: "data" (seeded, ordered input: the same seed and
                 data give the same model on a CPU, at no measured cost), "ops" (also TensorFlow's op determinism,

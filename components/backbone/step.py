@@ -38,7 +38,7 @@ from kfp_finetune.components.backbone.weights import (  # noqa: F401  (_check: t
     resolve_imagenet,
     resolve_uri,
 )
-from kfp_finetune.components.core import compat, settings
+from kfp_finetune.components.core import compat, faults, settings
 from kfp_finetune.components.core.errors import UserError
 from kfp_finetune.components.core.fsutil import atomic_directory
 from kfp_finetune.components.core.params import add_arguments, by_name
@@ -288,6 +288,7 @@ def _load_weights_file(base: Any, spec: BackboneSpec, config: BackboneConfig, we
         ) from exc
 
 
+@faults.stops_cleanly("backbone")
 def build_backbone(config: BackboneConfig) -> BackboneResult:
     """Build the feature extractor for `config` and write it (model.keras + model.json) to `config.output`."""
     import keras

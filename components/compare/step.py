@@ -29,7 +29,7 @@ from typing import List, NamedTuple  # noqa: UP035 (KFP reads typing.List in com
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Input, Markdown, Metrics, Model, Output
 
-from kfp_finetune.components.core import settings
+from kfp_finetune.components.core import faults, settings
 from kfp_finetune.components.core.errors import UserError
 from kfp_finetune.components.core.fsutil import atomic_directory, check_output_dir, file_sha256, write_json
 from kfp_finetune.components.train.params import FINE_TUNE, branch_outputs, defaults
@@ -269,6 +269,7 @@ def winner_model_dir(winner: Candidate, models: Sequence[str]) -> str:
                     f"(model.keras sha256 {winner.model_sha256[:12]}...)")
 
 
+@faults.stops_cleanly("pick-winner")
 def compare(config: CompareConfig) -> CompareResult:
     """Read every candidate, pick the winner on validation, write the comparison and a copy of the winning model."""
     check_output_dir(config.output)

@@ -64,7 +64,7 @@ def list_blobs(uri: str, gcs: storage.Client | None = None) -> list[storage.Blob
     try:
         blobs = [b for b in gcs.list_blobs(bucket, prefix=prefix) if not b.name.endswith("/")]
     except Exception as exc:  # google.api_core errors, connection errors
-        raise UserError(f"cannot list {uri}: {exc}") from exc
+        raise UserError(f"cannot list {uri}: {_short(exc)}") from exc
     return sorted(blobs, key=lambda b: b.name)
 
 

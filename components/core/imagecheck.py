@@ -48,6 +48,9 @@ def die_with_parent() -> None:
     import signal
     import sys
 
+    # A forked worker inherits the parent's Python SIGTERM handler (components/core/faults.py): put the default back,
+    # so that a SIGTERM sent to the whole group ends the worker while the parent cleans up.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if not sys.platform.startswith("linux"):
         return
     import ctypes

@@ -38,7 +38,7 @@ from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 from kfp_finetune.components import __version__
-from kfp_finetune.components.core import settings
+from kfp_finetune.components.core import faults, settings
 from kfp_finetune.components.core.errors import UserError
 from kfp_finetune.components.core.fsutil import atomic_directory, check_output_dir, file_sha256, read_json, write_json
 from kfp_finetune.components.core.params import add_arguments, by_name, config_kwargs
@@ -260,6 +260,7 @@ def _calibrate(config: EvaluateConfig, model: "keras.Model", info: "DatasetInfo"
 # --- the step --------------------------------------------------------------------------------------------------
 
 
+@faults.stops_cleanly("evaluate")
 def evaluate(config: EvaluateConfig) -> EvaluateResult:
     """Evaluate `config.model` on `config.split`; write evaluation.json and report.html to `config.output`."""
     from kfp_finetune.components.core import dataset

@@ -224,6 +224,11 @@ import base64, json, sys
 for _name in ("keras", "tf_keras", "components", "pipelines"):
     sys.modules[_name] = None
 job = json.load(open(sys.argv[1]))
+if sys.platform.startswith("linux"):  # die with the export that started us, even when it is SIGKILLed
+    import ctypes, os, signal
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != job["parent"]:
+        sys.exit("the export that started this serving check is gone")
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2
 
@@ -330,7 +335,7 @@ def run_server(saved_model_dir: str | os.PathLike, body: dict[str, Any], warmup:
         request.write_text(json.dumps(body))
         job = {"saved_model": os.path.abspath(saved_model_dir), "signature": SIGNATURE, "input": INPUT_NAME,
                "request": str(request), "warmup": os.path.abspath(warmup) if warmup else None,
-               "output": f"{tmp}/out.json"}
+               "output": f"{tmp}/out.json", "parent": os.getpid()}
         (Path(tmp) / "job.json").write_text(json.dumps(job))
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

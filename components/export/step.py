@@ -34,21 +34,19 @@ Optional (components/export/vertex_model.py): register the pushed gs:// version 
 """
 
 import argparse
+import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Model, Output
 
-from kfp_finetune.components.core import settings
+from kfp_finetune.components.core import faults, settings
 from kfp_finetune.components.core.errors import UserError
 from kfp_finetune.components.core.fsutil import (
     atomic_directory,
@@ -61,6 +59,7 @@ from kfp_finetune.components.core.params import add_arguments, by_name, config_k
 from kfp_finetune.components.evaluate.calibration import LOG_FLOOR
 from kfp_finetune.components.evaluate.release_params import EXPORT as PARAMS
 from kfp_finetune.components.evaluate.release_params import tflite_variants
+from kfp_finetune.components.export import tflite_export
 from kfp_finetune.components.export.vertex_model import (  # noqa: F401 (re-exported: callers of export use these names)
     DEFAULT_SERVING_IMAGE,
     VERTEX_REGION_PATTERN,
@@ -74,7 +73,6 @@ if TYPE_CHECKING:  # pragma: no cover
     import keras
 
     from kfp_finetune.components.export import serving
-    from kfp_finetune.components.registry import registry
 
 log = logging.getLogger("kfp_finetune.export")
 
@@ -252,88 +250,27 @@ def _check_evaluation(evaluation: dict[str, Any], model_dir: str, class_names: l
         raise UserError(f"--push-to refused: the evaluation did not bless this model ({reasons})")
 
 
-# --- push (components.registry.registry holds the primitives; re-exported here for callers of export) ----------------
-
-
-def lineage(meta: dict[str, Any], evaluation: dict[str, Any] | None, pipeline_job: str | None) -> dict[str, Any]:
-    """Where a pushed version came from: data source, backbone weights, package version, image, pipeline run."""
-    from kfp_finetune.components import __version__
-
-    weights = (meta.get("backbone") or {}).get("weights") or {}
-    return {
-        "source": (evaluation or {}).get("data_source") or meta.get("data_source"),
-        "backbone": (meta.get("backbone") or {}).get("name"),
-        "weights_source": weights.get("source"),
-        "weights_sha256": weights.get("sha256"),
-        "kfp_finetune_version": __version__,
-        "image": settings.component_image(),
-        "pipeline_job": pipeline_job or None,
-    }
-
-
-def _push_version(config: "ExportConfig", meta: dict[str, Any], evaluation: dict[str, Any] | None,
-                  model_sha: str, tflite: dict[str, Any] | None = None) -> "registry.Pushed":
-    """Stage the export + the Model artifact + version.json; push it (named at push time unless --run-id names it;
-    LATEST moves only from the champion the evaluation compared against)."""
-    from kfp_finetune.components.export import tflite_export
-    from kfp_finetune.components.ingest.fingerprint import canonical_settings
-    from kfp_finetune.components.registry import registry
-
-    metrics = (evaluation or {}).get("metrics") or {}
-    record = {
-        "version": config.run_id,  # the registry sets the name it claims
-        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        "model_sha256": model_sha,
-        "class_names": list(meta.get("class_names") or []),
-        "metrics": {k: metrics.get(k) for k in ("accuracy", "macro_f1", "num_examples") if k in metrics},
-        "data_fingerprint": config.fingerprint or (evaluation or {}).get("data_fingerprint")
-        or meta.get("data_fingerprint"),
-        "settings": canonical_settings(config.settings or {}),
-        "champion_before": ((evaluation or {}).get("champion") or {}).get("version"),
-        "lineage": lineage(meta, evaluation, config.pipeline_job),
-    }
-    parent = Path(config.output).parent
-    with tempfile.TemporaryDirectory(prefix=".push-", dir=parent) as staging:
-        stage = Path(staging) / "version"
-        shutil.copytree(config.output, stage)
-        tflite_export.prune(stage, tflite)  # only the .tflite files that passed max_tflite_drop go with the version
-        (stage / registry.MODEL_DIR).mkdir()
-        for name in ("model.keras", "model.json"):
-            shutil.copy2(Path(config.model) / name, stage / registry.MODEL_DIR / name)
-        write_json(stage / "data_fingerprint.json", {"data_fingerprint": record["data_fingerprint"],
-                                                "source": record["lineage"]["source"]})
-        from kfp_finetune.components.datacheck.step import copy_profile
-
-        copy_profile(config.dataset or (evaluation or {}).get("dataset"), stage)  # the next run's drift baseline
-        write_json(stage / registry.VERSION_FILE, record)
-        return registry.push(stage, config.push_to, config.run_id,
-                             expect=registry.evaluated_champion(evaluation, config.push_to))
-
-
-def _duplicate_of_champion(config: "ExportConfig") -> str:
-    """Why this model must not be pushed again ('' when it may): the champion has the same model.keras SHA-256."""
-    from kfp_finetune.components.registry import registry
-
-    champion = registry.resolve_champion(config.push_to)
-    if champion is None:
-        return ""
-    sha = file_sha256(Path(config.model) / "model.keras")
-    if champion.record.get("model_sha256") == sha:
-        return f"the champion {champion.version} at {config.push_to} is this very model (model.keras {sha[:12]})"
-    return ""
-
-
 # --- the step --------------------------------------------------------------------------------------------------
 
 
+@faults.stops_cleanly("export")
 def export(config: ExportConfig) -> ExportResult:
-    """Write the serving SavedModel to `config.output`; push it when `config.push_to` is set."""
+    """Write the serving SavedModel to `config.output`; push it when `config.push_to` is set.
+
+    Re-runnable after a kill: an `--output` that already holds a complete export of this very request (export.json's
+    `request`: the model's and the evaluation's SHA-256 and the export settings) with a passed serving check is
+    pushed as it is; a version a killed attempt pushed but never promoted is promoted (pushing.py). SIGTERM removes
+    the temporary files and the serving-check process and exits 75; a full disk is one line (core/faults.py)."""
     from kfp_finetune.components.core import modelio
     from kfp_finetune.components.evaluate import calibration
-    from kfp_finetune.components.export import tflite_export
+    from kfp_finetune.components.export import pushing
 
     started = time.perf_counter()
-    check_output_dir(config.output)
+    model_sha = file_sha256(Path(config.model) / "model.keras")
+    request = _request(config, model_sha)
+    done = _earlier_export(config, request)
+    if done is None:
+        check_output_dir(config.output)
     model, meta = modelio.load_model(config.model)
     class_names = list(meta.get("class_names") or [])
     if not class_names:
@@ -345,10 +282,72 @@ def export(config: ExportConfig) -> ExportResult:
     evaluation = read_evaluation(config.evaluation) if config.evaluation else None
     if evaluation is not None:
         _check_evaluation(evaluation, config.model, class_names, pushing=config.push_to is not None)
-    duplicate = _duplicate_of_champion(config) if config.push_to else ""
+    duplicate = pushing.duplicate_of_champion(config) if config.push_to else ""
     temperature = calibration.temperature_of(evaluation)
-    tflite: dict[str, Any] = {}
 
+    if done is None:
+        with faults.resource_errors(config.output, "--output", lambda: 3 * faults.tree_bytes(config.model)):
+            done = _write_export(config, model, meta, class_names, evaluation, temperature, request)
+        log.info("exported SavedModel (%s: %s -> %s) to %s", SIGNATURE, INPUT_NAME, ", ".join(OUTPUT_NAMES),
+                 config.output)
+    else:
+        log.info("--output %s already holds this export (an earlier attempt wrote it, serving check passed): "
+                 "reusing it", config.output)
+    check, tflite = done["serving_check"], done.get("tflite") or {}
+
+    result = ExportResult(saved_model_dir=str(config.output), class_names=class_names,
+                          serving_check=check, temperature=temperature, tflite=tflite)
+    if not check.get("passed"):
+        raise UserError(f"serving check failed, so nothing was pushed: {check.get('reason')} (details in "
+                        f"{Path(config.output) / EXPORT_FILE})")
+    if config.tflite_required:
+        tflite_export.require(tflite, config.output)
+    if config.push_to and duplicate:
+        result.skipped_push = duplicate
+        log.warning("not pushed: %s", duplicate)
+    elif config.push_to:
+        pushed = pushing.push_version(config, meta, evaluation, model_sha, tflite)
+        result.pushed_uri, result.version, result.promoted = pushed.uri, pushed.version, pushed.promoted
+        result.not_promoted = pushed.message
+        if config.vertex is not None:
+            args = vertex_upload_args(config.vertex, result.pushed_uri, pushed.version, class_names, evaluation,
+                                      default_version=pushed.promoted)
+            result.vertex_model = vertex_upload(config.vertex, args)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _request(config: ExportConfig, model_sha: str) -> dict[str, Any]:
+    """What determines the export folder's content: an earlier attempt's folder with the same request is reused."""
+    evaluation = None
+    if config.evaluation:
+        p = Path(config.evaluation)
+        file = p / "evaluation.json" if p.is_dir() else p
+        evaluation = file_sha256(file) if file.is_file() else None
+    return {"model_sha256": model_sha, "evaluation_sha256": evaluation, "dataset": config.dataset,
+            **{p.name: getattr(config, p.name) for p in PARAMS}}
+
+
+def _earlier_export(config: ExportConfig, request: dict[str, Any]) -> dict[str, Any] | None:
+    """export.json of a complete export of `request` at --output with a passed serving check, else None."""
+    file = Path(config.output) / EXPORT_FILE
+    if not file.is_file():
+        return None
+    try:
+        done = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(done, dict) or done.get("request") != request:
+        return None
+    return done if (done.get("serving_check") or {}).get("passed") else None
+
+
+def _write_export(config: ExportConfig, model: "keras.Model", meta: dict[str, Any], class_names: list[str],
+                  evaluation: dict[str, Any] | None, temperature: float, request: dict[str, Any]) -> dict[str, Any]:
+    """Build the export folder beside --output and move it into place; its export.json."""
+    from kfp_finetune.components.core import modelio
+
+    tflite: dict[str, Any] = {}
     with atomic_directory(config.output) as tmp:
         write_saved_model(model, class_names, tmp, temperature)
         check = _serving_check(tmp, model, class_names, config, evaluation, temperature)
@@ -360,7 +359,7 @@ def export(config: ExportConfig) -> ExportResult:
         if evaluation is not None:
             write_json(tmp / "evaluation.json", {**evaluation, "tflite": tflite} if tflite else evaluation)
             tflite_export.copy_report(config.evaluation, tmp, tflite)
-        write_json(tmp / EXPORT_FILE, {
+        done = {
             "signature": SIGNATURE, "inputs": {INPUT_NAME: "tf.string [None]: encoded JPEG/PNG, any size"},
             "outputs": {"probabilities": f"float32 [None, {len(class_names)}]: softmax(logits / temperature)",
                         "class_id": "int32 [None]", "class_name": "string [None]",
@@ -371,31 +370,10 @@ def export(config: ExportConfig) -> ExportResult:
             "class_names": class_names, "input_size": modelio.input_size(model), "source_model": str(config.model),
             "version": config.run_id,  # without --run-id the version is named at push time (version.json)
             "serving_check": check.as_dict(), "serving_requirements": _serving_requirements(tmp),
-            "tflite": tflite or None,
-        })
-    log.info("exported SavedModel (%s: %s -> %s) to %s", SIGNATURE, INPUT_NAME, ", ".join(OUTPUT_NAMES),
-             config.output)
-
-    result = ExportResult(saved_model_dir=str(config.output), class_names=class_names,
-                          serving_check=check.as_dict(), temperature=temperature, tflite=tflite)
-    if not check.passed:
-        raise UserError(f"serving check failed, so nothing was pushed: {check.reason} (details in "
-                        f"{Path(config.output) / EXPORT_FILE})")
-    if config.tflite_required:
-        tflite_export.require(tflite, config.output)
-    if config.push_to and duplicate:
-        result.skipped_push = duplicate
-        log.warning("not pushed: %s", duplicate)
-    elif config.push_to:
-        pushed = _push_version(config, meta, evaluation, file_sha256(Path(config.model) / "model.keras"), tflite)
-        result.pushed_uri, result.version, result.promoted = pushed.uri, pushed.version, pushed.promoted
-        result.not_promoted = pushed.message
-        if config.vertex is not None:
-            args = vertex_upload_args(config.vertex, result.pushed_uri, pushed.version, class_names, evaluation,
-                                      default_version=pushed.promoted)
-            result.vertex_model = vertex_upload(config.vertex, args)
-    result.seconds = time.perf_counter() - started
-    return result
+            "tflite": tflite or None, "request": request,
+        }
+        write_json(tmp / EXPORT_FILE, done)
+    return json.loads((Path(config.output) / EXPORT_FILE).read_text())
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------------

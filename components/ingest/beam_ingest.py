@@ -105,17 +105,6 @@ def _check_source(source: str) -> None:
             raise UserError(f"--source {source}: no such directory; check the path")
 
 
-def _known_classes(source: str) -> dict[str, str]:
-    if gcs.is_gcs(source):
-        return {}
-    root = Path(source).expanduser()
-    if not root.exists():
-        raise UserError(f"--source {source}: no such directory; check the path")
-    if not root.is_dir():
-        raise UserError(f"--source {source} is not a directory (for a manifest, name it *.csv)")
-    return {p.name: str(root / p.name) for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
-
-
 def _user_error(exc: BaseException) -> UserError | None:
     """The UserError a failed job raised on a worker (runners wrap it in their own exceptions)."""
     seen: set[int] = set()
@@ -141,7 +130,7 @@ def run(config: "IngestConfig") -> "IngestResult":
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from kfp_finetune.components.core.fsutil import atomic_directory, check_output_dir
-    from kfp_finetune.components.ingest.sources import _read_manifest
+    from kfp_finetune.components.ingest.sources import _list_folder, _read_manifest
     from kfp_finetune.components.ingest.step import IngestResult
 
     start = time.perf_counter()
@@ -154,15 +143,20 @@ def run(config: "IngestConfig") -> "IngestResult":
     remote_output = gcs.is_gcs(output)
     if config.runner == "dataflow" and not remote_output:
         raise UserError(f"--output {output}: Dataflow workers write to gs://; give a gs:// --output for dataflow")
-    if source.lower().endswith(".csv"):
-        listing = _read_manifest(source)
+    skipped: list[dict[str, str]] = []
+    if source.lower().endswith(".csv") or not gcs.is_gcs(source):
+        # A manifest or a local folder is listed here by the local runner's own function (sources.py): only regular
+        # files under the source root after realpath, of bounded size; symlinks out, devices, FIFOs and sockets are
+        # skipped with their reason, and a symlinked folder outside the root is neither walked nor a class.
+        manifest = source.lower().endswith(".csv")
+        listing = _read_manifest(source) if manifest else _list_folder(Path(source).expanduser(), source)
         candidates: list[Candidate] | None = [Candidate(e.ref, e.label) for e in listing.entries]
-        class_refs = dict(listing.class_refs)
+        class_refs, skipped = dict(listing.class_refs), list(listing.skipped)
         if not candidates:
-            raise UserError(_no_images_message(source, 0))
+            raise UserError(_no_images_message(source, len(skipped)))
     else:
         candidates = None
-        class_refs = _known_classes(source)
+        class_refs = {}
         _check_source(source)
 
     def launch(out: str) -> dict:
@@ -174,7 +168,7 @@ def run(config: "IngestConfig") -> "IngestResult":
         )
         log.info("ingest on Beam %s: %s", BEAM_RUNNERS[config.runner], " ".join(flags))
         pipeline = beam.Pipeline(options=PipelineOptions(flags))
-        build(pipeline, job, candidates, list(class_refs))
+        build(pipeline, job, candidates, list(class_refs), skipped)
         try:
             result = pipeline.run()
             result.wait_until_finish()

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from kfp_finetune.components.core import compat, gcs, imagecheck, settings
+from kfp_finetune.components.core import compat, gcs, imagecheck, safefiles, settings
 from kfp_finetune.components.core.dataset import REPORT_FILE, SPLITS
 from kfp_finetune.components.core.errors import UserError
 from kfp_finetune.components.dataprofile import PROFILE_FILE, ProfileBuilder
@@ -132,13 +132,18 @@ def _emulator_auth() -> None:
 
 
 def _read(ref: str) -> bytes:
+    if not gcs.is_gcs(ref):  # a local file: opened non-blocking, regular files only, bounded (safefiles.py)
+        return safefiles.read_bytes(ref)
     _emulator_auth()
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
 
     raw = CompressionTypes.UNCOMPRESSED
     with FileSystems.open(ref, mime_type="application/octet-stream", compression_type=raw) as f:
-        return f.read()
+        data = f.read(safefiles.MAX_FILE_BYTES + 1)  # the local runner's bound: never more in memory
+    if len(data) > safefiles.MAX_FILE_BYTES:
+        raise safefiles.UnsafeFile(safefiles.TOO_LARGE, f"over the {safefiles.MAX_FILE_BYTES:,}-byte limit")
+    return data
 
 
 def _exists(ref: str) -> bool:
@@ -157,6 +162,8 @@ def inspect(candidate: Candidate, max_side: int | None) -> Inspected:
     except Exception as exc:  # noqa: BLE001  (BeamIOError, OSError, google.api_core errors)
         reason = imagecheck.UNREADABLE if _exists(candidate.ref) else rules.MISSING
         detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if isinstance(exc, safefiles.UnsafeFile):  # swapped for a FIFO, a device or a huge file since the listing
+            reason, detail = exc.reason, exc.detail
         return Inspected(candidate.ref, candidate.label, None, 0, False, reason, detail, False, False)
     digest = imagecheck.hash_bytes(data)
     result = imagecheck.decode_bytes(data, max_side, profiling.stats_of)
@@ -346,8 +353,10 @@ def _sum_stats(items: Iterable[dict[str, int]]) -> dict[str, int]:
     return dict(out)
 
 
-def build(pipeline: Any, job: Job, candidates: Sequence[Candidate] | None, known_classes: Sequence[str]) -> Any:
-    """Add the ingest to a beam.Pipeline; `candidates` for a manifest source, else the source is matched."""
+def build(pipeline: Any, job: Job, candidates: Sequence[Candidate] | None, known_classes: Sequence[str],
+          skipped: Sequence[dict[str, str]] = ()) -> Any:
+    """Add the ingest to a beam.Pipeline; `candidates` (and the listing's `skipped`) for a manifest or local
+    folder listed by sources.py, else the (gs://) source is matched."""
     import apache_beam as beam
     from apache_beam.io import fileio
 
@@ -365,7 +374,7 @@ def build(pipeline: Any, job: Job, candidates: Sequence[Candidate] | None, known
         seen_classes = listed | "Classes" >> beam.FlatMap(lambda kv: [kv[1]] if kv[0] == "class" else [])
     else:
         cands = p | "Candidates" >> beam.Create(list(candidates))
-        listing_skips = p | "ListingSkips" >> beam.Create([])
+        listing_skips = p | "ListingSkips" >> beam.Create(list(skipped))
         seen_classes = p | "Classes" >> beam.Create([])
     classes = (
         (seen_classes, p | "KnownClasses" >> beam.Create(list(known_classes)))

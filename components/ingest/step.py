@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 from kfp import dsl
 
-from kfp_finetune.components.core import gcs, imagecheck, settings
+from kfp_finetune.components.core import faults, gcs, imagecheck, settings
 from kfp_finetune.components.core.dataset import REPORT_FILE, SPLITS
 from kfp_finetune.components.core.errors import UserError
 from kfp_finetune.components.core.fsutil import atomic_directory, check_output_dir, write_json
@@ -198,16 +198,23 @@ def _ordered_map(executor: Executor | None, fn: Callable[..., list], batches: It
         yield from pending.popleft().result()
 
 
+@faults.stops_cleanly("ingest")
 def ingest(config: IngestConfig) -> IngestResult:
-    """Build the Dataset artifact at `config.output` from `config.source`; see the module docstring."""
+    """Build the Dataset artifact at `config.output` from `config.source`; see the module docstring.
+
+    SIGTERM or a full disk leave nothing behind (no output, no `.tmp-*` sibling, no download folder): SIGTERM exits
+    with status 75, a full disk is one line naming --output and the space needed (components/core/faults.py)."""
     if config.runner != "local":
         from kfp_finetune.components.ingest import beam_ingest
 
         return beam_ingest.run(config)
     start = time.perf_counter()
     check_output_dir(config.output)
-    with tempfile.TemporaryDirectory(prefix="kfp-finetune-ingest-") as staging:
+    listed: list[_Entry] = []
+    with faults.resource_errors(config.output, "--output", lambda: _listed_bytes(listed)), \
+            tempfile.TemporaryDirectory(prefix="kfp-finetune-ingest-") as staging:
         listing = _collect(config.source, Path(staging))
+        listed.extend(listing.entries)
         rules.check_classes(config.source, listing.class_names)
         with atomic_directory(config.output) as tmp:
             report, _ = _build(config, listing, tmp, start)
@@ -255,6 +262,11 @@ def profile_source(config: IngestConfig) -> tuple[Profile, dict[str, Any]]:
         rules.check_classes(config.source, listing.class_names)
         report, profile = _build(config, listing, None, start)
     return profile, report
+
+
+def _listed_bytes(entries: list[_Entry]) -> int:
+    """About what the Dataset needs on disk: the listed images' bytes (kept as they came, unless converted)."""
+    return sum(faults.tree_bytes(e.local) for e in entries if e.local is not None)
 
 
 def _build(config: IngestConfig, listing: _Listing, out: Path | None, start: float) -> tuple[dict[str, Any], Profile]:

@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 from kfp import dsl
 from kfp.dsl import Dataset, Output
 
-from kfp_finetune.components.core import gcs, settings
+from kfp_finetune.components.core import faults, gcs, settings
 from kfp_finetune.components.core.errors import UserError
 from kfp_finetune.components.core.params import add_arguments, by_name, config_kwargs
 from kfp_finetune.components.predict.inputs import (  # noqa: F401  (re-exported: the reading and writing side of predict)
@@ -297,6 +297,7 @@ def _predict_pixels(classifier: Classifier, items: Iterator[Item], batch_size: i
     settle(produced[0])
 
 
+@faults.stops_cleanly("predict")
 def predict(config: PredictConfig, progress: bool = True) -> PredictResult:
     """Predict every image of `config.input` and write one row per file to `config.output`."""
     import numpy as np

@@ -36,7 +36,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -162,15 +161,18 @@ def resolve_champion(push_to: str) -> Version | None:
 
 
 def fetch_model(version: Version, staging: str | os.PathLike) -> str:
-    """A local folder holding the version's Model artifact (model.keras + model.json)."""
+    """A local folder holding the version's Model artifact (model.keras + model.json). Every failure (missing
+    folder, 403, a name that would leave `staging`, a full disk) is one UserError naming the version and its URI."""
     if not gcs.is_gcs(version.uri):
+        if not (Path(version.model_uri) / "model.keras").is_file():
+            raise UserError(f"version {version.version} at {version.uri}: {version.model_uri} has no model.keras; "
+                            "that version cannot serve as a baseline (push it again or roll back past it)")
         return version.model_uri
-    blobs = gcs.list_blobs(version.model_uri)
-    bucket, prefix = gcs.split_uri(version.model_uri.rstrip("/") + "/")
-    names = [b.name for b in blobs]
-    if not names:
-        raise UserError(f"champion {version.uri}: no {MODEL_DIR}/ folder")
-    gcs.download_many([f"gs://{bucket}/{n}" for n in names], [Path(staging) / n[len(prefix):] for n in names])
+    try:
+        gcs.download_tree(version.model_uri, staging, f"version {version.version}:")
+    except UserError as exc:
+        raise UserError(f"version {version.version} at {version.uri}: cannot fetch its {MODEL_DIR}/ folder "
+                        f"({exc})") from exc
     return str(staging)
 
 
@@ -248,29 +250,32 @@ def push(local_dir: str | os.PathLike, push_to: str, version: str | None = None,
     if expect is CURRENT:
         expect = read_latest(push_to)
     version = _claim(push_to, version)
-    target = _join(push_to, version)
-    record.update(version=version, expected_latest=expect)
-    with tempfile.TemporaryDirectory(prefix=".version-json-") as tmp:
-        store_record = Path(tmp) / VERSION_FILE
-        store_record.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
-        if gcs.is_gcs(push_to):
-            _upload(local_dir, store_record, push_to, target, retry_seconds)
-        else:
-            _place(local_dir, store_record, Path(target))
     try:
-        swap = store.swap_latest(push_to, expect, version)
-    except UserError as exc:
-        raise UserError(f"version {version} is complete at {target} but LATEST was not moved ({exc}); LATEST still "
-                        f"names {read_latest_quietly(push_to)}; `versions` lists {version} as not promoted and "
-                        f"`kfp-finetune rollback --push-to {push_to} --to {version}` promotes it") from exc
-    if swap.swapped:
-        store.mark_promoted(push_to, version, expect)
-        return Pushed(target, version, True, expect, version)
-    message = (f"version {version} was pushed to {push_to} but not promoted: LATEST moved from {expect} (the "
-               f"champion this run was compared against) to {swap.latest} meanwhile; "
-               f"`kfp-finetune rollback --push-to {push_to} --to {version}` promotes it")
-    log.warning("%s", message)
-    return Pushed(target, version, False, expect, swap.latest, message)
+        target = _join(push_to, version)
+        record.update(version=version, expected_latest=expect)
+        with tempfile.TemporaryDirectory(prefix=".version-json-") as tmp:
+            store_record = Path(tmp) / VERSION_FILE
+            store_record.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+            if gcs.is_gcs(push_to):
+                store.upload_version(local_dir, store_record, push_to, target, retry_seconds)
+            else:
+                store.place_local(local_dir, store_record, Path(target))
+        try:
+            swap = store.swap_latest(push_to, expect, version)
+        except UserError as exc:
+            raise UserError(f"version {version} is complete at {target} but LATEST was not moved ({exc}); LATEST still "
+                            f"names {read_latest_quietly(push_to)}; `versions` lists {version} as not promoted and "
+                            f"`kfp-finetune rollback --push-to {push_to} --to {version}` promotes it") from exc
+        if swap.swapped:
+            store.mark_promoted(push_to, version, expect)
+            return Pushed(target, version, True, expect, version)
+        message = (f"version {version} was pushed to {push_to} but not promoted: LATEST moved from {expect} (the "
+                   f"champion this run was compared against) to {swap.latest} meanwhile; "
+                   f"`kfp-finetune rollback --push-to {push_to} --to {version}` promotes it")
+        log.warning("%s", message)
+        return Pushed(target, version, False, expect, swap.latest, message)
+    finally:
+        store.release_claim(push_to, version)
 
 
 def read_latest_quietly(push_to: str) -> str:
@@ -291,49 +296,6 @@ def _claim(push_to: str, version: str | None) -> str:
             return name
     raise UserError(f"--push-to {push_to}: {NAME_ATTEMPTS} version names in a row were taken by other pushes; "
                     "push again")
-
-
-def _upload(local_dir: Path, record: Path, push_to: str, target: str, retry_seconds: float) -> None:
-    from google.cloud.storage.retry import DEFAULT_RETRY
-
-    files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p != local_dir / VERSION_FILE)
-    retry = DEFAULT_RETRY.with_timeout(retry_seconds)
-    try:
-        gcs.upload_many(files, [f"{target}/{p.relative_to(local_dir).as_posix()}" for p in files], retry=retry)
-        gcs.upload_many([record], [f"{target}/{VERSION_FILE}"], retry=retry)
-    except UserError as exc:
-        _cleanup_gcs(target)
-        raise UserError(f"push to {target} failed, LATEST not changed: {exc}") from exc
-    log.info("pushed %d files to %s", len(files) + 1, target)
-
-
-def _place(local_dir: Path, record: Path, target: Path) -> None:
-    """Local: build the version beside the claimed (empty) folder, then rename it over the claim."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        shutil.copytree(local_dir, staging, dirs_exist_ok=True)
-        shutil.copy2(record, staging / VERSION_FILE)
-        os.replace(staging, target)  # replaces the empty folder that is our claim
-    except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
-            target.rmdir()  # give the claim back: a failed push leaves nothing
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise UserError(f"push to {target} failed, LATEST not changed ({exc.strerror or exc})") from exc
-        raise
-
-
-def _cleanup_gcs(target: str) -> None:
-    """Best effort: delete a partial version (it may be unreachable too; it stays invisible without version.json)."""
-    try:
-        for blob in gcs.list_blobs(target):
-            blob.delete()
-        log.info("deleted the partial version %s", target)
-    except Exception as exc:  # the destination may be the very thing that failed
-        log.warning("could not delete the partial version %s (%s); it has no %s, so nothing uses it",
-                    target, exc, VERSION_FILE)
 
 
 def rollback(push_to: str, to: str | None = None) -> tuple[str | None, str]:

@@ -1,7 +1,9 @@
 """registry_store: what must hold at a push destination (a local folder or a gs:// prefix) when runs overlap.
 
 - A version folder is claimed exclusively before anything is written into it. gs://: `<version>/claim.json` created
-  with `if_generation_match=0` (GCS answers 412 to the second creator); local: `os.mkdir` of the version folder.
+  with `if_generation_match=0` (GCS answers 412 to the second creator); local: `os.mkdir` of the version folder,
+  under an flock on `.<version>.push.lock` held until the push ends, so that a claim whose push was killed (no
+  version.json, its lock free) is taken over by the next push of that version instead of blocking it forever.
 - LATEST is read together with a token and moved only by compare-and-swap from the value the caller expects.
   gs://: the token is the object's generation and the swap is an upload with `if_generation_match=<generation>`
   (0 when there is no LATEST yet); local: the swap holds an flock on `.LATEST.lock`, re-reads LATEST and replaces it
@@ -18,7 +20,9 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kfp_finetune.components.core import gcs
+from kfp_finetune.components.core import faults, gcs
 from kfp_finetune.components.core.errors import UserError
 
 log = logging.getLogger("kfp_finetune.registry")
@@ -177,12 +181,73 @@ def claim(push_to: str, version: str) -> bool:
     base = Path(push_to)
     try:
         base.mkdir(parents=True, exist_ok=True)
-        (base / version).mkdir()
-    except FileExistsError:
-        return False
+        held = _push_lock(base, version)
+        if held is None:
+            return False  # a push of this very version is in flight
+        try:
+            (base / version).mkdir()
+        except FileExistsError:
+            if not _take_over(base, version, fresh=held[1]):
+                _unlock(base, version, held[0])
+                return False
+        except BaseException:
+            _unlock(base, version, held[0])
+            raise
+        _HELD[str(base / version)] = held[0]
     except OSError as exc:
         raise UserError(f"--push-to {push_to}: cannot create {target} ({_one_line(exc)})") from exc
     return True
+
+
+# Local claims: the push holds an flock on `.<version>.push.lock` from before it creates the folder until it ends,
+# so a folder without version.json whose lock file is there but free was claimed by a push that was killed.
+_HELD: dict[str, int] = {}
+
+
+def _push_lock(base: Path, version: str) -> tuple[int, bool] | None:
+    """(fd, whether this call created the lock file) with the lock held, or None when another push holds it."""
+    path = base / f".{version}.push.lock"
+    try:
+        fd, fresh = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+    except FileExistsError:
+        fd, fresh = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd, fresh
+
+
+def _take_over(base: Path, version: str, fresh: bool) -> bool:
+    """Whether an existing claimed folder is ours to reuse: no version.json, and a lock file left by a push that is
+    gone (a folder without one predates these locks, or is someone's own: never taken)."""
+    folder = base / version
+    if fresh or (folder / VERSION_FILE).exists() or not folder.is_dir():
+        return False
+    for leftover in [*base.glob(f".{version}.tmp-*"), *folder.iterdir()]:
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    log.warning("%s: version %s was claimed by a push that was killed before it finished (no %s, its lock free); "
+                "taking the claim over", base, version, VERSION_FILE)
+    return True
+
+
+def _unlock(base: Path, version: str, fd: int) -> None:
+    with contextlib.suppress(OSError):
+        (base / f".{version}.push.lock").unlink()
+    os.close(fd)
+
+
+def release_claim(push_to: str, version: str) -> None:
+    """End a local push's hold on its version (no-op on gs://, where claim.json is the claim)."""
+    if gcs.is_gcs(push_to):
+        return
+    fd = _HELD.pop(str(Path(push_to) / version), None)
+    if fd is not None:
+        _unlock(Path(push_to), version, fd)
 
 
 # --- LATEST by compare-and-swap --------------------------------------------------------------------------------
@@ -215,7 +280,10 @@ def swap_latest(push_to: str, expected: str | None, new: str) -> Swap:
             os.replace(tmp, base / LATEST_FILE)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            raise UserError(f"--push-to {push_to}: cannot write {base / LATEST_FILE} ({_one_line(exc)})") from exc
+            space = (f": needs {len(new) + 1} B, {faults.human(faults.free_bytes(base))} free"
+                     if faults.is_disk_full(exc) else "")
+            raise UserError(f"--push-to {push_to}: cannot write {base / LATEST_FILE} ({_one_line(exc)}{space}); "
+                            f"LATEST unchanged") from exc
     log.info("LATEST: %s -> %s", expected, new)
     return Swap(True, new)
 
@@ -271,3 +339,56 @@ def mark_promoted(push_to: str, version: str, previous: str | None) -> None:
     except (UserError, OSError) as exc:
         log.warning("LATEST names %s, but %s could not be written (%s): once LATEST moves on, `versions` will "
                     "list %s as not promoted", version, uri, _one_line(exc), version)
+
+
+# --- writing a version ------------------------------------------------------------------------------------------
+
+
+def upload_version(local_dir: Path, record: Path, push_to: str, target: str, retry_seconds: float) -> None:
+    """gs://: upload the version's files, its version.json last; a failure deletes what was written (best effort)."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p != local_dir / VERSION_FILE)
+    retry = DEFAULT_RETRY.with_timeout(retry_seconds)
+    try:
+        gcs.upload_many(files, [f"{target}/{p.relative_to(local_dir).as_posix()}" for p in files], retry=retry)
+        gcs.upload_many([record], [f"{target}/{VERSION_FILE}"], retry=retry)
+    except UserError as exc:
+        delete_partial(target)
+        raise UserError(f"push to {target} failed, LATEST not changed: {exc}") from exc
+    log.info("pushed %d files to %s", len(files) + 1, target)
+
+
+def place_local(local_dir: Path, record: Path, target: Path) -> None:
+    """Local: build the version beside the claimed (empty) folder, then rename it over the claim. A failure (a full
+    disk included: one line naming the space needed) deletes the copy and gives the claim back."""
+    staging: Path | None = None
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        shutil.copytree(local_dir, staging, dirs_exist_ok=True)
+        shutil.copy2(record, staging / VERSION_FILE)
+        os.replace(staging, target)  # replaces the empty folder that is our claim
+    except BaseException as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            target.rmdir()  # give the claim back: a failed push leaves nothing
+        if faults.is_disk_full(exc):
+            raise UserError(f"push to {target} failed, LATEST not changed: no space left on device (needs about "
+                            f"{faults.human(faults.tree_bytes(local_dir))}, "
+                            f"{faults.human(faults.free_bytes(target.parent))} free there); nothing partial was "
+                            "left") from exc
+        if isinstance(exc, OSError):
+            raise UserError(f"push to {target} failed, LATEST not changed ({_one_line(exc)})") from exc
+        raise
+
+
+def delete_partial(target: str) -> None:
+    """Best effort: delete a partial version (it may be unreachable too; it stays invisible without version.json)."""
+    try:
+        for blob in gcs.list_blobs(target):
+            blob.delete()
+        log.info("deleted the partial version %s", target)
+    except Exception as exc:  # the destination may be the very thing that failed
+        log.warning("could not delete the partial version %s (%s); it has no %s, so nothing uses it",
+                    target, exc, VERSION_FILE)

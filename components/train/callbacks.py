@@ -1,25 +1,21 @@
-"""Callbacks and history: one log line per epoch, TensorBoard, and the history kept beside the checkpoint so that a
-resumed run keeps its earlier epochs.
+"""Callbacks and history: one log line per epoch (keeping the history), TensorBoard, and the checkpoint folder per
+set of arguments. A resumed run gets its earlier epochs' history from the checkpoint (components/train/preempt.py).
 """
 
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from kfp_finetune.components.core import gcs, settings
+from kfp_finetune.components.core import settings
 from kfp_finetune.components.train.config import FineTuneConfig, HeadConfig
 from kfp_finetune.components.train.distribute import Cluster
 
 log = logging.getLogger("kfp_finetune.train")
-
-
-HISTORY_FILE = "history.json"
 
 
 def _format_logs(logs: dict[str, Any]) -> str:
@@ -27,10 +23,9 @@ def _format_logs(logs: dict[str, Any]) -> str:
 
 
 def _epoch_logger(
-    phase: str, epochs: int, history_file: "HistoryFile | None", history: dict[str, list[float]],
-    seconds: list[float] | None = None,
+    phase: str, epochs: int, history: dict[str, list[float]], seconds: list[float] | None = None,
 ) -> Any:
-    """A callback logging one line per epoch and keeping the history (persisted to `history_file` for resume)."""
+    """A callback logging one line per epoch and appending its logs to `history`."""
     import keras
 
     class EpochLogger(keras.callbacks.Callback):
@@ -47,9 +42,6 @@ def _epoch_logger(
                 logs.setdefault("learning_rate", float(keras.ops.convert_to_numpy(optimizer.learning_rate)))
             for key, value in logs.items():
                 history.setdefault(key, []).append(float(value))
-            # Resumed runs keep every list the same length as the epochs done.
-            if history_file is not None:
-                history_file.write(history)
             log.info("%s epoch %d/%d (%.1fs): %s", phase, epoch + 1, epochs, elapsed, _format_logs(logs))
 
     return EpochLogger()
@@ -90,45 +82,6 @@ def _checkpoint_subdir(config: "FineTuneConfig | HeadConfig", root: str, cluster
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     sub = f"{root.rstrip('/')}/{phase}-{digest}"
     return sub if cluster.is_chief else f"{sub}/worker-{cluster.worker_index}"
-
-
-class HistoryFile:
-    """The history kept beside the checkpoint, so that a resumed run keeps its earlier epochs.
-
-    No longer used by the phases: the checkpoints of components/train/preempt.py carry the history with the state
-    it belongs to. Kept for callers of this module's API (tests/unit/test_train_history.py).
-
-    Local paths are written atomically; gs:// ones (AIP_CHECKPOINT_DIR on Vertex) through google-cloud-storage
-    (components/core/gcs.py: an object write is atomic, and it honours STORAGE_EMULATOR_HOST).
-    """
-
-    def __init__(self, checkpoint: str) -> None:
-        self.uri = f"{checkpoint.rstrip('/')}/{HISTORY_FILE}"
-
-    def write(self, history: dict[str, list[float]]) -> None:
-        text = json.dumps(history)
-        if gcs.is_gcs(self.uri):
-            gcs.write_text(self.uri, text)
-            return
-        file = Path(self.uri)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, file)
-
-    def read(self, initial_epoch: int) -> dict[str, list[float]]:
-        """The first `initial_epoch` epochs of the stored history ({} when starting afresh or none is stored)."""
-        if initial_epoch <= 0:
-            return {}
-        if gcs.is_gcs(self.uri):
-            if not gcs.exists(self.uri):
-                return {}
-            text = gcs.read_text(self.uri)
-        else:
-            if not Path(self.uri).is_file():
-                return {}
-            text = Path(self.uri).read_text()
-        return {k: v[:initial_epoch] for k, v in json.loads(text).items()}
 
 
 def epochs_run(history: dict[str, list[float]], initial_epoch: int) -> int:

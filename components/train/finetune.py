@@ -141,7 +141,7 @@ def _fine_tune(config: FineTuneConfig, info: "DatasetInfo", n_train: int, cluste
     epoch_seconds: list[float] = []
     with _output_scope(config.output, cluster) as tmp:
         callbacks: list[Any] = [
-            _epoch_logger("fine_tune", config.epochs, None, history, epoch_seconds),
+            _epoch_logger("fine_tune", config.epochs, history, epoch_seconds),
             keeper,
             *_tensorboard("fine_tune", tmp, cluster.is_chief),
         ]

@@ -118,7 +118,7 @@ def _train_head(config: HeadConfig, info: "DatasetInfo", n_train: int, cluster: 
 
     with _output_scope(config.output, cluster) as tmp:
         epoch_seconds: list[float] = []
-        callbacks = [_epoch_logger("train_head", config.epochs, None, history, epoch_seconds),
+        callbacks = [_epoch_logger("train_head", config.epochs, history, epoch_seconds),
                      *_tensorboard("train_head", tmp, cluster.is_chief)]
         log.info("train_head: %d classes, %d train / %d validation images at %d px, %d epochs, feature cache %s",
                  info.num_classes, info.num_examples["train"], info.num_examples["validation"], size, config.epochs,

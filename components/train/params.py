@@ -71,13 +71,13 @@ def _checkpoint_dir(pipeline: str | None) -> Param:
                  optional=True, recipe=False, pipeline=pipeline, training=False)
 
 
-# Not a pipeline parameter yet: wiring it (and train_head's checkpoint_dir) into pipelines/pipeline.py changes the
-# compiled pipeline's golden structure; the step, its CLI and its KFP component take it.
+# Both phases take the pipeline's checkpoint_dir and checkpoint_every_steps (each phase keeps its state in its own
+# sub-folder, <phase>-<digest of its arguments>).
 CHECKPOINT_EVERY_STEPS = Param(
     "checkpoint_every_steps", int, 0,
     "with a checkpoint folder, also save the training state every N training steps, so that a hard kill loses at "
     "most N steps (0: at the end of each epoch only)", _int_at_least(0), "an integer ≥ 0",
-    recipe=False, training=False)
+    recipe=False, pipeline="checkpoint_every_steps", training=False)
 
 HEAD: tuple[Param, ...] = (
     _epochs(5, "head_epochs", "training epochs; 0 writes the untrained classifier (fine_tune then trains everything)"),
@@ -94,9 +94,7 @@ HEAD: tuple[Param, ...] = (
     LABEL_SMOOTHING,
     SEED,
     DETERMINISM,
-    # train_head's checkpoint_dir is not wired to the pipeline's parameter (see CHECKPOINT_EVERY_STEPS);
-    # $AIP_CHECKPOINT_DIR still applies on Vertex custom jobs.
-    _checkpoint_dir(pipeline=None),
+    _checkpoint_dir(pipeline="checkpoint_dir"),
     CHECKPOINT_EVERY_STEPS,
 )
 

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.core.faults import EXIT_TERMINATED, Terminated
 from kfp_finetune.components.train.checkpoint import FORMAT, POINTER, CheckpointStore  # noqa: F401 (POINTER: public)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,19 +49,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("kfp_finetune.train")
 
-EXIT_PREEMPTED = 75  # os.EX_TEMPFAIL ("temporary failure; the user is invited to retry"), on every platform
+EXIT_PREEMPTED = EXIT_TERMINATED  # 75, os.EX_TEMPFAIL: the exit status of every step that SIGTERM stops
 
 
-class Preempted(SystemExit):
-    """SIGTERM ended training: a SystemExit with status 75, so that a CLI or KFP step exits for a retry without a
-    traceback. Callers from Python can catch it (`except SystemExit`) like any exit."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(EXIT_PREEMPTED)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
+class Preempted(Terminated):
+    """SIGTERM ended training: the steps' common `Terminated` (a SystemExit with status 75, components/core/faults.py),
+    raised once the state is saved, so that a CLI or KFP step exits for a retry without a traceback. Callers from
+    Python can catch it (`except SystemExit`) like any exit."""
 
 
 @dataclass(frozen=True)

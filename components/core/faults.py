@@ -1,0 +1,185 @@
+"""What the environment does to a step, turned into one line and a clean exit: SIGTERM, a full disk, TF resources.
+
+SIGTERM (`stops_cleanly`). Kubernetes, Spot VMs and Vertex AI stop a step with SIGTERM, then SIGKILL about 30 s
+later. Python's default for SIGTERM ends the process at once: no `finally`, no `with` exit, so `atomic_directory`'s
+hidden `.name.tmp-*` sibling, a `kfp-finetune-ingest-*` download folder and a serving-check subprocess were left
+behind. Inside `stops_cleanly`, SIGTERM raises `Terminated` (a SystemExit with status 75, EX_TEMPFAIL: "retry"), so
+every context manager on the way out runs (temporary folders are deleted, `subprocess.run` kills its child, a
+process pool is shut down), one line is logged, and the process exits 75. The training steps' `Preempted`
+(components/train/preempt.py) is a `Terminated` too: it saves the state first.
+
+Full disks and TF's resource errors (`resource_errors`). ENOSPC/EDQUOT from Python or from TensorFlow (whose file
+systems turn ENOSPC into `ResourceExhaustedError`), and TensorFlow running out of memory, become one `UserError`
+naming the path, the space needed and the space free. Wrap the block *outside* the step's `atomic_directory`, so the
+partial output is gone by the time the line is printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import logging
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kfp_finetune.components.core.errors import UserError
+
+log = logging.getLogger("kfp_finetune")
+
+EXIT_TERMINATED = 75  # os.EX_TEMPFAIL ("temporary failure; the user is invited to retry"), on every platform
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Terminated(SystemExit):
+    """SIGTERM stopped a step: a SystemExit with status 75 (no traceback from a CLI or a KFP component), raised in
+    the main thread so that every cleanup on the way out runs. `str()` is the one line that was logged."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_TERMINATED)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --- SIGTERM --------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def sigterm_raises(step: str) -> Iterator[None]:
+    """While the block runs, SIGTERM raises `Terminated` in the main thread (once: a second SIGTERM during the
+    cleanup is ignored). The previous handler is put back on the way out. Outside the main thread (a notebook's
+    worker, a server) signals cannot be handled there: the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    seen = False
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        nonlocal seen
+        if seen:
+            return
+        seen = True
+        message = (f"terminated (SIGTERM) during {step}: temporary files removed, nothing partial left; exiting "
+                   f"with status {EXIT_TERMINATED}, a retry with the same arguments starts the step again")
+        log.error("%s", message)
+        raise Terminated(message)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def stops_cleanly(step: str) -> Callable[[F], F]:
+    """Decorate a step's function: SIGTERM during it cleans up and exits 75 (`sigterm_raises`)."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with sigterm_raises(step):
+                return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def default_sigterm() -> None:
+    """For forked worker processes: SIGTERM kills them as usual instead of running the parent's handler."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+# --- full disks and TensorFlow's resource errors ---------------------------------------------------------------------
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT from Python (also inside shutil.Error's list), or TF's ResourceExhaustedError for a file."""
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        return True
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list):
+        return any("No space left" in str(item) or "Disk quota" in str(item) for item in exc.args[0])
+    text = str(exc)
+    return _is_tf_resource_error(exc) and ("No space left" in text or "quota" in text.lower())
+
+
+def _is_tf_resource_error(exc: BaseException) -> bool:
+    return any(c.__name__ == "ResourceExhaustedError" for c in type(exc).__mro__)
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Free bytes on the disk holding `path` (its nearest existing parent); None when unknown."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def tree_bytes(path: str | os.PathLike) -> int:
+    """The size of a file, or of every file under a folder (0 when it does not exist)."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    total = 0
+    for root, _, files in os.walk(p):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def human(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"  # pragma: no cover
+
+
+def resource_error(exc: BaseException, path: str | os.PathLike, what: str,
+                   needed: int | Callable[[], int | None] | None = None) -> UserError | None:
+    """The one-line UserError for a full disk or a TF resource error while writing `path`; None for other errors."""
+    if is_disk_full(exc):
+        try:
+            need = needed() if callable(needed) else needed
+        except Exception:  # an estimate must never hide the real error
+            need = None
+        need_text = f"needs about {human(need)}, " if need else ""
+        return UserError(f"{what} {path}: no space left on device ({need_text}{human(free_bytes(path))} free there); "
+                         "nothing partial was left; free some space or choose another disk")
+    if _is_tf_resource_error(exc):
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        return UserError(f"{what} {path}: TensorFlow ran out of a resource ({first}); nothing partial was left; "
+                         "give the step more memory or a smaller batch")
+    return None
+
+
+@contextlib.contextmanager
+def resource_errors(path: str | os.PathLike, what: str,
+                    needed: int | Callable[[], int | None] | None = None) -> Iterator[None]:
+    """Turn a full disk / TF resource error inside the block into `resource_error`'s one line (others pass)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        error = resource_error(exc, path, what, needed)
+        if error is None:
+            raise
+        raise error from exc
