@@ -112,7 +112,11 @@ def _read(file: str, gcs_client: Any, root: str | None) -> bytes:
     """The bytes of `file`; safefiles.UnsafeFile when a local file breaks the rule (see the module docstring)."""
     if gcs.is_gcs(file):
         bucket, name = gcs.split_uri(file)
-        return gcs_client.bucket(bucket).blob(name).download_as_bytes()
+        limit = safefiles.MAX_FILE_BYTES  # the local files' bound: at most limit + 1 bytes are ever fetched
+        data = gcs_client.bucket(bucket).blob(name).download_as_bytes(start=0, end=limit)
+        if len(data) > limit:
+            raise safefiles.UnsafeFile(safefiles.TOO_LARGE, f"over the {limit:,}-byte limit")
+        return data
     if root is None:
         root = os.path.realpath(os.path.dirname(os.path.abspath(file)))
     return safefiles.read_bytes(file, root)
