@@ -21,22 +21,17 @@ def chain(tmp_path_factory, synthetic_folder, weights_mirror) -> evalchain.Chain
 
 
 @pytest.fixture(scope="module")
-def blessed_eval(chain, tmp_path_factory) -> Path:
-    from kfp_finetune.components.evaluate.step import EvaluateConfig, evaluate
-
-    out = tmp_path_factory.mktemp("serving_eval") / "evaluation"
-    assert evaluate(EvaluateConfig(dataset=str(chain.dataset), model=str(chain.strong), output=str(out),
-                                   min_accuracy=0.8)).blessed
-    return out
+def blessed_eval(chain) -> Path:
+    """The strong model's evaluation (min_accuracy 0.8), shared by the session (read-only)."""
+    return chain.blessed_eval
 
 
 @pytest.fixture(scope="module")
-def pushed(chain, blessed_eval, tmp_path_factory) -> tuple[Path, Path]:
-    """export with a local push: the serving check runs first (test images from the evaluation's dataset)."""
-    root = tmp_path_factory.mktemp("serving_export")
-    export(ExportConfig(model=str(chain.strong), output=str(root / "export"), evaluation=str(blessed_eval),
-                        push_to=str(root / "registry"), run_id="v1"))
-    return root / "export", root / "registry"
+def pushed(chain) -> tuple[Path, Path]:
+    """export with a local push (run_id v1): the serving check runs first (test images from the evaluation's
+    dataset). The session's shared export (evalchain.Chain.pushed), read-only."""
+    _, exported, registry = chain.pushed
+    return exported, registry
 
 
 def test_export_runs_the_serving_check_and_pushes(pushed, chain):

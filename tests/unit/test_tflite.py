@@ -25,20 +25,17 @@ def chain(tmp_path_factory, synthetic_folder, weights_mirror) -> evalchain.Chain
 
 
 @pytest.fixture(scope="module")
-def blessed_eval(chain, tmp_path_factory) -> Path:
-    from kfp_finetune.components.evaluate.step import EvaluateConfig, evaluate
-
-    out = tmp_path_factory.mktemp("tflite_eval") / "evaluation"
-    assert evaluate(EvaluateConfig(dataset=str(chain.dataset), model=str(chain.strong), output=str(out))).blessed
-    return out
+def blessed_eval(chain) -> Path:
+    """The strong model's evaluation, shared by the session (read-only)."""
+    return chain.blessed_eval
 
 
 @pytest.fixture(scope="module")
-def exported(chain, blessed_eval, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tflite_export") / "export"
-    registry = out.parent / "registry"
-    result = export(ExportConfig(model=str(chain.strong), output=str(out), evaluation=str(blessed_eval),
-                                 tflite="both", push_to=str(registry), run_id="v1"))
+def exported(chain):
+    """(result, export folder, registry): export(tflite="both", push_to=registry, run_id="v1"), the session's shared
+    export (evalchain.Chain.pushed), read-only."""
+    result, out, registry = chain.pushed
+    assert result.version == "v1"
     return result, out, registry
 
 
