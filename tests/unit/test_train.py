@@ -25,25 +25,19 @@ SIZE = 96
 
 @pytest.fixture(scope="module")
 def artifacts(synthetic_folder: Path, weights_mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """{'dataset', 'backbone', 'head'}: ingest -> backbone -> train_head (cached features, 4 epochs)."""
-    from kfp_finetune.components.backbone.step import BackboneConfig, build_backbone
+    """{'dataset', 'backbone', 'head'}: ingest -> backbone -> train_head (cached features, 4 epochs). The backbone
+    is the session's (tests/evalchain.py: MobileNet α=0.25, ImageNet weights, 96 px), shared read-only."""
     from kfp_finetune.components.ingest.step import IngestConfig, ingest
+    from tests import evalchain
 
     root = tmp_path_factory.mktemp("train")
-    old = os.environ.get("KFP_FINETUNE_WEIGHTS_MIRROR")
-    os.environ["KFP_FINETUNE_WEIGHTS_MIRROR"] = str(weights_mirror)
-    try:
-        ingest(IngestConfig(source=str(synthetic_folder), output=str(root / "dataset"), val_fraction=0.2,
-                            test_fraction=0.2))
-        build_backbone(BackboneConfig(name="mobilenet", alpha=0.25, image_size=SIZE, output=str(root / "backbone")))
-    finally:
-        if old is None:
-            os.environ.pop("KFP_FINETUNE_WEIGHTS_MIRROR", None)
-        else:
-            os.environ["KFP_FINETUNE_WEIGHTS_MIRROR"] = old
-    result = train_head(HeadConfig(dataset=str(root / "dataset"), backbone=str(root / "backbone"),
+    backbone = evalchain.get(tmp_path_factory, synthetic_folder, weights_mirror).backbone
+    assert evalchain.IMAGE_SIZE == SIZE
+    ingest(IngestConfig(source=str(synthetic_folder), output=str(root / "dataset"), val_fraction=0.2,
+                        test_fraction=0.2))
+    result = train_head(HeadConfig(dataset=str(root / "dataset"), backbone=str(backbone),
                                    output=str(root / "head"), epochs=4, augment=False, learning_rate=1e-2))
-    return {"root": root, "dataset": root / "dataset", "backbone": root / "backbone", "head": root / "head",
+    return {"root": root, "dataset": root / "dataset", "backbone": backbone, "head": root / "head",
             "head_result": result}
 
 
