@@ -29,7 +29,7 @@ setup: $(VENV)/.installed ## create .venv and install the project with pinned de
 demo: setup ## run the whole pipeline locally on the embedded sample (the README's main command)
 	$(BIN)/kfp-finetune run --output out/demo
 
-test: setup ## lint, then the default test suite (under ~10 minutes; no slow tests)
+test: setup ## lint, then the default test suite (goal ≤5 minutes on an idle 2-core machine; no slow tests)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not slow" -q
 

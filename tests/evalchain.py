@@ -21,6 +21,7 @@ class Chain:
     def __init__(self, root: Path, synthetic_folder: Path, weights_mirror: Path) -> None:
         self.root, self.synthetic_folder, self.weights_mirror = root, synthetic_folder, weights_mirror
         self._built: dict[str, Path] = {}
+        self._results: dict[str, object] = {}
 
     def _once(self, name: str, make) -> Path:  # noqa: ANN001
         if name not in self._built:
@@ -131,6 +132,36 @@ class Chain:
     def other_model(self) -> Path:
         """Trained on other_dataset (other class names)."""
         return self._head("other_model", self.other_dataset, 1, 1e-3)
+
+
+    @property
+    def blessed_eval(self) -> Path:
+        """The strong model's evaluation on the test split, blessed with min_accuracy 0.8."""
+        from kfp_finetune.components.evaluate.step import EvaluateConfig, evaluate
+
+        def make(out: Path) -> None:
+            assert evaluate(EvaluateConfig(dataset=str(self.dataset), model=str(self.strong), output=str(out),
+                                           min_accuracy=0.8)).blessed
+
+        return self._once("blessed_eval", make)
+
+    # What `pushed` gives export (test_export's push test checks version.json against it).
+    PUSH = {"run_id": "v1", "fingerprint": "abc123", "settings": {"head_epochs": "6.0"}, "pipeline_job": "job-7"}
+
+    @property
+    def pushed(self):  # noqa: ANN201
+        """(ExportResult, export folder, registry): the strong model exported with both LiteRT models (serving check,
+        conversions) and pushed as version v1 of a local registry. One export (~25 s) read by the export, serving
+        and tflite tests; read-only: a test that pushes again copies the registry first."""
+        from kfp_finetune.components.export.step import ExportConfig, export
+
+        def make(out: Path) -> None:
+            self._results["pushed"] = export(ExportConfig(
+                model=str(self.strong), output=str(out / "export"), evaluation=str(self.blessed_eval), tflite="both",
+                push_to=str(out / "registry"), **self.PUSH))
+
+        root = self._once("pushed", make)
+        return self._results["pushed"], root / "export", root / "registry"
 
 
 _CHAINS: dict[str, Chain] = {}

@@ -89,6 +89,11 @@ def add_images(data: Path, staging: Path, classes: tuple[str, ...] = CLASSES, pe
 @pytest.mark.timeout(3600)  # five weekly runs, four of them training: about 20 min on a loaded 2-core machine
 @pytest.mark.parametrize("backend", ["local", "gcs"])
 def test_one_season_of_scheduled_retraining(backend, tmp_path, weights_mirror, monkeypatch, capsys, request):
+    """Weeks 1-3 and 5 and the rollback run on both backends (where the data and the registry live matters: the
+    fingerprint, ingest of new files, the champion read from push_to, pushes, LATEST, rollback). Week 4, the broken
+    recipe the fine-tune guard and evaluate refuse, is the same computation whatever the storage, and its registry
+    side is only "nothing pushed, LATEST read back unchanged": it runs once, in the gs:// season (one training run
+    fewer in CI's slow stage)."""
     monkeypatch.setenv("KFP_FINETUNE_WEIGHTS_MIRROR", str(weights_mirror))
     data = write_class_folder(tmp_path / "data", classes=CLASSES, per_class=20, size=48, seed=0)
     if backend == "gcs":
@@ -142,14 +147,16 @@ def test_one_season_of_scheduled_retraining(backend, tmp_path, weights_mirror, m
     # Week 4, a broken recipe on the same data (no head phase, fine-tune at lr 10): trained (settings changed); the
     # fine-tune guard can only hand back the untrained head or a wrecked epoch, so it is not blessed, LATEST stays,
     # and the evaluation names the champion, the reason and what the guard kept.
-    before = season.versions()
-    w4 = season.run("week4", "head_epochs=0", "fine_tune_learning_rate=10")
-    assert w4["status"] == "settings changed" and w4["blessed"] == "False", w4
-    ev4 = season.evaluation(w4)
-    assert ev4["fine_tune_guard"]["kept"] in ("start", "best_epoch"), ev4["fine_tune_guard"]
-    assert ev4["champion"]["version"] == champion3 and ev4["champion"]["decision"].startswith("challenger refused")
-    assert ev4["blessing"]["reasons"]
-    assert season.versions() == before and season.latest() == champion3
+    if backend == "gcs":
+        before = season.versions()
+        w4 = season.run("week4", "head_epochs=0", "fine_tune_learning_rate=10")
+        assert w4["status"] == "settings changed" and w4["blessed"] == "False", w4
+        ev4 = season.evaluation(w4)
+        assert ev4["fine_tune_guard"]["kept"] in ("start", "best_epoch"), ev4["fine_tune_guard"]
+        assert ev4["champion"]["version"] == champion3 and ev4["champion"]["decision"].startswith(
+            "challenger refused")
+        assert ev4["blessing"]["reasons"]
+        assert season.versions() == before and season.latest() == champion3
 
     # Week 5, a new class folder: no comparison; the policy (bless on thresholds) decides, the reason is written.
     publish(add_images(data, tmp_path / "new5", classes=("checker",), per_class=20, seed=5))

@@ -31,20 +31,16 @@ def chain(tmp_path_factory, synthetic_folder, weights_mirror) -> evalchain.Chain
 
 
 @pytest.fixture(scope="module")
-def blessed_eval(chain, tmp_path_factory) -> Path:
-    from kfp_finetune.components.evaluate.step import EvaluateConfig, evaluate
-
-    out = tmp_path_factory.mktemp("export_eval") / "evaluation"
-    assert evaluate(EvaluateConfig(dataset=str(chain.dataset), model=str(chain.strong), output=str(out),
-                                   min_accuracy=0.8)).blessed
-    return out
+def blessed_eval(chain) -> Path:
+    """The strong model's evaluation (min_accuracy 0.8), shared by the session (read-only)."""
+    return chain.blessed_eval
 
 
 @pytest.fixture(scope="module")
-def exported(chain, blessed_eval, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("exported") / "saved_model"
-    result = export(ExportConfig(model=str(chain.strong), output=str(out), evaluation=str(blessed_eval)))
-    assert result.saved_model_dir == str(out) and result.pushed_uri == ""
+def exported(chain) -> Path:
+    """The session's shared export of the strong model (read-only; evalchain.Chain.pushed)."""
+    result, out, _ = chain.pushed
+    assert result.saved_model_dir == str(out)
     return out
 
 
@@ -105,13 +101,18 @@ def test_saved_model_cli_lists_the_signature(exported):
 
 
 def test_push_is_a_complete_champion_and_never_a_duplicate(chain, blessed_eval, tmp_path):
-    dest = tmp_path / "registry"
-    assert read_latest(str(dest)) is None
-    first = export(ExportConfig(model=str(chain.strong), output=str(tmp_path / "e1"), evaluation=str(blessed_eval),
-                                push_to=str(dest), run_id="run-1", fingerprint="abc123",
-                                settings={"head_epochs": "6.0"}, pipeline_job="job-7"))
-    assert read_latest(str(dest)) == "run-1" and Path(first.pushed_uri) == dest / "run-1"
-    version = Path(first.pushed_uri)
+    import shutil
+
+    assert read_latest(str(tmp_path / "empty")) is None
+    # The session's shared push to an empty registry: export(..., push_to=registry, **evalchain.Chain.PUSH).
+    assert evalchain.Chain.PUSH == {"run_id": "v1", "fingerprint": "abc123", "settings": {"head_epochs": "6.0"},
+                                    "pipeline_job": "job-7"}
+    first, _, shared = chain.pushed
+    assert read_latest(str(shared)) == "v1" and Path(first.pushed_uri) == shared / "v1"
+    assert first.version == "v1" and first.promoted
+    dest = tmp_path / "registry"  # a copy: this test pushes again
+    shutil.copytree(shared, dest)
+    version = dest / "v1"
     assert {"saved_model.pb", "variables", "model.json", "evaluation.json", "data_fingerprint.json", "version.json",
             "model", "data_profile.json"} <= {p.name for p in version.iterdir()}
     # the Dataset's profile travels with the version: the next run's drift baseline
@@ -126,9 +127,9 @@ def test_push_is_a_complete_champion_and_never_a_duplicate(chain, blessed_eval, 
     # The same model again: not pushed, LATEST unchanged, no new folder.
     again = export(ExportConfig(model=str(chain.strong), output=str(tmp_path / "e2"), evaluation=str(blessed_eval),
                                 push_to=str(dest), run_id="run-2"))
-    assert again.pushed_uri == "" and "run-1" in again.skipped_push
-    assert read_latest(str(dest)) == "run-1"
-    assert sorted(p.name for p in dest.iterdir()) == [".LATEST.lock", LATEST_FILE, "run-1"]  # no temp leftovers
+    assert again.pushed_uri == "" and "v1" in again.skipped_push
+    assert read_latest(str(dest)) == "v1"
+    assert sorted(p.name for p in dest.iterdir()) == [".LATEST.lock", LATEST_FILE, "v1"]  # no temp leftovers
 
 
 @pytest.mark.slow  # one evaluation and two exports: ~60 s

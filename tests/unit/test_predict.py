@@ -29,11 +29,10 @@ def chain(tmp_path_factory, synthetic_folder, weights_mirror) -> evalchain.Chain
 
 
 @pytest.fixture(scope="module")
-def exported(chain, tmp_path_factory) -> Path:
-    from kfp_finetune.components.export.step import ExportConfig, export
-
-    out = tmp_path_factory.mktemp("predict_export") / "export"
-    export(ExportConfig(model=str(chain.strong), output=str(out), dataset=str(chain.dataset)))
+def exported(chain) -> Path:
+    """The session's shared export of the strong model (evalchain.Chain.pushed; read-only: copied before a push).
+    (An export without an evaluation, given only --dataset, is test_serving's broken-export test.)"""
+    _, out, _ = chain.pushed
     return out
 
 

@@ -21,22 +21,11 @@ def chain(tmp_path_factory, synthetic_folder, weights_mirror) -> evalchain.Chain
 
 
 @pytest.fixture(scope="module")
-def blessed_eval(chain, tmp_path_factory) -> Path:
-    from kfp_finetune.components.evaluate.step import EvaluateConfig, evaluate
-
-    out = tmp_path_factory.mktemp("serving_eval") / "evaluation"
-    assert evaluate(EvaluateConfig(dataset=str(chain.dataset), model=str(chain.strong), output=str(out),
-                                   min_accuracy=0.8)).blessed
-    return out
-
-
-@pytest.fixture(scope="module")
-def pushed(chain, blessed_eval, tmp_path_factory) -> tuple[Path, Path]:
-    """export with a local push: the serving check runs first (test images from the evaluation's dataset)."""
-    root = tmp_path_factory.mktemp("serving_export")
-    export(ExportConfig(model=str(chain.strong), output=str(root / "export"), evaluation=str(blessed_eval),
-                        push_to=str(root / "registry"), run_id="v1"))
-    return root / "export", root / "registry"
+def pushed(chain) -> tuple[Path, Path]:
+    """export with a local push (run_id v1): the serving check runs first (test images from the evaluation's
+    dataset). The session's shared export (evalchain.Chain.pushed), read-only."""
+    _, exported, registry = chain.pushed
+    return exported, registry
 
 
 def test_export_runs_the_serving_check_and_pushes(pushed, chain):
@@ -125,9 +114,10 @@ def test_b64_instances_give_the_same_answer(pushed, chain):
     assert [n.decode() for n in out["class_name"].numpy()] == [meta["class_names"][i] for i in expected.argmax(1)]
 
 
-def test_serving_check_refuses_a_broken_export_and_does_not_push(chain, blessed_eval, tmp_path, monkeypatch):
-    """A SavedModel that serves something else than the evaluated model (here: a head with its weights shifted)
-    fails the check: export.json says why and nothing is pushed."""
+def test_serving_check_refuses_a_broken_export_and_does_not_push(chain, tmp_path, monkeypatch):
+    """A SavedModel that serves something else than the Keras model (here: a head with its weights shifted) fails the
+    check: export.json says why and nothing is pushed. Exported without an evaluation, the check's images coming
+    from --dataset (the shared export covers the evaluation's dataset)."""
     import keras
 
     from kfp_finetune.components.export import step as export_module
@@ -142,11 +132,14 @@ def test_serving_check_refuses_a_broken_export_and_does_not_push(chain, blessed_
     monkeypatch.setattr(export_module, "write_saved_model", broken)
     registry = tmp_path / "registry"
     with pytest.raises(UserError, match="serving check failed, so nothing was pushed: .*differ from the Keras"):
-        export(ExportConfig(model=str(chain.strong), output=str(tmp_path / "export"), evaluation=str(blessed_eval),
+        export(ExportConfig(model=str(chain.strong), output=str(tmp_path / "export"), dataset=str(chain.dataset),
                             push_to=str(registry), run_id="bad"))
     assert not registry.exists()
-    check = json.loads((tmp_path / "export" / "export.json").read_text())["serving_check"]
+    info = json.loads((tmp_path / "export" / "export.json").read_text())
+    check = info["serving_check"]
     assert check["passed"] is False and "differ from the Keras model" in check["reason"]
+    assert check["images"] == 3 and check["class_names_sent"] == ["circle", "square", "stripes"]  # from --dataset
+    assert info["calibration"]["temperature"] == 1.0 and not (tmp_path / "export" / "evaluation.json").exists()
 
 
 def test_server_process_failure_is_reported(tmp_path):
