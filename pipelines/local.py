@@ -222,6 +222,7 @@ def run_package(
 
     from kfp import components as kfp_components
 
+    from kfp_finetune.components.core import faults
     from kfp_finetune.pipelines._kfp_local import init_local
     from kfp_finetune.pipelines.steplog import StepLogs
 
@@ -244,8 +245,12 @@ def run_package(
     log.info("running %s locally (%s runner); artifacts under %s, step logs under %s", package, runner, root, logs)
     steps = StepLogs(logs, terminal, total=count_steps(package), verbose=verbose)
     try:
-        with steps.capturing():
+        # SIGTERM (a CI timeout, `kill`, a stopped container) stops the running step too, which cleans up.
+        with faults.forwards_sigterm("the local run"), steps.capturing():
             task = pipeline(**params)
+    except faults.Terminated as exc:
+        log.error("%s", exc)
+        raise
     except RuntimeError as exc:
         name = _failed_step(str(exc))
         failed = steps.step(name) or steps.failed() or next(iter(steps.running()), None)

@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -93,6 +94,73 @@ def stops_cleanly(step: str) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def child_pids(pid: int | None = None) -> list[int]:
+    """The direct children of `pid` (default: this process), read from /proc; [] where there is no /proc."""
+    parent = os.getpid() if pid is None else pid
+    found = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if name.isdigit() and _stat(int(name))[1] == parent:
+            found.append(int(name))
+    return sorted(found)
+
+
+def _stat(pid: int) -> tuple[str, int]:
+    """(state, parent pid) of `pid` from /proc/PID/stat; ("", -1) when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().decode(errors="replace").rsplit(")", 1)[1].split()
+        return fields[0], int(fields[1])
+    except (OSError, IndexError, ValueError):
+        return "", -1
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie, which has exited but is not reaped yet, does not)."""
+    return _stat(pid)[0] not in ("", "Z", "X")
+
+
+@contextlib.contextmanager
+def forwards_sigterm(what: str, grace: float = 25.0) -> Iterator[None]:
+    """While the block runs, SIGTERM is passed on to this process's children (the steps a local run started as
+    subprocesses: each cleans up and exits 75), which get `grace` seconds (then SIGKILL); then `Terminated` is raised
+    here (the caller logs its line, once its own log handlers are back). Without it, stopping `kfp-finetune run`
+    left the running step alive as an orphan."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    seen = False
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        nonlocal seen
+        if seen:
+            return
+        seen = True
+        children = child_pids()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(alive(pid) for pid in children):
+            time.sleep(0.1)
+        for pid in children:
+            if alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        raise Terminated(f"terminated (SIGTERM) during {what}: the running step(s) stopped and cleaned up "
+                         f"({len(children)} process(es)); exiting with status {EXIT_TERMINATED}")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def default_sigterm() -> None:
