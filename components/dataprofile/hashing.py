@@ -113,7 +113,11 @@ def _phash_of_grey(grey: Any) -> int:
 def hashes_of_thumbnail(thumb: Any) -> tuple[int, int]:
     """(full-frame hash, centre hash) of a `thumbnail` result: the centre hash sees the thumbnail without
     CENTRE_MARGIN pixels on each side, i.e. what a copy cropped by 5 % per side shows in full."""
-    grey = thumb.convert("L")
+    return hashes_of_grey(thumb.convert("L"))
+
+
+def hashes_of_grey(grey: Any) -> tuple[int, int]:
+    """`hashes_of_thumbnail` of the thumbnail's luma (`thumb.convert("L")`), for callers that already have it."""
     m = CENTRE_MARGIN
     return _phash_of_grey(grey), _phash_of_grey(grey.crop((m, m, THUMB_SIDE - m, THUMB_SIDE - m)))
 
