@@ -92,13 +92,18 @@ class ImageResult:
 
 def hash_file(path: str) -> FileHash:
     """SHA-256 of a regular file within safefiles' size bound (a FIFO or device swapped in is refused, not read)."""
+    return read_and_hash(path)[0]
+
+
+def read_and_hash(path: str) -> tuple[FileHash, bytes | None]:
+    """`hash_file` and the bytes it hashed (None when the file was refused or could not be read)."""
     try:
         data = safefiles.read_bytes(path)
     except safefiles.UnsafeFile as exc:
-        return FileHash(None, 0, exc.detail, exc.reason)
+        return FileHash(None, 0, exc.detail, exc.reason), None
     except OSError as exc:
-        return FileHash(None, 0, _os_error(exc))
-    return hash_bytes(data)
+        return FileHash(None, 0, _os_error(exc)), None
+    return hash_bytes(data), data
 
 
 def _os_error(exc: OSError) -> str:

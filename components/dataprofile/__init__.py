@@ -7,7 +7,7 @@ Where each piece is meant to be called:
 - **ingest, where an image is already decoded** (`imagecheck.decode_bytes` after `im.load()`, on both runners):
   `stats = image_stats(data, im)` -> ImageStats (size, file size, format, mode, brightness, contrast, grey, the two
   perceptual hashes). Small and picklable: return it from the worker beside the decode result.
-- **ingest, once all kept images are known** (local: after pass 2; Beam: a CombineGlobally(ToList) of
+- **ingest, once all kept images are known** (local: after pass 1, in hash order; Beam: a CombineGlobally(ToList) of
   `HashRecord.from_stats(sha256, split, label, stats, name=ref, digest=sha256)`):
   `leak = check_leakage(records, policy)` -> LeakageResult: the cross-split pairs (both file names, distance), the
   groups, and `moves` {id: new split} under `leakage=move`. Apply the moves before writing shards and counting;

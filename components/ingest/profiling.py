@@ -3,9 +3,10 @@
 - `stats_of(data, image)`: the `imagecheck.decode_bytes` hook, called on the loaded source image before any
   conversion, so the profile sees the source's format and colour mode. It never fails an image: the statistics of an
   odd mode fall back to its RGB conversion (the image is judged by the decode check alone).
-- `inspect_batch`: the local runner's pass 2: decode check + stats, without shipping the image bytes back.
-- `load_batch`: the local runner's pass 3: the bytes to store (re-read, checked against the content hash of pass
-  1, re-encoded only when pass 2 converted or resized the image, exactly as the Beam runner's `write_shard` does).
+- `scan_batch`: the local runner's pass 1: each file read once, hashed, decode-checked and measured, without shipping
+  the image bytes back.
+- `load_batch`: the local runner's write pass: the bytes to store (re-read, checked against the content hash of
+  pass 1, re-encoded only when pass 1 converted or resized the image, exactly as the Beam runner's `write_shard` does).
 
 Imports only the standard library, numpy, Pillow and our plumbing (no kfp), so the workers start cheaply.
 """
@@ -30,9 +31,25 @@ def stats_of(data: bytes, image: Any) -> ImageStats:
         return image_stats(data, rgb, format=image.format or "", mode=image.mode)
 
 
-def inspect_batch(paths: list[str], max_side: int | None) -> list[imagecheck.ImageResult]:
-    """Decode check + stats of each file; the results carry no image bytes (pass 3 reads them again)."""
-    return [dataclasses.replace(imagecheck.decode_image(p, max_side, stats_of), data=None) for p in paths]
+def scan_batch(
+    paths: list[str], max_side: int | None
+) -> list[tuple[imagecheck.FileHash, imagecheck.ImageResult | None]]:
+    """The local runner's pass 1, one read per file: its content hash and, when it could be read, the decode check +
+    stats of those same bytes (the ImageResult without the image bytes: the write pass reads them again).
+    Identical bytes within the batch are decoded once (the same bytes give the same result)."""
+    out: list[tuple[imagecheck.FileHash, imagecheck.ImageResult | None]] = []
+    seen: dict[str, imagecheck.ImageResult] = {}
+    for path in paths:
+        fh, data = imagecheck.read_and_hash(path)
+        if data is None or fh.sha256 is None:
+            out.append((fh, None))
+            continue
+        result = seen.get(fh.sha256)
+        if result is None:
+            result = dataclasses.replace(imagecheck.decode_bytes(data, max_side, stats_of), data=None)
+            seen[fh.sha256] = result
+        out.append((fh, result))
+    return out
 
 
 def load_batch(items: list[tuple[str, str, bool]], max_side: int | None) -> list[bytes]:

@@ -3,13 +3,16 @@
     kfp-finetune ingest --source SRC --output DIR [--val-fraction 0.1] [--test-fraction 0.1] [--seed 0]
                         [--max-side N] [--max-corrupt-fraction 0.01] [--num-shards auto]
 
-How it works, in two passes over the files, both on a process pool with one worker per core:
-1. hash every candidate file (SHA-256 of its bytes). Identical bytes are grouped: under one label they are kept once,
-   under several labels they are left out as conflicts. Each image's split is a function of the seed and its hash
-   only, so a grown folder keeps every old image in its old split and identical bytes never straddle two splits.
-2. fully decode one file per distinct content (catching truncated/corrupt files and decompression bombs), convert
-   what is not RGB/grey JPEG/PNG, and stream the bytes straight into the split's TFRecord shards: memory stays flat
-   however large the dataset.
+How it works, in three passes over the files (the first and, when images need converting, the last on a process pool
+with one worker per core):
+1. read each candidate file once: its SHA-256, the full decode (catching truncated/corrupt files and decompression
+   bombs) and the image's statistics and perceptual hashes for the data checks; no bytes come back.
+2. in hash order: identical bytes are grouped (under one label they are kept once, under several labels they are
+   left out as conflicts). Each image's split is a function of the seed and its hash only, so a grown folder keeps
+   every old image in its old split and identical bytes never straddle two splits; then the leakage decision
+   (near-duplicates across splits) over all kept images.
+3. re-read each kept file (checked against its pass-1 hash), convert what is not RGB/grey JPEG/PNG, and stream the
+   bytes straight into the final split's TFRecord shards: memory stays flat however large the dataset.
 The dataset rules (split, shard count, duplicates and conflicts, the final checks, the report) are rules.py's, the
 same functions the Beam runner calls. The directory is built beside DIR and renamed into place (`atomic_directory`);
 any error leaves nothing at DIR.
@@ -240,7 +243,7 @@ def ingest(config: IngestConfig) -> IngestResult:
 
 
 class _Kept(NamedTuple):
-    """One kept image between pass 2 and pass 3 (small: no pixels, no bytes)."""
+    """One kept image between the leakage decision and the write pass (small: no pixels, no bytes)."""
 
     sha256: str
     entry: _Entry
@@ -287,35 +290,37 @@ def _build(config: IngestConfig, listing: _Listing, out: Path | None, start: flo
     executor = _executor(len(entries))
     writers: dict[str, tfds_format.SplitWriter] = {}
     try:
-        # Pass 1: content hashes.
+        # Pass 1, one read of each file in the workers: its content hash, the decode check, and the image's stats
+        # and perceptual hashes for the data checks (no bytes come back). Nothing is written yet: a leakage move
+        # must be known before an image goes to a split, and it needs every image's hash. (Identical bytes in
+        # different batches are decoded more than once; they give the same result, and the first file's is used.)
         groups: dict[str, list[_Entry]] = {}
+        inspected: dict[str, imagecheck.ImageResult] = {}
         total_bytes = 0
-        hashes = _ordered_map(executor, imagecheck.hash_batch, _batched([e.local for e in entries], BATCH * 4))
-        hashes = tqdm(hashes, total=len(entries), unit="file", desc="hash", mininterval=1.0, leave=False)
-        for entry, fh in zip(entries, hashes, strict=True):
-            if fh.sha256 is None:
+        scans = _ordered_map(executor, profiling.scan_batch, _batched([e.local for e in entries], BATCH),
+                             config.max_side)
+        scans = tqdm(scans, total=len(entries), unit="img", desc="inspect", mininterval=1.0, smoothing=0.1)
+        for entry, (fh, result) in zip(entries, scans, strict=True):
+            if fh.sha256 is None or result is None:
                 reason = fh.reason or (rules.MISSING if "FileNotFound" in (fh.error or "") else imagecheck.UNREADABLE)
                 skipped.append(rules.skip(entry.ref, reason, fh.error or ""))
                 continue
             group = groups.setdefault(fh.sha256, [])
             if not group:
                 total_bytes += fh.size
+                inspected[fh.sha256] = result
             group.append(entry)
+        scans.close()
 
-        # Pass 2: decode one file per distinct content, in hash order (a shuffle that does not depend on paths):
-        # the decode check, and the image's stats and perceptual hashes for the data checks. Nothing is written yet:
-        # a leakage move must be known before an image goes to a split, and it needs every image's hash.
+        # Pass 2, in this process, in hash order (a shuffle that does not depend on paths): duplicates, conflicts,
+        # skips and the content-hash split of each distinct content.
         order = sorted(groups)
         for group in groups.values():
             group.sort(key=lambda e: e.ref)
         kept: list[_Kept] = []
         converted = resized = 0
-        results = _ordered_map(
-            executor, profiling.inspect_batch, _batched([groups[s][0].local for s in order], BATCH), config.max_side
-        )
-        bar = tqdm(results, total=len(order), unit="img", desc="inspect", mininterval=1.0, smoothing=0.1)
-        for sha, result in zip(order, bar, strict=True):
-            group = groups[sha]
+        for sha in order:
+            group, result = groups[sha], inspected[sha]
             if not result.ok:
                 skipped.extend(rules.skip(e.ref, result.reason, result.detail) for e in group)
                 continue
@@ -328,7 +333,6 @@ def _build(config: IngestConfig, listing: _Listing, out: Path | None, start: flo
                               sum(s["reason"] == rules.DUPLICATE for s in skips), result.converted or result.resized))
             converted += result.converted
             resized += result.resized
-        bar.close()
 
         leak = rules.leakage((rules.hash_record(k.sha256, k.entry.ref, k.label, k.split, k.stats) for k in kept),
                              config.leakage)
