@@ -60,6 +60,17 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(1)
+    # PR_SET_PDEATHSIG fires when the *thread* that forked the worker ends (and not at all across some container
+    # runtimes' PID namespaces): a watchdog thread also ends the worker once it has been re-parented.
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 def is_image_name(name: str) -> bool:

@@ -208,9 +208,10 @@ def test_killed_ingest_leaves_nothing_at_the_output(flowers_dir, tmp_path):
     deadline = time.monotonic() + 20
     while (alive := _still_running(helpers)) and time.monotonic() < deadline:
         time.sleep(0.05)
+    described = [(p.pid, p.ppid(), " ".join(p.cmdline())[:200]) for p in alive if p.is_running()]
     for p in alive:
         p.kill()
-    assert not alive, f"worker processes outlived the killed ingest: {alive}"
+    assert not alive, f"worker processes outlived the killed ingest: {described}"
     assert not out.exists()
     # The next run ignores the leftover hidden temp folder and succeeds.
     assert cli_main(["ingest", "--source", str(flowers_dir), "--output", str(out)]) == 0
