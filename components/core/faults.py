@@ -55,31 +55,39 @@ class Terminated(SystemExit):
 
 
 @contextlib.contextmanager
-def sigterm_raises(step: str) -> Iterator[None]:
-    """While the block runs, SIGTERM raises `Terminated` in the main thread (once: a second SIGTERM during the
-    cleanup is ignored). The previous handler is put back on the way out. Outside the main thread (a notebook's
-    worker, a server) signals cannot be handled there: the block runs unchanged."""
+def on_sigterm(first: Callable[[], None]) -> Iterator[None]:
+    """While the block runs, the first SIGTERM calls `first` in the main thread (which raises, typically); a second
+    one, during the cleanup, is ignored. The previous handler is put back on the way out. Outside the main thread (a
+    notebook's worker, a server) signals cannot be handled there: the block runs unchanged."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.getsignal(signal.SIGTERM)
     seen = False
 
-    def on_sigterm(signum: int, frame: Any) -> None:
+    def handler(signum: int, frame: Any) -> None:
         nonlocal seen
-        if seen:
-            return
-        seen = True
+        if not seen:
+            seen = True
+            first()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def sigterm_raises(step: str) -> contextlib.AbstractContextManager[None]:
+    """While the block runs, SIGTERM raises `Terminated` in the main thread (`on_sigterm`)."""
+
+    def stop() -> None:
         message = (f"terminated (SIGTERM) during {step}: temporary files removed, nothing partial left; exiting "
                    f"with status {EXIT_TERMINATED}, a retry with the same arguments starts the step again")
         log.error("%s", message)
         raise Terminated(message)
 
-    signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    return on_sigterm(stop)
 
 
 def stops_cleanly(step: str) -> Callable[[F], F]:
@@ -125,23 +133,13 @@ def alive(pid: int) -> bool:
     return _stat(pid)[0] not in ("", "Z", "X")
 
 
-@contextlib.contextmanager
-def forwards_sigterm(what: str, grace: float = 25.0) -> Iterator[None]:
+def forwards_sigterm(what: str, grace: float = 25.0) -> contextlib.AbstractContextManager[None]:
     """While the block runs, SIGTERM is passed on to this process's children (the steps a local run started as
     subprocesses: each cleans up and exits 75), which get `grace` seconds (then SIGKILL); then `Terminated` is raised
     here (the caller logs its line, once its own log handlers are back). Without it, stopping `kfp-finetune run`
     left the running step alive as an orphan."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    seen = False
 
-    def on_sigterm(signum: int, frame: Any) -> None:
-        nonlocal seen
-        if seen:
-            return
-        seen = True
+    def stop() -> None:
         children = child_pids()
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
@@ -156,11 +154,7 @@ def forwards_sigterm(what: str, grace: float = 25.0) -> Iterator[None]:
         raise Terminated(f"terminated (SIGTERM) during {what}: the running step(s) stopped and cleaned up "
                          f"({len(children)} process(es)); exiting with status {EXIT_TERMINATED}")
 
-    signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    return on_sigterm(stop)
 
 
 def default_sigterm() -> None:
