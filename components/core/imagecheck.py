@@ -6,11 +6,13 @@ Kept apart from `components.ingest.step` so that worker processes import only th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,45 @@ UNREADABLE = "unreadable"
 BAD_REASONS = frozenset({CORRUPT, TOO_LARGE, UNREADABLE})
 
 
+_DIE_WITH_PARENT_ARMED = False
+_AT_FORK_REGISTERED = False
+
+
+def _set_pdeathsig() -> None:
+    """Linux: the kernel sends SIGKILL to this process when the thread that forked it ends."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
+def _after_fork_in_child() -> None:
+    if _DIE_WITH_PARENT_ARMED:
+        _set_pdeathsig()
+
+
+@contextlib.contextmanager
+def children_die_with_parent() -> Iterator[None]:
+    """Processes forked inside the block get PR_SET_PDEATHSIG in the child right after the fork, before any Python
+    code of theirs runs (`os.register_at_fork`): a pool worker that is still starting up when its parent is killed
+    (a CI run saw one outlive a SIGKILLed ingest) dies with it too. Forks outside the block are untouched."""
+    import sys
+
+    global _DIE_WITH_PARENT_ARMED, _AT_FORK_REGISTERED
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    if not _AT_FORK_REGISTERED:
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        _AT_FORK_REGISTERED = True
+    _DIE_WITH_PARENT_ARMED = True
+    try:
+        yield
+    finally:
+        _DIE_WITH_PARENT_ARMED = False
+
+
 def die_with_parent() -> None:
     """Pool initializer: end this worker when the process that started it dies.
 
@@ -44,7 +85,6 @@ def die_with_parent() -> None:
     so they would wait on it forever. On Linux the kernel sends SIGKILL to the worker when its parent goes
     (PR_SET_PDEATHSIG); the check after it covers a parent that died before the call.
     """
-    import os
     import signal
     import sys
 
@@ -53,11 +93,8 @@ def die_with_parent() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
-
     parent = os.getppid()
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    _set_pdeathsig()
     if os.getppid() != parent:
         os._exit(1)
     # PR_SET_PDEATHSIG fires when the *thread* that forked the worker ends (and not at all across some container

@@ -175,8 +175,9 @@ def _executor(num_files: int) -> Executor | None:
         context.set_forkserver_preload(
             ["__main__", "kfp_finetune.components.core.imagecheck", "PIL.Image", "PIL.JpegImagePlugin"])
     log.debug("decoding on %d worker processes (%s)", workers, method)
-    executor = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=imagecheck.die_with_parent)
-    executor.submit(int).result()  # launch the workers now
+    with imagecheck.children_die_with_parent():  # forked workers: from the first instant of their life
+        executor = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=imagecheck.die_with_parent)
+        executor.submit(int).result()  # launch the workers now
     return executor
 
 
