@@ -108,15 +108,17 @@ def test_run_package_tiny_pipeline_end_to_end(tmp_path, synthetic_folder, capsys
     assert all("SKIPPED" in line for line in skipped), out  # a group that did not run (no-new-data) is not a step
     step_lines = [line for line in step_lines if not line.startswith("[-] ")]
     names = [line.split()[1] for line in step_lines]
-    # The backbone depends on nothing; ingest waits for the fingerprint: the first three come in any such order.
-    assert set(names[:3]) == {"fingerprint", "ingest", "backbone"}, out
-    assert names.index("fingerprint") < names.index("ingest"), out
-    assert names[3:] == ["train-head", "fine-tune", "evaluate", "export"], out
+    # The backbone depends on nothing; ingest waits for the fingerprint, the data-drift check for ingest: the first
+    # four come in any such order, and training waits for all of them.
+    assert set(names[:4]) == {"fingerprint", "ingest", "data-drift", "backbone"}, out
+    assert names.index("fingerprint") < names.index("ingest") < names.index("data-drift"), out
+    assert names[4:] == ["train-head", "fine-tune", "evaluate", "export"], out
     assert all("SUCCESS" in line for line in step_lines)
     by_name = dict(zip(names, step_lines, strict=True))
     assert "images ingested" in by_name["ingest"] and "val_accuracy" in by_name["train-head"]
+    assert "no baseline: drift not checked" in by_name["data-drift"]
     assert "blessed" in by_name["evaluate"] and "not pushed" in by_name["export"]
-    for step in ("ingest", "backbone", "train-head", "fine-tune", "evaluate", "export"):
+    for step in ("ingest", "data-drift", "backbone", "train-head", "fine-tune", "evaluate", "export"):
         assert (output / "logs" / f"{step}.log").stat().st_size > 0
     assert "kfp-finetune run: summary" in out and "blessed            True" in out
     assert len(out.splitlines()) < 40, out
@@ -132,7 +134,8 @@ def test_production_default_backbone_runs_end_to_end_with_random_weights(tmp_pat
     package = commands.compile_pipeline(tmp_path / "pipeline.yaml", commands.CompileOptions(retries=0))
     defaults = {name: spec.get("defaultValue") for name, spec in
                 yaml.safe_load(package.read_text())["root"]["inputDefinitions"]["parameters"].items()}
-    assert (defaults["backbone"], defaults["backbone_alpha"], defaults["image_size"]) == ("mobilenet_v2", 1.0, 224)
+    # 0 and 0: the family's own width and size (MobileNetV2: 1.0 at 224 px, checked in model.json below)
+    assert (defaults["backbone"], defaults["backbone_alpha"], defaults["image_size"]) == ("mobilenet_v2", 0.0, 0)
     # `run` puts its laptop defaults (MobileNet α=0.25 at 160 px) first: name the package's own defaults again.
     params = [f"backbone={defaults['backbone']}", f"backbone_alpha={defaults['backbone_alpha']}",
               f"image_size={int(defaults['image_size'])}", "weights=none", "head_epochs=1", "fine_tune_epochs=1",
