@@ -132,7 +132,10 @@ def test_one_season_of_scheduled_retraining(backend, tmp_path, weights_mirror, m
     w3 = season.run("week3")
     assert w3["status"] == "new data", w3
     old_test, new_test = split_hashes(season.dataset("week1")), split_hashes(season.dataset("week3"))
-    assert old_test and old_test <= new_test  # no test image of last week moved to this week's training set
+    # No test image of last week moved to this week's training set, but for a near-duplicate of a new image that
+    # the leakage rule (leakage=move) put into one split with it: those are named in the report.
+    moved = set(json.loads((season.dataset("week3") / "ingest_report.json").read_text())["leakage"]["moves"])
+    assert old_test and old_test - moved <= new_test
     ev3 = season.evaluation(w3)
     assert ev3["champion"]["status"] == "compared" and ev3["champion"]["version"] == v1
     assert ev3["baseline"]["metrics"]["num_examples"] == ev3["metrics"]["num_examples"] == len(new_test)
