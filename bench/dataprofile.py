@@ -30,7 +30,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -52,38 +54,8 @@ if __name__ == "__main__":
 """
 
 
-def ten_distinct(source: Path, dest: Path) -> Path:
-    """Each photo in 10 visually distinct variants (see the module docstring)."""
-    from PIL import Image, ImageOps
-
-    ops = [None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_90,
-           Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE,
-           Image.Transpose.TRANSVERSE, "invert", "invert-mirror"]
-    if (dest / ".complete").is_file():
-        return dest
-    shutil.rmtree(dest, ignore_errors=True)
-    for class_dir in sorted(p for p in source.iterdir() if p.is_dir()):
-        (dest / class_dir.name).mkdir(parents=True)
-        for photo in sorted(class_dir.glob("*.jpg")):
-            with Image.open(photo) as im:
-                rgb = im.convert("RGB")
-            for k, op in enumerate(ops):
-                if op is None:
-                    out = rgb
-                elif op == "invert":
-                    out = ImageOps.invert(rgb)
-                elif op == "invert-mirror":
-                    out = ImageOps.mirror(ImageOps.invert(rgb))
-                else:
-                    out = rgb.transpose(op)
-                out.save(dest / class_dir.name / f"v{k}_{photo.name}", "JPEG", quality=90)
-    (dest / ".complete").write_text("ok\n")
-    return dest
-
-
-def upscaled(source: Path, dest: Path, side: int = 1024) -> Path:
-    """Each photo resized to `side` px on its long side (JPEG q90): camera-sized images, where the decode costs more
-    and the statistics (on an 80x80 thumbnail) the same."""
+def derived(source: Path, dest: Path, write: Callable[[Any, Path, Path], None]) -> Path:
+    """`dest`: every flowers photo of `source` (as RGB) handed to `write(rgb, class_folder, photo)`; built once."""
     from PIL import Image
 
     if (dest / ".complete").is_file():
@@ -93,12 +65,45 @@ def upscaled(source: Path, dest: Path, side: int = 1024) -> Path:
         (dest / class_dir.name).mkdir(parents=True)
         for photo in sorted(class_dir.glob("*.jpg")):
             with Image.open(photo) as im:
-                rgb = im.convert("RGB")
-            scale = side / max(rgb.size)
-            rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.Resampling.BICUBIC)
-            rgb.save(dest / class_dir.name / photo.name, "JPEG", quality=90)
+                write(im.convert("RGB"), dest / class_dir.name, photo)
     (dest / ".complete").write_text("ok\n")
     return dest
+
+
+def ten_distinct(source: Path, dest: Path) -> Path:
+    """Each photo in 10 visually distinct variants (see the module docstring)."""
+    from PIL import Image, ImageOps
+
+    ops = [None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_90,
+           Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE,
+           Image.Transpose.TRANSVERSE, "invert", "invert-mirror"]
+
+    def write(rgb: Any, folder: Path, photo: Path) -> None:
+        for k, op in enumerate(ops):
+            if op is None:
+                out = rgb
+            elif op == "invert":
+                out = ImageOps.invert(rgb)
+            elif op == "invert-mirror":
+                out = ImageOps.mirror(ImageOps.invert(rgb))
+            else:
+                out = rgb.transpose(op)
+            out.save(folder / f"v{k}_{photo.name}", "JPEG", quality=90)
+
+    return derived(source, dest, write)
+
+
+def upscaled(source: Path, dest: Path, side: int = 1024) -> Path:
+    """Each photo resized to `side` px on its long side (JPEG q90): camera-sized images, where the decode costs more
+    and the statistics (on an 80x80 thumbnail) the same."""
+    from PIL import Image
+
+    def write(rgb: Any, folder: Path, photo: Path) -> None:
+        scale = side / max(rgb.size)
+        rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.Resampling.BICUBIC)
+        rgb.save(folder / photo.name, "JPEG", quality=90)
+
+    return derived(source, dest, write)
 
 
 def base_tree(commit: str, work: Path) -> Path:

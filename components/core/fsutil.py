@@ -49,12 +49,17 @@ def atomic_directory(target: str | os.PathLike, what: str = "--output") -> Itera
         raise
 
 
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON atomically (temp file + rename), pretty-printed and sorted for diffable output."""
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 text atomically: a hidden temporary file beside `path`, then a rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON atomically (temp file + rename), pretty-printed and sorted for diffable output."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:

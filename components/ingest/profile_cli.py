@@ -11,8 +11,13 @@ import logging
 import sys
 from pathlib import Path
 
-from kfp_finetune.components.ingest.params import LEAKAGE
-from kfp_finetune.components.train.params import add_arguments
+from kfp_finetune.components.core.fsutil import write_text
+from kfp_finetune.components.core.params import add_arguments, config_kwargs
+from kfp_finetune.components.ingest.params import INGEST
+
+# ingest's parameters that decide the profile (its splits and leakage moves), defined in components/ingest/params.py
+PROFILE_PARAMS = tuple(p for p in INGEST if p.name in ("source", "val_fraction", "test_fraction", "seed", "max_side",
+                                                      "leakage"))
 
 log = logging.getLogger("kfp_finetune.profile")
 
@@ -24,12 +29,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                     "mode, brightness and contrast histograms per split, near-duplicates across splits) as JSON: "
                     "the data_profile.json that `ingest` with the same options would write. Nothing is written "
                     "unless --output / --html say where.")
-    p.add_argument("--source", required=True, metavar="SRC", help="folder, gs://bucket/prefix or .csv manifest")
-    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="validation share (default 0.1)")
-    p.add_argument("--test-fraction", type=float, default=0.1, metavar="F", help="test share (default 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="the split seed (default 0)")
-    p.add_argument("--max-side", type=int, default=None, metavar="N", help="as ingest's --max-side")
-    add_arguments(p, [LEAKAGE])
+    add_arguments(p, PROFILE_PARAMS)
     p.add_argument("--output", default=None, metavar="FILE", help="write the profile JSON here instead of stdout")
     p.add_argument("--html", default=None, metavar="FILE", help="also write a page with the report's data section")
     p.set_defaults(func=_cli)
@@ -44,9 +44,7 @@ def _cli(args: argparse.Namespace) -> int:
     from kfp_finetune.components.ingest.step import IngestConfig, profile_source
 
     scratch = os.path.join(tempfile.gettempdir(), "kfp-finetune-profile-unused")
-    config = IngestConfig(source=args.source, output=scratch, val_fraction=args.val_fraction,
-                          test_fraction=args.test_fraction, seed=args.seed, max_side=args.max_side,
-                          leakage=args.leakage)
+    config = IngestConfig(output=scratch, **config_kwargs(PROFILE_PARAMS, args))
     profile, report = profile_source(config)
     overall = profile.overall()
     leak = report["leakage"]
@@ -58,22 +56,15 @@ def _cli(args: argparse.Namespace) -> int:
         if target:
             Path(target).parent.mkdir(parents=True, exist_ok=True)
     if args.output:
-        _write_text(Path(args.output), profile.dumps())  # byte for byte what ingest writes
+        write_text(args.output, profile.dumps())  # byte for byte what ingest writes
     else:
         sys.stdout.write(profile.dumps())
     if args.html:
+        names = {pair[side]["id"]: pair[side]["name"] for pair in leak["pairs"] for side in ("a", "b")}
+
         def image(record_id: str) -> bytes | None:
-            names = {p["a"]["id"]: p["a"]["name"] for p in leak["pairs"]}
-            names.update({p["b"]["id"]: p["b"]["name"] for p in leak["pairs"]})
-            path = Path(names.get(record_id, ""))
+            path = Path(names.get(record_id) or "")
             return path.read_bytes() if names.get(record_id) and path.is_file() else None
 
-        _write_text(Path(args.html), page(html_section(profile, None, LeakageResult.from_json(leak), image)))
+        write_text(args.html, page(html_section(profile, None, LeakageResult.from_json(leak), image)))
     return 0
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomically: a hidden temporary file beside `path`, then a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
