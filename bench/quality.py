@@ -124,16 +124,19 @@ def effective_settings(recipe: Recipe, backbone: str) -> dict[str, Any]:
     return settings
 
 
-def recipe_key(recipe: Recipe, image_size: int, backbone: str = BACKBONE, alpha: float = ALPHA) -> str:
+def recipe_key(recipe: Recipe, image_size: int, backbone: str = BACKBONE, alpha: float = ALPHA,
+               legacy: bool = False) -> str:
     """A digest of everything that decides a run's outcome apart from the seed (effective settings, size, backbone,
-    data). Two recipes that train the same way on this backbone share a key."""
+    data, data order). Two recipes that train the same way on this backbone share a key. `legacy`: the key of runs
+    made before the per-(seed, epoch) data order (which did not record it)."""
     settings = effective_settings(recipe, backbone)
     for phase in ("head", "fine_tune"):  # recipes held the batch size (always 32) when the stored runs were keyed
         if settings[phase] is not None:
             settings[phase]["batch_size"] = 32
     data = {"recipe": {**settings, "name": None, "description": None}, "image_size": image_size,
-            "backbone": backbone, "alpha": alpha, "split": [VAL_FRACTION, TEST_FRACTION, SPLIT_SEED],
-            "data_order": DATA_ORDER}
+            "backbone": backbone, "alpha": alpha, "split": [VAL_FRACTION, TEST_FRACTION, SPLIT_SEED]}
+    if not legacy:
+        data["data_order"] = DATA_ORDER
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -307,6 +310,14 @@ def _paired(group: list[dict[str, Any]], default: list[dict[str, Any]], metric: 
     return statistics.fmean(diffs), se, len(diffs)
 
 
+def _diff(runs: list[dict[str, Any]], metric: str, base: str) -> tuple[float, float, int]:
+    """Mean and standard error of (metric - base) within each run (a pairing of a run with itself); n runs."""
+    diffs = [r[metric] - r[base] for r in runs]
+    if not diffs:
+        return 0.0, 0.0, 0
+    return statistics.fmean(diffs), (statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0), len(diffs)
+
+
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (backbone, recipe, settings key), in the order recipes are defined, with paired differences
     against the current default of the same backbone (same split and seed)."""
@@ -324,12 +335,20 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         test_m, test_s = _mean_std([r["test_accuracy"] for r in group])
         val_m, val_s = _mean_std([r["val_accuracy"] for r in group])
         split_means = [statistics.fmean(r["test_accuracy"] for r in group if _split(r) == s) for s in splits]
-        current = name in ALL and recipe_key(ALL[name], group[0]["image_size"], backbone, alpha) == key
+        era = None
+        if name in ALL:
+            for legacy in (False, True):
+                if recipe_key(ALL[name], group[0]["image_size"], backbone, alpha, legacy) == key:
+                    era = "before" if legacy else "current"
+        current = era is not None
+        flips = [r for r in group if "test_accuracy_flip" in r]
         guards = [(r.get("guard") or {}).get("kept") for r in group if r.get("guard")]
         heads = [r["head_val_accuracy"] for r in group if r.get("head_val_accuracy") is not None]
         rows.append({
             "backbone": backbone, "alpha": alpha,
-            "recipe": name, "key": key, "current": current, "study": name in RECIPES,
+            "recipe": name, "key": key, "current": current, "era": era, "study": name in RECIPES,
+            "flip_val": _diff(flips, "val_accuracy_flip", "val_accuracy"),
+            "flip_test": _diff(flips, "test_accuracy_flip", "test_accuracy"),
             "description": ALL[name].description if current else group[0]["settings"]["description"],
             "image_size": group[0]["image_size"],
             "splits": splits, "runs": [[_split(r), r["seed"]] for r in group], "split_test_means": split_means,
@@ -344,14 +363,14 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         })
     for row in rows:
         defaults = [r for r in rows if (r["backbone"], r["alpha"]) == (row["backbone"], row["alpha"])
-                    and r["recipe"] == DEFAULT_RECIPE and r["current"]]
+                    and r["recipe"] == DEFAULT_RECIPE and r["current"] and r["era"] == row["era"]]
         base = max(defaults, key=lambda r: len(r["runs"]))["_group"] if defaults else []
         row["paired_val"] = _paired(row["_group"], base, "val_accuracy")
         row["paired_test"] = _paired(row["_group"], base, "test_accuracy")
     for row in rows:
         del row["_group"]
     rows.sort(key=lambda r: ((r["backbone"], r["alpha"]) != (BACKBONE, ALPHA), r["backbone"], r["alpha"],
-                             not r["study"], order.get(r["recipe"], 99), not r["current"]))
+                             r["era"] != "current", not r["study"], order.get(r["recipe"], 99), not r["current"]))
     return rows
 
 
@@ -366,12 +385,16 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any])
         (vm, vs, n), (tm, ts, _) = r["paired_val"], r["paired_test"]
         return f"{vm:+.3f} ± {vs:.3f} / {tm:+.3f} ± {ts:.3f} ({n})"
 
+    def flip(r: dict[str, Any]) -> str:
+        (vm, vs, n), (tm, ts, _) = r["flip_val"], r["flip_test"]
+        return f"{vm:+.3f} ± {vs:.3f} / {tm:+.3f} ± {ts:.3f} ({n})" if n else "–"
+
     def table(selected: list[dict[str, Any]]) -> list[str]:
         lines = ["| recipe | what it does | size | test accuracy, all runs (mean ± std) | test by split (mean per "
                  "split) | spread due to split | validation accuracy | head phase validation | paired vs default: "
-                 "validation / test (mean ± s.e., pairs) | guard kept | runs (splits × seeds) | "
-                 "wall time per run (s) |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                 "validation / test (mean ± s.e., pairs) | test-time flip averaging: validation / test gain "
+                 "(mean ± s.e., runs) | guard kept | runs (splits × seeds) | wall time per run (s) |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in selected:
             name = f"**{r['recipe']}**" if r["recipe"] == DEFAULT_RECIPE else r["recipe"]
             by_split = ", ".join(f"{s}: {m:.3f}" for s, m in zip(r["splits"], r["split_test_means"], strict=True))
@@ -380,7 +403,7 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any])
             kept = ", ".join(f"{k} {n}" for k, n in r["guard_kept"].items()) or "–"
             lines.append(f"| {name} | {r['description']} | {r['image_size']} | {r['test_mean']:.3f} ± "
                          f"{r['test_std']:.3f} | {by_split} | {spread} | {r['val_mean']:.3f} ± {r['val_std']:.3f} | "
-                         f"{head} | {paired(r)} | {kept} | {len(r['runs'])} "
+                         f"{head} | {paired(r)} | {flip(r)} | {kept} | {len(r['runs'])} "
                          f"({len(r['splits'])} × {len(r['runs']) / len(r['splits']):.3g}) | {r['seconds_mean']:.0f} |")
         return lines
 
@@ -398,11 +421,12 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any])
         "runs from before the guard existed show –.",
         "",
     ]
-    for backbone, alpha in dict.fromkeys((r["backbone"], r["alpha"]) for r in rows):
-        mine = [r for r in rows if (r["backbone"], r["alpha"]) == (backbone, alpha) and r["current"]]
+    eras = {"current": "", "before": " (runs made before the per-(seed, epoch) data order; paired among themselves)"}
+    for (backbone, alpha, era) in dict.fromkeys((r["backbone"], r["alpha"], r["era"]) for r in rows if r["current"]):
+        mine = [r for r in rows if (r["backbone"], r["alpha"], r["era"]) == (backbone, alpha, era) and r["current"]]
         study = [r for r in mine if r["study"]]
         explore = [r for r in mine if not r["study"]]
-        lines += [f"## {_title(backbone, alpha)}", "", *table(study), ""]
+        lines += [f"## {_title(backbone, alpha)}{eras[era]}", "", *table(study), ""]
         if study:
             lines += ["Per-run test accuracy (split/seed): " + "; ".join(
                 f"{r['recipe']} " + ", ".join(f"{v:.3f} ({s}/{t})"
@@ -439,7 +463,8 @@ def write_svg(path: Path, rows: list[dict[str, Any]]) -> None:
     for i, r in enumerate(rows):
         y = top + i * (bar_h + gap)
         colour = "#2b6cb0" if r["recipe"] == DEFAULT_RECIPE else ("#7f9cc0" if r["study"] else "#bbb")
-        label = f'{_title(r["backbone"], r["alpha"])} · {r["recipe"]}'
+        label = f'{_title(r["backbone"], r["alpha"])} · {r["recipe"]}' + (" (earlier order)" if r["era"] == "before"
+                                                                         else "")
         out.append(f'<text x="{left - 6}" y="{y + 13}" text-anchor="end">{label}</text>')
         out.append(f'<rect x="{left}" y="{y}" width="{x(r["test_mean"]) - left:.1f}" height="{bar_h}" '
                    f'fill="{colour}"/>')
