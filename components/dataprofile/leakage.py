@@ -29,6 +29,10 @@ POLICIES = ("move", "report")
 # 32-49). Moving it would empty the evaluation splits, so it is reported and not moved. Flowers' groups: all 2.
 MAX_GROUP = 8
 DEFAULT_POLICY = "move"
+# ingest_report.json lists at most this many pairs (the first in id order, the same on both runners) and the members
+# of at most this many groups; the counts always cover all of them. A chain of look-alikes (digits, above) has
+# ~10^5 pairs: listing them all made a report of tens of MB that nobody reads and the report page cannot show.
+MAX_LISTED = 1000
 SPLIT_PRECEDENCE = ("train", "validation", "test")
 
 
@@ -84,8 +88,12 @@ class LeakageResult:
     groups: tuple[tuple[tuple[str, ...], str], ...]
     moves: dict[str, str] = field(default_factory=dict)
     max_group: int = MAX_GROUP
+    # The counts as written, for a result read back from a report whose lists were cut at MAX_LISTED.
+    written_summary: Mapping[str, Any] | None = field(default=None, compare=False)
 
     def summary(self) -> dict[str, Any]:
+        if self.written_summary is not None:
+            return dict(self.written_summary)
         return {"policy": self.policy, "hash": HASH_NAME, "threshold": self.threshold,
                 "cross_split_pairs": len(self.pairs),
                 "exact_pairs": sum(p.kind == "exact" for p in self.pairs),
@@ -93,9 +101,14 @@ class LeakageResult:
                 "groups": len(self.groups), "moved": len(self.moves), "max_group": self.max_group,
                 "groups_too_large_to_move": sum(len(ids) > self.max_group for ids, _ in self.groups)}
 
-    def to_json(self) -> dict[str, Any]:
-        return {**self.summary(), "pairs": [p.to_json() for p in self.pairs],
-                "group_members": [{"ids": list(ids), "split": split} for ids, split in self.groups],
+    def to_json(self, max_listed: int = MAX_LISTED) -> dict[str, Any]:
+        """The summary, the moves (all: they are at most max_group per group and decide the splits), and the first
+        `max_listed` pairs and groups; `pairs_listed` / `groups_listed` say how many are listed."""
+        pairs, groups = self.pairs[:max_listed], self.groups[:max_listed]
+        return {**self.summary(), "pairs_listed": len(pairs), "groups_listed": len(groups),
+                "pairs": [p.to_json() for p in pairs],
+                "group_members": [{"ids": list(ids[:max_listed]), "split": split, "size": len(ids)}
+                                  for ids, split in groups],
                 "moves": dict(sorted(self.moves.items()))}
 
     @classmethod
@@ -103,7 +116,12 @@ class LeakageResult:
         return cls(policy=d["policy"], threshold=int(d["threshold"]),
                    pairs=tuple(LeakedPair.from_json(p) for p in d["pairs"]),
                    groups=tuple((tuple(g["ids"]), g["split"]) for g in d["group_members"]),
-                   moves=dict(d["moves"]), max_group=int(d.get("max_group", MAX_GROUP)))
+                   moves=dict(d["moves"]), max_group=int(d.get("max_group", MAX_GROUP)),
+                   written_summary={k: d[k] for k in _SUMMARY_KEYS if k in d} if "pairs_listed" in d else None)
+
+
+_SUMMARY_KEYS = ("policy", "hash", "threshold", "cross_split_pairs", "exact_pairs", "label_conflicts", "groups",
+                 "moved", "max_group", "groups_too_large_to_move")
 
 
 def _rank(split: str) -> tuple[int, str]:

@@ -118,3 +118,21 @@ def test_a_chain_moves_as_one_group_by_precedence():
     assert result.groups == ((("a", "b", "c", "f"), "train"),)
     assert result.moves == {"a": "train", "b": "train", "c": "train"}
     assert any(p.label_conflict for p in result.pairs)  # c (x) ~ f (z)
+
+
+def test_the_report_lists_a_bounded_number_of_pairs_but_counts_them_all():
+    # 40 look-alikes (one hash, two bits apart at most) over three splits: 40 * 39 / 2 = 780 pairs within the
+    # threshold, 533 of them across splits, in one group too large to move.
+    base = 0x0F0F_0F0F_0F0F_0F0F
+    recs = [HashRecord(f"r{i:02d}", SPLITS[i % 3], "x", (_flip(base, [i % 64]),)) for i in range(40)]
+    result = check_leakage(recs, "move")
+    assert len(result.pairs) == sum(1 for i in range(40) for j in range(i + 1, 40) if i % 3 != j % 3) == 533
+    written = result.to_json(max_listed=100)
+    assert written["cross_split_pairs"] == 533 and written["pairs_listed"] == 100 and len(written["pairs"]) == 100
+    assert [(p["a"]["id"], p["b"]["id"]) for p in written["pairs"]] == [(p.a_id, p.b_id) for p in result.pairs[:100]]
+    assert written["groups_too_large_to_move"] == 1 and written["moved"] == 0
+    assert written["group_members"] == [{"ids": [r.id for r in recs][:100], "split": "train", "size": 40}]
+    again = LeakageResult.from_json(written)
+    assert again.summary() == result.summary()  # the counts survive the cut list
+    assert len(again.pairs) == 100
+    assert LeakageResult.from_json(result.to_json()).summary() == result.summary()
