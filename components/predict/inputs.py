@@ -1,6 +1,7 @@
-"""predict's inputs and outputs: listing the files (folder, gs:// prefix, CSV list), reading and checking each one on
-worker threads (header check, decode, imagecheck's full decode for what TensorFlow cannot read), and writing the
-rows (.jsonl / .csv via a temporary file, gs:// uploaded when complete).
+"""predict's inputs and outputs: listing the files (folder, gs:// prefix, CSV list: `Source.files()` of
+components.core.sources), reading (`sources.read`) and checking each one on worker threads (header check, decode,
+imagecheck's full decode for what TensorFlow cannot read), and writing the rows (.jsonl / .csv via a temporary file,
+gs:// uploaded when complete).
 
 Local files are read under components.core.safefiles' rule: regular files only (a device, FIFO or socket gets the row
 `not_regular_file: ...`), at most `safefiles.MAX_FILE_BYTES`, and inside the input folder after `realpath` (a symlink
