@@ -25,7 +25,6 @@ Workers import Pillow, numpy and google-crc32c, never TensorFlow; each holds one
 # The Beam options and Dataflow settings live in beam_options.py, the pipeline and its step functions in
 # beam_pipeline.py; this module keeps the launcher and the KFP component and re-exports their public names.
 import logging
-import os
 import re
 import time
 import uuid
@@ -34,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from kfp import dsl
 
-from kfp_finetune.components.core import gcs, settings
+from kfp_finetune.components.core import gcs, settings, sources
 from kfp_finetune.components.core.dataset import REPORT_FILE
 from kfp_finetune.components.core.errors import UserError
 from kfp_finetune.components.ingest.beam_options import (
@@ -56,8 +55,6 @@ from kfp_finetune.components.ingest.beam_pipeline import (
     _delete,
     _emulator_auth,
     _join,
-    _listing_root,
-    _no_images_message,
     _read,
     build,
 )
@@ -78,31 +75,27 @@ _USER_ERROR = re.compile(r"UserError: ([^\n]+)")
 # --- launcher ------------------------------------------------------------------------------------------------------
 
 
-def _check_source(source: str) -> None:
+def _check_source(source: "sources.GcsSource") -> None:
     """Fail fast, before the job, on a gs:// bucket that does not exist or a prefix with nothing under it."""
     from apache_beam.io.filesystems import FileSystems
 
     _emulator_auth()
-    pattern = _listing_root(source) + "**"
-    bucket = gcs.split_uri(source)[0] if gcs.is_gcs(source) else None
+    bucket = gcs.split_uri(source.spec)[0]
     try:
-        found = FileSystems.match([pattern], limits=[1])[0].metadata_list
+        found = FileSystems.match([source.root + "**"], limits=[1])[0].metadata_list
     except Exception as exc:  # noqa: BLE001  (BeamIOError around NotFound / Forbidden / connection errors)
         text = str(exc)
-        if bucket and ("404" in text or "NotFound" in text or "does not exist" in text or "not exist" in text):
+        if "404" in text or "NotFound" in text or "does not exist" in text or "not exist" in text:
             raise UserError(
-                f"--source {source}: bucket gs://{bucket} does not exist (or is not visible to these credentials); "
-                "check the bucket name"
+                f"--source {source.spec}: bucket gs://{bucket} does not exist (or is not visible to these "
+                "credentials); check the bucket name"
             ) from exc
-        raise UserError(f"--source {source}: cannot list it ({text.splitlines()[0] if text else exc!r})") from exc
+        raise UserError(f"--source {source.spec}: cannot list it ({text.splitlines()[0] if text else exc!r})") from exc
     if not found:
-        if bucket:
-            raise UserError(
-                f"--source {source}: no objects under this prefix; check the path (expected "
-                f"gs://{bucket}/PREFIX/CLASS/IMAGE.jpg)"
-            )
-        if not os.path.isdir(os.path.expanduser(source)):
-            raise UserError(f"--source {source}: no such directory; check the path")
+        raise UserError(
+            f"--source {source.spec}: no objects under this prefix; check the path (expected "
+            f"gs://{bucket}/PREFIX/CLASS/IMAGE.jpg)"
+        )
 
 
 def _user_error(exc: BaseException) -> UserError | None:
@@ -130,12 +123,12 @@ def run(config: "IngestConfig") -> "IngestResult":
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from kfp_finetune.components.core.fsutil import atomic_directory, check_output_dir
-    from kfp_finetune.components.ingest.sources import _list_folder, _read_manifest
     from kfp_finetune.components.ingest.step import IngestResult
 
     start = time.perf_counter()
     source = config.source
-    if source.startswith("tfds:"):
+    kind = sources.detect(source)
+    if kind.kind == "tfds":
         raise UserError(f"--source {source}: tfds: sources run with --runner local (TFDS prepares them on one machine)")
     job_name = f"kfp-finetune-ingest-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     flags = pipeline_flags(config.runner, config.beam_options, job_name)
@@ -144,20 +137,20 @@ def run(config: "IngestConfig") -> "IngestResult":
     if config.runner == "dataflow" and not remote_output:
         raise UserError(f"--output {output}: Dataflow workers write to gs://; give a gs:// --output for dataflow")
     skipped: list[dict[str, str]] = []
-    if source.lower().endswith(".csv") or not gcs.is_gcs(source):
-        # A manifest or a local folder is listed here by the local runner's own function (sources.py): only regular
-        # files under the source root after realpath, of bounded size; symlinks out, devices, FIFOs and sockets are
-        # skipped with their reason, and a symlinked folder outside the root is neither walked nor a class.
-        manifest = source.lower().endswith(".csv")
-        listing = _read_manifest(source) if manifest else _list_folder(Path(source).expanduser(), source)
-        candidates: list[Candidate] | None = [Candidate(e.ref, e.label) for e in listing.entries]
+    if isinstance(kind, sources.GcsSource):  # matched by Beam's file IO on the workers: it scales to any size
+        candidates: list[Candidate] | None = None
+        class_refs = {}
+        _check_source(kind)
+    else:
+        # A manifest or a local folder is listed here by the local runner's own listing (components.core.sources):
+        # only regular files under the source root after realpath, of bounded size; symlinks out, devices, FIFOs and
+        # sockets are skipped with their reason, and a symlinked folder outside the root is neither walked nor a
+        # class.
+        listing = kind.list()
+        candidates = [Candidate(e.ref, e.label) for e in listing.entries]
         class_refs, skipped = dict(listing.class_refs), list(listing.skipped)
         if not candidates:
-            raise UserError(_no_images_message(source, len(skipped)))
-    else:
-        candidates = None
-        class_refs = {}
-        _check_source(source)
+            raise UserError(sources.no_images_message(source, len(skipped)))
 
     def launch(out: str) -> dict:
         job = Job(

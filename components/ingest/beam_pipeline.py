@@ -11,10 +11,9 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
-from kfp_finetune.components.core import compat, gcs, imagecheck, safefiles, settings
+from kfp_finetune.components.core import compat, gcs, imagecheck, safefiles, settings, sources
 from kfp_finetune.components.core.dataset import REPORT_FILE, SPLITS
 from kfp_finetune.components.core.errors import UserError
 from kfp_finetune.components.dataprofile import PROFILE_FILE, ProfileBuilder
@@ -94,33 +93,19 @@ def _join(base: str, *parts: str) -> str:
 # --- step functions (module level, so the pipeline pickles only references) ---------------------------------------
 
 
-def _listing_root(source: str) -> str:
-    """The prefix that every matched path of a folder/gs:// source starts with, ending in a separator."""
-    if gcs.is_gcs(source):
-        return source.rstrip("/") + "/"
-    return os.path.abspath(os.path.expanduser(source)).rstrip(os.sep) + os.sep
-
-
 def _classify_match(path: str, source: str) -> Iterator[tuple[str, Any]]:
-    """A matched file -> ('candidate', Candidate) or ('skip', skip), and ('class', name) for the class it names."""
-    from kfp_finetune.components.ingest.sources import _classify
-
-    root = _listing_root(source)
-    if not path.startswith(root):
+    """A matched object of the gs:// source -> ('candidate', Candidate) or ('skip', skip), and ('class', name) for
+    the class it names (the listing rules of components.core.sources.GcsSource)."""
+    placed = sources.GcsSource(source).place(path)
+    if placed is None:
         return
-    sep = "/" if gcs.is_gcs(source) else os.sep
-    rel = tuple(p for p in path[len(root) :].split(sep) if p)
-    if gcs.is_gcs(source):
-        ref = path
-    else:
-        ref = os.path.join(str(Path(source).expanduser()), *rel)
-    if len(rel) >= 2 and not rel[0].startswith("."):
+    rel, reason = placed
+    if sources.class_of(rel):
         yield "class", rel[0]
-    reason = _classify(rel)
     if reason:
-        yield "skip", rules.skip(ref, reason)
+        yield "skip", rules.skip(path, reason)
     else:
-        yield "candidate", Candidate(ref, rel[0])
+        yield "candidate", Candidate(path, rel[0])
 
 
 def _emulator_auth() -> None:
@@ -133,7 +118,7 @@ def _emulator_auth() -> None:
 
 def _read(ref: str) -> bytes:
     if not gcs.is_gcs(ref):  # a local file: opened non-blocking, regular files only, bounded (safefiles.py)
-        return safefiles.read_bytes(ref)
+        return sources.read(ref)
     _emulator_auth()
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
@@ -260,13 +245,6 @@ def write_shard(key: tuple[str, int], items: Iterable[tuple[int, Kept]], job: Jo
     return ShardInfo(split, index, length, num_bytes)
 
 
-def _no_images_message(source: str, others: int) -> str:
-    return (
-        f"--source {source}: no image files found ({others} other files); expected one folder of "
-        "JPEG/PNG/... images per class"
-    )
-
-
 def finalize(
     _: Any, job: Job, classes: list[str], stats: dict[str, int], skips: list[dict], shards: list[ShardInfo],
     class_counts: list[tuple[tuple[str, str], int]], total_bytes: int, leak: Any, profile: ProfileBuilder,
@@ -280,7 +258,7 @@ def finalize(
 
     num_candidates, num_listed_skips = stats.get("candidates", 0), stats.get("listing_skips", 0)
     if not num_candidates:
-        fail(_no_images_message(job.source, num_listed_skips))
+        fail(sources.no_images_message(job.source, num_listed_skips))
     skipped = rules.sort_skipped(skips)
     counts = rules.empty_counts(classes)
     for (split, label), n in class_counts:
@@ -300,9 +278,9 @@ def finalize(
             split_infos[split] = ([0], 0)
             log.warning("split %r is empty: too few images for its fraction", split)
             continue
-        sources = [_tmp_shard(job, split, s.index) for s in infos]
+        partials = [_tmp_shard(job, split, s.index) for s in infos]
         targets = [_join(job.output, tfds_format.shard_name(split, i, len(infos))) for i in range(len(infos))]
-        FileSystems.rename(sources, targets)
+        FileSystems.rename(partials, targets)
         split_infos[split] = ([s.length for s in infos], sum(s.num_bytes for s in infos))
     for name, data in tfds_format.metadata_files(classes, split_infos, rules.description(job.source)).items():
         _write(_join(job.output, name), data)
@@ -355,17 +333,16 @@ def _sum_stats(items: Iterable[dict[str, int]]) -> dict[str, int]:
 
 def build(pipeline: Any, job: Job, candidates: Sequence[Candidate] | None, known_classes: Sequence[str],
           skipped: Sequence[dict[str, str]] = ()) -> Any:
-    """Add the ingest to a beam.Pipeline; `candidates` (and the listing's `skipped`) for a manifest or local
-    folder listed by sources.py, else the (gs://) source is matched."""
+    """Add the ingest to a beam.Pipeline; `candidates` (and the listing's `skipped`) for a source listed by the
+    launcher (components.core.sources), else (None) the gs:// source's objects are matched by Beam's file IO."""
     import apache_beam as beam
     from apache_beam.io import fileio
 
     p = pipeline
     if candidates is None:
-        root = _listing_root(job.source)
         listed = (
             p
-            | "Pattern" >> beam.Create([root + "**"])
+            | "Pattern" >> beam.Create([sources.GcsSource(job.source).root + "**"])
             | "Match" >> fileio.MatchAll(fileio.EmptyMatchTreatment.ALLOW)
             | "Classify" >> beam.FlatMap(lambda m, source: _classify_match(m.path, source), job.source)
         )

@@ -21,15 +21,12 @@ import argparse
 import hashlib
 import json
 import logging
-import os
-import posixpath
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from kfp import dsl
 
-from kfp_finetune.components.core import gcs, settings
+from kfp_finetune.components.core import settings, sources
 from kfp_finetune.components.core.errors import UserError
 from kfp_finetune.components.core.fsutil import write_json
 
@@ -64,77 +61,19 @@ def _digest(kind: str, lines: list[str]) -> str:
     return h.hexdigest()
 
 
-def _blob_line(name: str, blob: Any) -> str:
-    return "\t".join([name, str(blob.size), str(blob.generation), str(blob.crc32c or ""), str(blob.md5_hash or "")])
-
-
-def _stat_line(name: str, path: str) -> str:
-    st = os.stat(path)
-    return "\t".join([name, str(st.st_size), str(st.st_mtime_ns)])
-
-
-def _folder_lines(root: Path, source: str) -> list[str]:
-    from kfp_finetune.components.ingest.sources import _list_folder
-
-    listing = _list_folder(root, source)
-    return [_stat_line(Path(e.ref).relative_to(root).as_posix(), e.ref) for e in listing.entries]
-
-
-def _gcs_lines(uri: str) -> list[str]:
-    from kfp_finetune.components.ingest.sources import _classify
-
-    base = uri.rstrip("/")
-    _, prefix = gcs.split_uri(base)
-    prefix = f"{prefix}/" if prefix else ""
-    lines = []
-    for blob in gcs.list_blobs(base):
-        rel = tuple(p for p in blob.name[len(prefix):].split("/") if p)
-        if _classify(rel) is None:
-            lines.append(_blob_line("/".join(rel), blob))
-    return lines
-
-
-def _manifest_lines(source: str) -> tuple[list[str], int]:
-    from kfp_finetune.components.ingest.sources import _read_manifest, read_manifest_text
-
-    listing = _read_manifest(source)
-    manifest = read_manifest_text(source)
-    lines = [f"manifest\t{hashlib.sha256(manifest.encode()).hexdigest()}"]
-    remote: dict[str, list[str]] = {}
-    for e in listing.entries:
-        if gcs.is_gcs(e.ref):
-            remote.setdefault(posixpath.dirname(e.ref), []).append(e.ref)
-        elif os.path.isfile(e.ref):
-            lines.append(_stat_line(e.ref, e.ref))
-        else:
-            lines.append(f"{e.ref}\tmissing")
-    for folder, refs in sorted(remote.items()):  # one listing per folder, not one request per object
-        bucket, _ = gcs.split_uri(folder)
-        found = {f"gs://{bucket}/{b.name}": b for b in gcs.list_blobs(folder)}
-        for ref in refs:
-            lines.append(_blob_line(ref, found[ref]) if ref in found else f"{ref}\tmissing")
-    return lines, len(listing.entries)
-
-
 def fingerprint_source(source: str) -> Fingerprint:
-    """List `source` (nothing is downloaded) and digest what was listed."""
+    """List `source` (nothing is downloaded) and digest what was listed (`components.core.sources`: each kind's
+    `fingerprint()` lines)."""
     source = str(source or "").strip()
     if not source:
         raise UserError("--source is empty; give a folder, gs://bucket/prefix, a .csv manifest or tfds:NAME")
-    if source.startswith("tfds:"):
-        return Fingerprint(source, "tfds", _digest("tfds", [source]), 0, [source])
-    if source.lower().endswith(".csv"):
-        lines, count = _manifest_lines(source)
-        kind = "manifest"
-    elif gcs.is_gcs(source):
-        lines = _gcs_lines(source)
-        count, kind = len(lines), "gcs"
-    else:
-        lines = _folder_lines(Path(source), source)
-        count, kind = len(lines), "folder"
+    kind = sources.detect(source)
+    lines, count = kind.fingerprint()
+    if count is None:  # a catalog name (tfds:): its version does not change, nothing is listed
+        return Fingerprint(source, kind.kind, _digest(kind.kind, lines), 0, lines)
     if not count:
         raise UserError(f"--source {source}: no image files found; check the path (one sub-folder per class)")
-    result = Fingerprint(source, kind, _digest(kind, lines), count, lines)
+    result = Fingerprint(source, kind.kind, _digest(kind.kind, lines), count, lines)
     log.info("fingerprint of %s: %s (%d images)", source, result.fingerprint[:16], count)
     return result
 

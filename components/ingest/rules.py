@@ -21,6 +21,7 @@ from kfp_finetune.components import __version__
 from kfp_finetune.components.core import imagecheck
 from kfp_finetune.components.core.dataset import SPLITS
 from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.core.sources import DOWNLOAD_FAILED
 from kfp_finetune.components.dataprofile import (
     THRESHOLD,
     HashRecord,
@@ -30,9 +31,8 @@ from kfp_finetune.components.dataprofile import (
     ProfileBuilder,
     check_leakage,
 )
-from kfp_finetune.components.ingest.sources import DOWNLOAD_FAILED
 
-# Skip reasons besides the listing's (sources.py) and imagecheck's corrupt / too_large / unreadable.
+# Skip reasons besides the listing's (components.core.sources) and imagecheck's corrupt / too_large / unreadable.
 MISSING = "missing"
 DUPLICATE = "duplicate"
 CONFLICT = "label_conflict"

@@ -41,20 +41,10 @@ from kfp_finetune.components.core.dataset import REPORT_FILE, SPLITS
 from kfp_finetune.components.core.errors import UserError
 from kfp_finetune.components.core.fsutil import atomic_directory, check_output_dir, write_json
 from kfp_finetune.components.core.params import add_arguments, by_name
+from kfp_finetune.components.core.sources import DOWNLOAD_FAILED, Entry, Listing, collect, detect
 from kfp_finetune.components.dataprofile import PROFILE_FILE, Profile
 from kfp_finetune.components.ingest import profiling, rules, tfds_format
 from kfp_finetune.components.ingest.params import INGEST, LEAKAGE
-from kfp_finetune.components.ingest.sources import (  # noqa: F401  (the listing reasons, re-exported)
-    DOWNLOAD_FAILED,
-    HIDDEN,
-    NOT_IMAGE,
-    NOT_REGULAR,
-    OUTSIDE_CLASS,
-    OUTSIDE_SOURCE,
-    _collect,
-    _Entry,
-    _Listing,
-)
 
 log = logging.getLogger(__name__)
 
@@ -214,10 +204,10 @@ def ingest(config: IngestConfig) -> IngestResult:
         return beam_ingest.run(config)
     start = time.perf_counter()
     check_output_dir(config.output)
-    listed: list[_Entry] = []
+    listed: list[Entry] = []
     with faults.resource_errors(config.output, "--output", lambda: _listed_bytes(listed)), \
             tempfile.TemporaryDirectory(prefix="kfp-finetune-ingest-") as staging:
-        listing = _collect(config.source, Path(staging))
+        listing = collect(config.source, Path(staging))
         listed.extend(listing.entries)
         rules.check_classes(config.source, listing.class_names)
         with atomic_directory(config.output) as tmp:
@@ -247,7 +237,7 @@ class _Kept(NamedTuple):
     """One kept image between the leakage decision and the write pass (small: no pixels, no bytes)."""
 
     sha256: str
-    entry: _Entry
+    entry: Entry
     label: str
     split: str  # the content-hash split, before any leakage move
     stats: Any  # dataprofile.ImageStats
@@ -258,22 +248,22 @@ class _Kept(NamedTuple):
 def profile_source(config: IngestConfig) -> tuple[Profile, dict[str, Any]]:
     """The profile (and the report) that `ingest(config)` would write, computed without writing a dataset: the same
     listing, decode check, splits and leakage decision (`kfp-finetune profile`)."""
-    if config.source.startswith("tfds:"):
+    if detect(config.source).kind == "tfds":
         raise UserError(f"--source {config.source}: profile a folder, gs:// prefix or CSV manifest")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kfp-finetune-profile-") as staging:
-        listing = _collect(config.source, Path(staging))
+        listing = collect(config.source, Path(staging))
         rules.check_classes(config.source, listing.class_names)
         report, profile = _build(config, listing, None, start)
     return profile, report
 
 
-def _listed_bytes(entries: list[_Entry]) -> int:
+def _listed_bytes(entries: list[Entry]) -> int:
     """About what the Dataset needs on disk: the listed images' bytes (kept as they came, unless converted)."""
     return sum(faults.tree_bytes(e.local) for e in entries if e.local is not None)
 
 
-def _build(config: IngestConfig, listing: _Listing, out: Path | None, start: float) -> tuple[dict[str, Any], Profile]:
+def _build(config: IngestConfig, listing: Listing, out: Path | None, start: float) -> tuple[dict[str, Any], Profile]:
     """The three passes; `out` None: only the profile and the report (`kfp-finetune profile`), nothing written."""
     from tqdm.auto import tqdm
 
@@ -295,7 +285,7 @@ def _build(config: IngestConfig, listing: _Listing, out: Path | None, start: flo
         # and perceptual hashes for the data checks (no bytes come back). Nothing is written yet: a leakage move
         # must be known before an image goes to a split, and it needs every image's hash. (Identical bytes in
         # different batches are decoded more than once; they give the same result, and the first file's is used.)
-        groups: dict[str, list[_Entry]] = {}
+        groups: dict[str, list[Entry]] = {}
         inspected: dict[str, imagecheck.ImageResult] = {}
         total_bytes = 0
         scans = _ordered_map(executor, profiling.scan_batch, _batched([e.local for e in entries], BATCH),

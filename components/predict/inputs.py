@@ -1,6 +1,7 @@
-"""predict's inputs and outputs: listing the files (folder, gs:// prefix, CSV list), reading and checking each one on
-worker threads (header check, decode, imagecheck's full decode for what TensorFlow cannot read), and writing the
-rows (.jsonl / .csv via a temporary file, gs:// uploaded when complete).
+"""predict's inputs and outputs: listing the files (folder, gs:// prefix, CSV list: `Source.files()` of
+components.core.sources), reading (`sources.read`) and checking each one on worker threads (header check, decode,
+imagecheck's full decode for what TensorFlow cannot read), and writing the rows (.jsonl / .csv via a temporary file,
+gs:// uploaded when complete).
 
 Local files are read under components.core.safefiles' rule: regular files only (a device, FIFO or socket gets the row
 `not_regular_file: ...`), at most `safefiles.MAX_FILE_BYTES`, and inside the input folder after `realpath` (a symlink
@@ -22,81 +23,20 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from kfp_finetune.components.core import gcs, safefiles
-from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.core import gcs, safefiles, sources
 
-CSV_COLUMNS = ("file", "path", "uri", "image")
-
-
-# --- the inputs ------------------------------------------------------------------------------------------------
-
-
-def _local_files(folder: Path) -> list[str]:
-    from kfp_finetune.components.core.imagecheck import is_image_name
-
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-                   if is_image_name(f) and not f.startswith("."))
-    return out
-
-
-def _csv_files(path: Path) -> list[str]:
-    """The files a CSV list names (UTF-8, with or without a BOM)."""
-    try:
-        text = safefiles.read_text(path, f"--input {path}")
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    except OSError as exc:
-        raise UserError(f"--input {path}: cannot read the list ({exc.strerror or exc})") from exc
-    rows = [r for r in csv.reader(io.StringIO(text, newline="")) if r and any(c.strip() for c in r)]
-    if not rows:
-        return []
-    header = [c.strip().lower() for c in rows[0]]
-    column = next((header.index(c) for c in CSV_COLUMNS if c in header), None)
-    body = rows[1:] if column is not None else rows
-    column = column or 0
-    out = []
-    for row in body:
-        name = row[column].strip() if column < len(row) else ""
-        if name:
-            out.append(name if gcs.is_gcs(name) or os.path.isabs(name) else str(path.parent / name))
-    return out
-
-
-def _gcs_files(prefix: str) -> Iterator[str]:
-    """Image objects under a gs:// prefix, page by page (never the whole listing in memory)."""
-    from kfp_finetune.components.core.imagecheck import is_image_name
-
-    bucket, name = gcs.split_uri(prefix)
-    if name and not name.endswith("/"):
-        name += "/"
-    try:
-        for blob in gcs.client().list_blobs(bucket, prefix=name, page_size=1000):
-            if not blob.name.endswith("/") and is_image_name(blob.name):
-                yield f"gs://{bucket}/{blob.name}"
-    except UserError:
-        raise
-    except Exception as exc:  # google.api_core / connection errors
-        raise UserError(f"--input {prefix}: cannot list ({exc})") from exc
+# --- the inputs (components.core.sources: the folder, gs:// and CSV-list rules) -------------------------------------
 
 
 def input_root(source: str) -> str | None:
     """The folder every local file of `source` must resolve inside (a folder input: itself, after realpath); None for
     a CSV list or gs:// (a listed file must then resolve inside its own folder)."""
-    if gcs.is_gcs(source) or Path(source).is_file():
-        return None
-    return safefiles.real_root(source)
+    return sources.detect(source, "--input").input_root()
 
 
 def list_inputs(source: str) -> tuple[Iterator[str], int | None]:
     """(the files to predict, their count when known up front)."""
-    if gcs.is_gcs(source):
-        return _gcs_files(source), None
-    path = Path(source)
-    files = _csv_files(path) if path.is_file() else _local_files(path)
-    return iter(files), len(files)
+    return sources.detect(source, "--input").files()
 
 
 # --- reading and decoding one file (worker threads) ------------------------------------------------------------
@@ -110,16 +50,9 @@ class Item(NamedTuple):
 
 def _read(file: str, gcs_client: Any, root: str | None) -> bytes:
     """The bytes of `file`; safefiles.UnsafeFile when a local file breaks the rule (see the module docstring)."""
-    if gcs.is_gcs(file):
-        bucket, name = gcs.split_uri(file)
-        limit = safefiles.MAX_FILE_BYTES  # the local files' bound: at most limit + 1 bytes are ever fetched
-        data = gcs_client.bucket(bucket).blob(name).download_as_bytes(start=0, end=limit)
-        if len(data) > limit:
-            raise safefiles.UnsafeFile(safefiles.TOO_LARGE, f"over the {limit:,}-byte limit")
-        return data
-    if root is None:
+    if root is None and not sources.is_uri(file):
         root = os.path.realpath(os.path.dirname(os.path.abspath(file)))
-    return safefiles.read_bytes(file, root)
+    return sources.read(file, root, gcs_client)
 
 
 def _header_problem(data: bytes) -> str | None:

@@ -44,7 +44,6 @@ from kfp_finetune.components.core import faults, gcs, settings
 from kfp_finetune.components.core.errors import UserError
 from kfp_finetune.components.core.params import add_arguments, by_name, config_kwargs
 from kfp_finetune.components.predict.inputs import (  # noqa: F401  (re-exported: the reading and writing side of predict)
-    CSV_COLUMNS,
     TF_FORMATS,
     Item,
     RowWriter,

@@ -148,3 +148,55 @@ def test_missing_bucket_is_reported(folder, gcs_emulator, capsys):
     assert main(["fingerprint", "--source", str(folder), "--push-to", "gs://no-such-bucket-12/models"]) == 2
     err = capsys.readouterr().err
     assert "--push-to" in err and "no-such-bucket-12" in err and len(err.strip().splitlines()) == 1
+
+
+# --- the digest format is pinned: existing datasets' fingerprints must never change --------------------------------
+# (a changed digest makes the scheduled retraining retrain everything once). The expected digests are recomputed
+# here from the documented lines, independently of how the source is listed.
+
+
+def _expected(kind: str, lines: list[str]) -> str:
+    import hashlib
+
+    h = hashlib.sha256(f"kfp-finetune-fingerprint-v1 {kind}\n".encode())
+    for line in sorted(lines):
+        h.update(line.encode("utf-8", "surrogateescape") + b"\n")
+    return h.hexdigest()
+
+
+def _stat(name: str, path: Path) -> str:
+    st = os.stat(path)
+    return f"{name}\t{st.st_size}\t{st.st_mtime_ns}"
+
+
+def test_digests_keep_their_format(folder, gcs_bucket, gcs_upload):
+    import hashlib
+
+    (folder / "README.txt").write_text("notes")  # skipped by name: not in the digest
+    images = sorted(folder.rglob("*.jpg"))
+    assert fingerprint_source(str(folder)).fingerprint == _expected(
+        "folder", [_stat(p.relative_to(folder).as_posix(), p) for p in images])
+
+    uri = gcs_upload(gcs_bucket, folder, "flowers")
+    blobs = {b.name: b for b in gcs_bucket.list_blobs(prefix="flowers/")}
+    gcs_lines = [f"{p.relative_to(folder).as_posix()}\t{b.size}\t{b.generation}\t{b.crc32c or ''}\t{b.md5_hash or ''}"
+                 for p in images for b in [blobs["flowers/" + p.relative_to(folder).as_posix()]]]
+    assert fingerprint_source(uri).fingerprint == _expected("gcs", gcs_lines)
+
+    remote = images[0].relative_to(folder).as_posix()
+    gone = f"gs://{gcs_bucket.name}/flowers/circle/not-there.jpg"
+    rows = ["path,label", f"gs://{gcs_bucket.name}/flowers/{remote},circle", f"{gone},circle"]
+    rows += [f"{p.relative_to(folder).as_posix()},{p.parent.name}" for p in images[1:]]
+    rows.append("circle/gone.jpg,circle")
+    text = "\n".join(rows) + "\n"
+    manifest = folder / "labels.csv"
+    manifest.write_text(text)
+    b = blobs[f"flowers/{remote}"]
+    lines = [f"manifest\t{hashlib.sha256(text.encode()).hexdigest()}",
+             f"gs://{gcs_bucket.name}/flowers/{remote}\t{b.size}\t{b.generation}\t{b.crc32c or ''}\t{b.md5_hash or ''}",
+             f"{gone}\tmissing", f"{folder / 'circle' / 'gone.jpg'}\tmissing"]
+    lines += [_stat(str(p), p) for p in images[1:]]
+    got = fingerprint_source(str(manifest))
+    assert got.num_images == 14 and sorted(got.lines) == sorted(lines)
+    assert got.fingerprint == _expected("manifest", lines)
+    assert fingerprint_source("tfds:mnist").fingerprint == _expected("tfds", ["tfds:mnist"])

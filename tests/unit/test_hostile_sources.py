@@ -204,7 +204,7 @@ def test_failed_download_is_retried_once_then_reported_as_such(gcs_bucket, gcs_u
     uri = gcs_upload(gcs_bucket, data, "data")
     rows = "".join(f"{uri}/{p.parent.name}/{p.name},{p.parent.name}\n" for p in sorted(data.rglob("*.jpg")))
     gcs.write_text(f"{uri}/m.csv", f"path,label\n{rows}{uri}/circle/gone.jpg,circle\n")
-    with caplog.at_level(logging.WARNING, logger="kfp_finetune.components.ingest.sources"):
+    with caplog.at_level(logging.WARNING, logger="kfp_finetune.components.core.sources"):
         report = _ingest(f"{uri}/m.csv", tmp_path / "ds")
     gone = [s for s in report["skipped"] if s["path"].endswith("gone.jpg")]
     assert [s["reason"] for s in gone] == ["download_failed"] and "corrupt" not in report["skipped_counts"]
@@ -219,9 +219,9 @@ def test_object_names_that_climb_out_never_leave_the_folder(gcs_bucket, tmp_path
     """`..` segments and a leading `/` (from `//` in a name) never make a local path outside the folder. (The
     emulator refuses to store a name with `..`; such a name is checked on the name itself.)"""
     from kfp_finetune.components.core import safefiles
-    from kfp_finetune.components.ingest.sources import OUTSIDE_SOURCE, _classify
+    from kfp_finetune.components.core.sources import OUTSIDE_SOURCE, classify
 
-    assert _classify(("circle", "..", "..", "evil.jpg")) == OUTSIDE_SOURCE
+    assert classify(("circle", "..", "..", "evil.jpg")) == OUTSIDE_SOURCE
     for name in ("circle/../../evil.jpg", "/abs/evil.jpg", "..", ""):
         with pytest.raises(ValueError, match="would leave"):
             safefiles.join_inside(tmp_path, name, "object")
