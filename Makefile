@@ -3,6 +3,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Processes for the default suite (pytest-xdist): most tests keep one core busy at a time, so one per core ("auto").
+TEST_WORKERS ?= auto
 # Components run as subprocesses that call `python3`: put the venv first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 export KFP_FINETUNE_WEIGHTS_MIRROR ?= $(if $(wildcard ../shared/data/weights),$(abspath ../shared/data/weights),)
@@ -29,9 +31,9 @@ setup: $(VENV)/.installed ## create .venv and install the project with pinned de
 demo: setup ## run the whole pipeline locally on the embedded sample (the README's main command)
 	$(BIN)/kfp-finetune run --output out/demo
 
-test: setup ## lint, then the default test suite (goal ≤5 minutes on an idle 2-core machine; no slow tests)
+test: setup ## lint, then the default test suite, over TEST_WORKERS processes (goal ≤5 minutes on an idle 2-core machine; no slow tests)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q -n $(TEST_WORKERS)
 
 test-slow: setup ## the tests marked slow (run in CI too)
 	$(BIN)/python -m pytest -m slow -q || [ $$? -eq 5 ]  # 5: none collected
