@@ -38,24 +38,44 @@ HASH_BITS = 64
 THRESHOLD = 10  # Hamming distance (bits) at or below which two images are near-duplicates
 THUMB_SIDE = 80  # the box-averaged thumbnail the hashes and the per-image stats are computed from
 CENTRE_MARGIN = 4  # pixels of the thumbnail cut off each side for the centre hash: 5 % (a crop-tolerant second view)
-SAMPLE_SIDE = 32  # the grey block the DCT runs on
+SAMPLE_SIDE = 32  # the grey block the DCT runs on (box-averaged from the thumbnail, folded into the DCT basis)
 REDUCING_GAP = 2.0  # Pillow reduces by an integer box first when an image is over 2x the thumbnail: 30 % faster
 LOW_FREQ = 8  # the LOW_FREQ x LOW_FREQ lowest frequencies make the 64 bits
-HASH_NAME = "phash64-dct-int-full+centre5"  # recorded beside hashes: a different recipe gives incomparable hashes
+# Recorded beside hashes (ingest_report.json's leakage entry): a different recipe gives incomparable hashes. Hashes are
+# only compared within one ingest; earlier names: "phash64-dct-int-full+centre5" (full-size decode, the 32x32 block
+# rounded to 8 bits by Pillow before an integer DCT).
+HASH_NAME = "phash64-dctfold-full+centre5-jpegdraft"
 _SCALE_BITS = 12
 
 
-def _dct_basis() -> np.ndarray:
-    """The first LOW_FREQ rows of the orthonormal DCT-II basis on SAMPLE_SIDE points, scaled by 2^12, as int64."""
-    n = SAMPLE_SIDE
+def _folded_basis(lo: int, hi: int) -> np.ndarray:
+    """(LOW_FREQ, THUMB_SIDE) integers: the first LOW_FREQ rows of the orthonormal DCT-II basis on SAMPLE_SIDE
+    points, times the area (box) average of thumbnail pixels [lo, hi) onto SAMPLE_SIDE cells, scaled by 2^12 and
+    rounded. Computed with exact fractions for the box and Python's math for the cosines (math.fsum, correctly
+    rounded): the same integers everywhere. Kept as float64 for BLAS: see hashes_of_grey for why that is exact."""
+    from fractions import Fraction
+
+    n, span = SAMPLE_SIDE, Fraction(hi - lo, SAMPLE_SIDE)
+    box = [[0.0] * THUMB_SIDE for _ in range(n)]  # box[o][p]: weight of thumbnail pixel p in cell o
+    for o in range(n):
+        a, b = lo + o * span, lo + (o + 1) * span
+        for px in range(math.floor(a), math.ceil(b)):
+            box[o][px] = float((min(b, px + 1) - max(a, px)) / span)
     rows = []
     for k in range(LOW_FREQ):
         c = math.sqrt(1.0 / n) if k == 0 else math.sqrt(2.0 / n)
-        rows.append([round(c * math.cos(math.pi * (2 * i + 1) * k / (2 * n)) * (1 << _SCALE_BITS)) for i in range(n)])
-    return np.array(rows, dtype=np.int64)
+        basis = [c * math.cos(math.pi * (2 * i + 1) * k / (2 * n)) for i in range(n)]
+        rows.append([round(math.fsum(basis[o] * box[o][px] for o in range(n)) * (1 << _SCALE_BITS))
+                     for px in range(THUMB_SIDE)])
+    return np.array(rows, dtype=np.float64)
 
 
-_BASIS = _dct_basis()  # computed with Python's math (correctly rounded cos): the same integers everywhere
+_FULL = _folded_basis(0, THUMB_SIDE)
+_CENTRE = _folded_basis(CENTRE_MARGIN, THUMB_SIDE - CENTRE_MARGIN)
+_BOTH = np.vstack([_FULL, _CENTRE])
+# Every product and partial sum below is an integer under 2^53 (|row| sums are < 2^15, pixels < 2^8, 80 terms), so
+# float64 gives the exact integer whatever the BLAS's summation order or FMA use: bit-identical on every CPU.
+assert float(np.abs(_BOTH).sum(axis=1).max()) ** 2 * 255 < 2.0**53
 
 
 def to_rgb(image: Any) -> Any:
@@ -108,16 +128,12 @@ def hashes_of_thumbnail(thumb: Any) -> tuple[int, int]:
 def hashes_of_grey(grey: Any) -> tuple[int, int]:
     """`hashes_of_thumbnail` of the thumbnail's luma (`thumb.convert("L")`), for callers that already have it.
 
-    Each view (the full 80x80, and its centre without CENTRE_MARGIN pixels a side) is box-averaged to 32x32; both
-    DCTs run in one numpy step."""
-    from PIL import Image
-
-    m, box = CENTRE_MARGIN, Image.Resampling.BOX
-    full = grey.resize((SAMPLE_SIDE, SAMPLE_SIDE), box)
-    centre = grey.resize((SAMPLE_SIDE, SAMPLE_SIDE), box, box=(m, m, THUMB_SIDE - m, THUMB_SIDE - m))
-    g = np.frombuffer(full.tobytes() + centre.tobytes(), dtype=np.uint8).reshape(2, SAMPLE_SIDE, SAMPLE_SIDE)
-    coeffs = (_BASIS @ g.astype(np.int64) @ _BASIS.T).reshape(2, -1)  # int64, exact: |value| < 2^12 * 255 * 32 *
-    # 2^12 * 32 < 2^63. The median of the 63 AC terms (an odd count: one of them, exact); bit 63 = the DC term.
+    Each view (the full 80x80, and its centre without CENTRE_MARGIN pixels a side) is box-averaged to 32x32 and
+    DCT'd in one product with the folded basis (no rounding of the 32x32 block); both views in one numpy step."""
+    g = np.frombuffer(grey.tobytes(), dtype=np.uint8).reshape(THUMB_SIDE, THUMB_SIDE).astype(np.float64)
+    rows = _BOTH @ g  # (2 * LOW_FREQ, THUMB_SIDE): both views' row transforms at once
+    coeffs = np.stack([(rows[:LOW_FREQ] @ _FULL.T).ravel(), (rows[LOW_FREQ:] @ _CENTRE.T).ravel()])
+    # The median of the 63 AC terms (an odd count: one of them, exact); bit 63 = the DC term.
     median = np.partition(coeffs[:, 1:], 31, axis=1)[:, 31:32]
     full_hash, centre_hash = np.packbits(coeffs > median, axis=1)
     return int.from_bytes(full_hash.tobytes(), "big"), int.from_bytes(centre_hash.tobytes(), "big")

@@ -21,11 +21,19 @@ from typing import Any
 
 import numpy as np
 
-from kfp_finetune.components.dataprofile.hashing import hashes_of_grey, thumbnail
+from kfp_finetune.components.dataprofile.hashing import THUMB_SIDE, hashes_of_grey, thumbnail
 
 _LEVELS = np.arange(256, dtype=np.int64)
 _SQUARES = _LEVELS * _LEVELS
 GREY_SPREAD = 6  # max channel spread (0-255) of a pixel that counts as grey; JPEG chroma noise of a grey photo is <= 4
+
+
+def draft(image: Any) -> None:
+    """Before `load()`: have an RGB or grey JPEG decoded at the largest DCT scale (1/2, 1/4, 1/8) that leaves both
+    sides at least THUMB_SIDE pixels, as ingest's decode check does for bytes it keeps (`imagecheck.decode_bytes`
+    with `draft_side`): the thumbnail, and so the hashes and the stats, are made from that reduced decode."""
+    if image.format == "JPEG" and image.mode in ("RGB", "L"):
+        image.draft(image.mode, (THUMB_SIDE, THUMB_SIDE))
 
 
 @dataclass(frozen=True)
@@ -67,19 +75,25 @@ class ImageStats:
                    hashes=tuple(int(h, 16) for h in d["hashes"]))
 
 
-def image_stats(data: bytes, image: Any = None, *, format: str | None = None, mode: str | None = None) -> ImageStats:
+def image_stats(
+    data: bytes, image: Any = None, *, format: str | None = None, mode: str | None = None,
+    size: tuple[int, int] | None = None,
+) -> ImageStats:
     """The stats of one image from its encoded bytes and, when already decoded, the decoded image.
 
-    image: a loaded PIL image (its `format` / `mode` are used unless given) or a numpy array (then pass `format`
-    and `mode` if known: an array alone says RGB / L / RGBA by its shape and '' for the format). Without `image`, the
-    bytes are decoded here (one decode; Pillow's errors propagate).
+    image: a loaded PIL image (its `format` / `mode` / `size` are used unless given) or a numpy array (then pass
+    `format` and `mode` if known: an array alone says RGB / L / RGBA by its shape and '' for the format). size: the
+    source's (width, height) when `image` is a reduced decode (ingest's JPEG `draft`). Without `image`, the bytes are
+    decoded here as ingest decodes bytes it keeps (`decode`; Pillow's errors propagate).
     """
     if image is None:
         from PIL import Image
 
         with Image.open(io.BytesIO(data)) as im:
+            source_size = im.size
+            draft(im)
             im.load()
-            return image_stats(data, im, format=format, mode=mode)
+            return image_stats(data, im, format=format, mode=mode, size=size or source_size)
     if isinstance(image, np.ndarray):
         h, w = image.shape[:2]
         default_mode = "L" if image.ndim == 2 or image.shape[2] == 1 else ("RGBA" if image.shape[2] == 4 else "RGB")
@@ -87,6 +101,8 @@ def image_stats(data: bytes, image: Any = None, *, format: str | None = None, mo
     else:
         w, h = image.size
         src_format, src_mode = image.format or "", image.mode
+    if size is not None:
+        w, h = size
     thumb = thumbnail(image)
     # The largest channel spread of any pixel, max(R, G, B) - min(R, G, B), over the thumbnail (per-channel
     # element-wise max/min: numpy's reduction over a length-3 last axis is ten times slower).
