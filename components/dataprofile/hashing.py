@@ -130,7 +130,16 @@ def hashes_of_grey(grey: Any) -> tuple[int, int]:
 
     Each view (the full 80x80, and its centre without CENTRE_MARGIN pixels a side) is box-averaged to 32x32 and
     DCT'd in one product with the folded basis (no rounding of the 32x32 block); both views in one numpy step."""
-    g = np.frombuffer(grey.tobytes(), dtype=np.uint8).reshape(THUMB_SIDE, THUMB_SIDE).astype(np.float64)
+    return hashes_of_luma(luma_array(grey))
+
+
+def luma_array(grey: Any) -> np.ndarray:
+    """The thumbnail's luma (a THUMB_SIDE x THUMB_SIDE mode-L image) as float64 (exact: 8-bit integers)."""
+    return np.frombuffer(grey.tobytes(), dtype=np.uint8).reshape(THUMB_SIDE, THUMB_SIDE).astype(np.float64)
+
+
+def hashes_of_luma(g: np.ndarray) -> tuple[int, int]:
+    """`hashes_of_grey` of `luma_array(grey)`."""
     rows = _BOTH @ g  # (2 * LOW_FREQ, THUMB_SIDE): both views' row transforms at once
     coeffs = np.stack([(rows[:LOW_FREQ] @ _FULL.T).ravel(), (rows[LOW_FREQ:] @ _CENTRE.T).ravel()])
     # The median of the 63 AC terms (an odd count: one of them, exact); bit 63 = the DC term.
