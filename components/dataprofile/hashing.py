@@ -73,6 +73,7 @@ def _folded_basis(lo: int, hi: int) -> np.ndarray:
 _FULL = _folded_basis(0, THUMB_SIDE)
 _CENTRE = _folded_basis(CENTRE_MARGIN, THUMB_SIDE - CENTRE_MARGIN)
 _BOTH = np.vstack([_FULL, _CENTRE])
+_BOTH_T = np.ascontiguousarray(_BOTH.T)
 # Every product and partial sum below is an integer under 2^53 (|row| sums are < 2^15, pixels < 2^8, 80 terms), so
 # float64 gives the exact integer whatever the BLAS's summation order or FMA use: bit-identical on every CPU.
 assert float(np.abs(_BOTH).sum(axis=1).max()) ** 2 * 255 < 2.0**53
@@ -140,8 +141,8 @@ def luma_array(grey: Any) -> np.ndarray:
 
 def hashes_of_luma(g: np.ndarray) -> tuple[int, int]:
     """`hashes_of_grey` of `luma_array(grey)`."""
-    rows = _BOTH @ g  # (2 * LOW_FREQ, THUMB_SIDE): both views' row transforms at once
-    coeffs = np.stack([(rows[:LOW_FREQ] @ _FULL.T).ravel(), (rows[LOW_FREQ:] @ _CENTRE.T).ravel()])
+    both = _BOTH @ g @ _BOTH_T  # (16, 16): the full view's coefficients top left, the centre's bottom right
+    coeffs = both.reshape(2, LOW_FREQ, 2, LOW_FREQ)[[0, 1], :, [0, 1], :].reshape(2, -1)
     # The median of the 63 AC terms (an odd count: one of them, exact); bit 63 = the DC term.
     median = np.partition(coeffs[:, 1:], 31, axis=1)[:, 31:32]
     full_hash, centre_hash = np.packbits(coeffs > median, axis=1)
