@@ -118,7 +118,7 @@ def _near_index_pairs(hashes: np.ndarray, threshold: int) -> set[tuple[int, int]
             (queries,) = np.nonzero(hits)
             if not queries.size:
                 continue
-            query_owner = owner[e0 + queries // masks.size]
+            query_entry = e0 + queries // masks.size
             query_start, query_hits = starts[probe[queries]], hits[queries]
             # Expand each query into its bucket's entries, in chunks of about _CHUNK pairs.
             bounds = np.searchsorted(np.cumsum(query_hits), np.arange(_CHUNK, int(query_hits.sum()) + _CHUNK, _CHUNK))
@@ -131,13 +131,15 @@ def _near_index_pairs(hashes: np.ndarray, threshold: int) -> set[tuple[int, int]
                 total = int(c.sum())
                 first = np.repeat(query_start[lo:hi], c)
                 offset = np.arange(total) - np.repeat(np.cumsum(c) - c, c)
-                a = np.repeat(query_owner[lo:hi], c)
-                b = owner[order[first + offset]]
-                keep = a < b
-                a, b = a[keep], b[keep]
-                if a.size:
-                    close = _distances(hashes, a, b) <= threshold
-                    found.update(zip(a[close].tolist(), b[close].tolist(), strict=True))
+                ea = np.repeat(query_entry[lo:hi], c)
+                eb = order[first + offset]
+                a, b = owner[ea], owner[eb]
+                # Only the hash pair that met in this band is compared: a pair within the threshold has a closest
+                # hash pair, and that pair meets in some band (the bound above), so it is found there. The reported
+                # distance (the closest of all k*k) is computed once per found pair afterwards.
+                keep = (a < b) & (np.bitwise_count(flat[ea] ^ flat[eb]) <= threshold)
+                if keep.any():
+                    found.update(zip(a[keep].tolist(), b[keep].tolist(), strict=True))
                 lo = hi
     return found
 
