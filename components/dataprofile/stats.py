@@ -30,14 +30,12 @@ def _is_grey(thumb: Any) -> bool:
     """Whether every pixel of the RGB thumbnail has max(R, G, B) - min(R, G, B) <= GREY_SPREAD.
 
     First a cheap exact rejection: if all pixels were within the spread, so would be the channel means; Pillow's
-    1x1 box average rounds twice (rows, then the column: within 1 of the true mean per channel), so two rounded
-    means more than GREY_SPREAD + 2 apart prove a colour pixel. Most colour photos stop there (0.004 ms instead of
-    0.018). Otherwise the largest spread of any pixel, per-channel element-wise max/min on Pillow's line-interleaved
-    layout (RRR..GGG..BBB per row: contiguous channel rows; numpy's reduction over a length-3 last axis is ten
-    times slower)."""
-    from PIL import Image
-
-    means = thumb.resize((1, 1), Image.Resampling.BOX).getpixel((0, 0))
+    `reduce` to 1x1 gives each channel's mean rounded (within 0.5; the margin below allows 1), so two of them more
+    than GREY_SPREAD + 2 apart prove a colour pixel. Most colour photos stop there (1,404 of the 1,500 flowers
+    photos; 0.005 ms instead of 0.018). Otherwise the largest spread of any pixel, per-channel element-wise
+    max/min on Pillow's line-interleaved layout (RRR..GGG..BBB per row: contiguous channel rows; numpy's
+    reduction over a length-3 last axis is ten times slower)."""
+    means = thumb.reduce((thumb.width, thumb.height)).getpixel((0, 0))
     if max(means) - min(means) > GREY_SPREAD + 2:
         return False
     rgb = np.frombuffer(thumb.tobytes("raw", "RGB;L"), dtype=np.uint8).reshape(thumb.height, 3, thumb.width)
