@@ -29,6 +29,7 @@ from kfp_finetune.components.dataprofile.stats import ImageStats
 
 BANDS = 4
 BAND_BITS = HASH_BITS // BANDS
+assert BAND_BITS <= 16  # band values are uint16 in _near_index_pairs
 _CHUNK = 1 << 18  # candidate pairs checked per numpy step (bounds memory: a few MB per step)
 
 
@@ -104,22 +105,23 @@ def _near_index_pairs(hashes: np.ndarray, threshold: int) -> set[tuple[int, int]
         return set()
     owner = np.repeat(np.arange(n, dtype=np.int64), k)
     flat = hashes.reshape(-1)
-    masks = _ball(BAND_BITS, threshold // BANDS)
+    # 16-bit band values and masks (BAND_BITS = 16): a quarter of the memory traffic of int64 probes.
+    masks = _ball(BAND_BITS, threshold // BANDS).astype(np.uint16)
     step = max(1, _CHUNK // masks.size)  # entries per lookup: about _CHUNK probes at once
     found: set[tuple[int, int]] = set()
     for band in range(BANDS):
-        values = ((flat >> np.uint64(band * BAND_BITS)) & np.uint64((1 << BAND_BITS) - 1)).astype(np.int64)
+        values = ((flat >> np.uint64(band * BAND_BITS)) & np.uint64((1 << BAND_BITS) - 1)).astype(np.uint16)
         order = np.argsort(values, kind="stable")
         counts = np.bincount(values, minlength=1 << BAND_BITS)
+        occupied = counts > 0
         starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
         for e0 in range(0, values.size, step):
             probe = (values[e0 : e0 + step, None] ^ masks[None, :]).ravel()
-            hits = counts[probe]
-            (queries,) = np.nonzero(hits)
+            queries = np.flatnonzero(occupied[probe])
             if not queries.size:
                 continue
             query_entry = e0 + queries // masks.size
-            query_start, query_hits = starts[probe[queries]], hits[queries]
+            query_start, query_hits = starts[probe[queries]], counts[probe[queries]]
             # Expand each query into its bucket's entries, in chunks of about _CHUNK pairs.
             bounds = np.searchsorted(np.cumsum(query_hits), np.arange(_CHUNK, int(query_hits.sum()) + _CHUNK, _CHUNK))
             lo = 0
