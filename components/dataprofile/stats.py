@@ -2,12 +2,13 @@
 
 `image_stats(data, image)` takes the encoded bytes (for the file size, and to decode when no image is given) and the
 decoded image (a PIL image as `Image.open(...)` + `load()` leaves it, whose `format` and `mode` are the source's, or
-a numpy HxWx3 / HxW uint8 array with `format` and `mode` passed in). It does one box-averaged pass over the pixels
-(the 80x80 thumbnail of `hashing.thumbnail`) and works on that thumbnail only:
+a numpy HxWx3 / HxW uint8 array with `format` and `mode` passed in; `size` when the image is a reduced decode:
+ingest decodes the JPEG bytes it keeps at a reduced DCT scale, `draft`, and so does `image_stats(data)`). It does one
+box-averaged pass over the pixels (the 80x80 thumbnail of `hashing.thumbnail`) and works on that thumbnail only:
 - brightness: mean ITU-R 601-2 luma (0-255); contrast: its standard deviation (RMS contrast). Both on the 80x80
   thumbnail, so they do not depend on the resolution (a 64 px copy of a photo has the same brightness and contrast);
 - grey: every thumbnail pixel has max(R, G, B) - min(R, G, B) <= GREY_SPREAD (a grey photo stored as RGB counts);
-- hashes: `hashing.hashes_of_grey` of the thumbnail's luma (full frame, centre).
+- hashes: `hashing.hashes_of_luma` of the thumbnail's luma (full frame, centre).
 Everything is an integer (brightness and contrast in thousandths), so sums over any number of images, in any order,
 on any runner, are exact.
 """
