@@ -50,6 +50,7 @@ BAD_REASONS = frozenset({CORRUPT, TOO_LARGE, UNREADABLE})
 
 _DIE_WITH_PARENT_ARMED = False
 _AT_FORK_REGISTERED = False
+_FORK_PARENT: int | None = None  # set in a parent just before each fork (once registered): the child's real parent
 
 
 def _set_pdeathsig() -> None:
@@ -61,9 +62,16 @@ def _set_pdeathsig() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
 
 
+def _before_fork_in_parent() -> None:
+    global _FORK_PARENT
+    _FORK_PARENT = os.getpid()
+
+
 def _after_fork_in_child() -> None:
     if _DIE_WITH_PARENT_ARMED:
         _set_pdeathsig()
+        if os.getppid() != _FORK_PARENT:  # the parent died before the line above: no signal will come
+            os._exit(1)
 
 
 @contextlib.contextmanager
@@ -78,7 +86,7 @@ def children_die_with_parent() -> Iterator[None]:
         yield
         return
     if not _AT_FORK_REGISTERED:
-        os.register_at_fork(after_in_child=_after_fork_in_child)
+        os.register_at_fork(before=_before_fork_in_parent, after_in_child=_after_fork_in_child)
         _AT_FORK_REGISTERED = True
     _DIE_WITH_PARENT_ARMED = True
     try:
@@ -102,7 +110,10 @@ def die_with_parent() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if not sys.platform.startswith("linux"):
         return
-    parent = os.getppid()
+    # The process that forked this one, as recorded before the fork: os.getppid() here would already name the new
+    # parent (PID 1 or a subreaper) if the ingest was killed while this worker was starting, and the watchdog below
+    # would then wait for that one (a killed-ingest test saw such a worker outlive its parent by 20 s).
+    parent = _FORK_PARENT if _FORK_PARENT is not None else os.getppid()
     _set_pdeathsig()
     if os.getppid() != parent:
         os._exit(1)
