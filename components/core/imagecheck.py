@@ -1,4 +1,13 @@
-"""Per-file work of the ingest step, run in worker processes: hash a file, fully decode it, convert it if needed.
+"""Per-file work of the ingest step, run in worker processes: hash a file, decode it, convert it if needed.
+
+The decode check: every image is decoded by Pillow (`im.load()`); a file that fails is refused as corrupt. When the
+bytes are stored as they are and they are JPEG, the pixels themselves are not needed at full size, so libjpeg decodes
+them at a reduced scale (`Image.draft`: DCT scaling, 1/2 to 1/8): the entropy decoding of every coefficient of every
+block still runs (it is sequential: a block's end is only found by decoding it), only the inverse DCT and the
+colour conversion are smaller. So it refuses exactly what the full decode refuses: truncated data, a bad marker in
+the entropy-coded data (tests/unit/test_imagecheck_draft.py). As with the full decode, libjpeg only warns about
+bytes that decode to wrong coefficients (a flipped bit, garbage without a 0xFF): Pillow accepts those images, with
+or without the reduction. Images that are converted or resized are decoded in full (their pixels are stored).
 
 Kept apart from `components.ingest.step` so that worker processes import only the standard library, numpy and Pillow
 (not kfp), which keeps their start-up cheap.
@@ -41,6 +50,7 @@ BAD_REASONS = frozenset({CORRUPT, TOO_LARGE, UNREADABLE})
 
 _DIE_WITH_PARENT_ARMED = False
 _AT_FORK_REGISTERED = False
+_FORK_PARENT: int | None = None  # set in a parent just before each fork (once registered): the child's real parent
 
 
 def _set_pdeathsig() -> None:
@@ -52,9 +62,16 @@ def _set_pdeathsig() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
 
 
+def _before_fork_in_parent() -> None:
+    global _FORK_PARENT
+    _FORK_PARENT = os.getpid()
+
+
 def _after_fork_in_child() -> None:
     if _DIE_WITH_PARENT_ARMED:
         _set_pdeathsig()
+        if os.getppid() != _FORK_PARENT:  # the parent died before the line above: no signal will come
+            os._exit(1)
 
 
 @contextlib.contextmanager
@@ -69,7 +86,7 @@ def children_die_with_parent() -> Iterator[None]:
         yield
         return
     if not _AT_FORK_REGISTERED:
-        os.register_at_fork(after_in_child=_after_fork_in_child)
+        os.register_at_fork(before=_before_fork_in_parent, after_in_child=_after_fork_in_child)
         _AT_FORK_REGISTERED = True
     _DIE_WITH_PARENT_ARMED = True
     try:
@@ -93,7 +110,10 @@ def die_with_parent() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if not sys.platform.startswith("linux"):
         return
-    parent = os.getppid()
+    # The process that forked this one, as recorded before the fork: os.getppid() here would already name the new
+    # parent (PID 1 or a subreaper) if the ingest was killed while this worker was starting, and the watchdog below
+    # would then wait for that one (a killed-ingest test saw such a worker outlive its parent by 20 s).
+    parent = _FORK_PARENT if _FORK_PARENT is not None else os.getppid()
     _set_pdeathsig()
     if os.getppid() != parent:
         os._exit(1)
@@ -193,13 +213,18 @@ def _to_rgb(im):  # noqa: ANN001, ANN202  (PIL.Image.Image in, PIL.Image.Image o
     return im.convert("RGB")
 
 
-Inspect = Callable[[bytes, Any], Any]
+# inspect(data, image, (width, height)): a hook called on the loaded source image (see decode_bytes). It may carry
+# `draft_side` (pixels), the smallest side it needs: then kept JPEG bytes are decoded at the largest libjpeg DCT scale
+# (1/2, 1/4, 1/8) that leaves both sides at least that long, and `image` is that reduced image.
+Inspect = Callable[[bytes, Any, tuple[int, int]], Any]
 
 
 def decode_image(path: str, max_side: int | None = None, inspect: Inspect | None = None) -> ImageResult:
-    """Fully decode `path`; return its bytes unchanged when they are RGB/grey JPEG or PNG within `max_side`,
-    otherwise RGB JPEG/PNG bytes re-encoded from the decoded pixels. `inspect(data, image)`, when given, is called
-    on the loaded source image (before any conversion) and its result is the ImageResult's `stats`."""
+    """Decode `path` (the decode check); return its bytes unchanged when they are RGB/grey JPEG or PNG within
+    `max_side`, otherwise RGB JPEG/PNG bytes re-encoded from the fully decoded pixels. `inspect(data, image, size)`,
+    when given, is called on the loaded source image (before any conversion; reduced by DCT scaling to about
+    `inspect.draft_side` when kept JPEG bytes, see Inspect) with the source's (width, height), and its result is
+    the ImageResult's `stats`."""
     try:
         data = safefiles.read_bytes(path)
     except safefiles.UnsafeFile as exc:
@@ -227,11 +252,15 @@ def decode_bytes(data: bytes, max_side: int | None = None, inspect: Inspect | No
                         False, reason=TOO_LARGE, width=width, height=height,
                         detail=f"{width}x{height} pixels is over the {MAX_PIXELS:,}-pixel limit (decompression bomb?)",
                     )
-                im.load()  # the full decode: truncated and corrupt files fail here
                 fmt = im.format
-                stats = inspect(data, im) if inspect is not None else None
                 too_big = bool(max_side) and max(width, height) > max_side
-                if fmt in KEEP_FORMATS and im.mode in KEEP_MODES and not too_big:
+                keep = fmt in KEEP_FORMATS and im.mode in KEEP_MODES and not too_big
+                if keep and fmt == "JPEG":  # no pixels needed at full size: a reduced decode (see module docstring)
+                    side = getattr(inspect, "draft_side", 1)
+                    im.draft(im.mode, (side, side))
+                im.load()  # the decode: truncated and corrupt files fail here
+                stats = inspect(data, im, (width, height)) if inspect is not None else None
+                if keep:
                     return ImageResult(True, data=data, format=fmt, width=width, height=height, stats=stats)
                 rgb = _to_rgb(im)
     except Image.DecompressionBombError as exc:

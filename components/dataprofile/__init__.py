@@ -4,9 +4,10 @@ champion's data. A pure library (standard library, numpy, Pillow; nothing else f
 
 Where each piece is meant to be called:
 
-- **ingest, where an image is already decoded** (`imagecheck.decode_bytes` after `im.load()`, on both runners):
-  `stats = image_stats(data, im)` -> ImageStats (size, file size, format, mode, brightness, contrast, grey, the two
-  perceptual hashes). Small and picklable: return it from the worker beside the decode result.
+- **ingest, where an image is already decoded** (`imagecheck.decode_bytes` after `im.load()`, on both runners; a
+  kept JPEG at a reduced DCT scale, `stats.draft`): `stats = image_stats(data, im, size=source_size)` ->
+  ImageStats (size, file size, format, mode, brightness, contrast, grey, the two perceptual hashes). Small and
+  picklable: return it from the worker beside the decode result.
 - **ingest, once all kept images are known** (local: after pass 1, in hash order; Beam: a CombineGlobally(ToList) of
   `HashRecord.from_stats(sha256, split, label, stats, name=ref, digest=sha256)`):
   `leak = check_leakage(records, policy)` -> LeakageResult: the cross-split pairs (both file names, distance), the

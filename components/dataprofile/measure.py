@@ -3,11 +3,13 @@
 
     python -m kfp_finetune.components.dataprofile.measure /work/shared/data/flowers [--json out.json] [--per-class N]
 
-Edits, each applied to the decoded photo and decoded again from its new bytes: `jpeg50` (re-encoded as JPEG quality
-95, then that re-encoded at 50), `half` and `double` (Lanczos resize to 0.5x and 2x, saved as JPEG quality 90),
-`crop3` / `crop5` / `crop7` (3, 5, 7 % cut off each side, JPEG 90), `shift5` (5 % off the left and top only),
-`mixed` (crop5, then half, then JPEG 50) and `crop10` (10 % off each side: beyond what the threshold promises, shown
-for the record). False positives: all pairs of different files within each class folder.
+Every image is hashed as ingest hashes it (`ingest_decode`: a JPEG at a reduced DCT scale, the rest in full; the
+same hashes as `image_stats(data).hashes`). Edits, each applied to the full-size decoded photo, then hashed from
+their new bytes: `jpeg50` (re-encoded as JPEG quality 95, then that re-encoded at 50), `half` and `double` (Lanczos
+resize to 0.5x and 2x, saved as JPEG quality 90), `crop3` / `crop5` / `crop7` (3, 5, 7 % cut off each side, JPEG
+90), `shift5` (5 % off the left and top only), `mixed` (crop5, then half, then JPEG 50) and `crop10` (10 % off each
+side: beyond what the threshold promises, shown for the record). False positives: all pairs of different files
+within each class folder.
 
 Hashes compared: `phash2` (what the data checks use: the full-frame and the centre pHash of an image, distance =
 the smallest of the four Hamming distances), `phash` (the full-frame pHash alone) and `dhash` (a 64-bit difference
@@ -27,28 +29,48 @@ from typing import Any
 import numpy as np
 
 from kfp_finetune.components.dataprofile.hashing import THRESHOLD, distance, image_hashes, phash, thumbnail, to_rgb
+from kfp_finetune.components.dataprofile.stats import draft
 
 EDITS = ("jpeg50", "half", "double", "crop3", "crop5", "crop7", "shift5", "mixed", "crop10")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def _jpeg(image: Any, quality: int) -> Any:
-    from PIL import Image
-
+def _jpeg(image: Any, quality: int) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "JPEG", quality=quality)
-    out = Image.open(io.BytesIO(buf.getvalue()))
+    return buf.getvalue()
+
+
+def _full_decode(data: bytes) -> Any:
+    from PIL import Image
+
+    out = Image.open(io.BytesIO(data))
+    out.load()
+    return out
+
+
+def ingest_decode(data: bytes) -> Any:
+    """The image ingest hashes: kept JPEG bytes decoded at a reduced DCT scale (`stats.draft`), others in full."""
+    from PIL import Image
+
+    out = Image.open(io.BytesIO(data))
+    draft(out)
     out.load()
     return out
 
 
 def edit(image: Any, kind: str) -> Any:
-    """One edited copy of an RGB PIL image, decoded again from its encoded bytes (as ingest would see it)."""
+    """One edited copy of an RGB PIL image, decoded again (in full) from its encoded bytes."""
+    return _full_decode(edit_bytes(image, kind))
+
+
+def edit_bytes(image: Any, kind: str) -> bytes:
+    """The encoded bytes of one edited copy of an RGB PIL image (what ingest would read)."""
     from PIL import Image
 
     w, h = image.size
     if kind == "jpeg50":
-        return _jpeg(_jpeg(image, 95), 50)
+        return _jpeg(_full_decode(_jpeg(image, 95)), 50)
     if kind == "half":
         return _jpeg(image.resize((max(1, w // 2), max(1, h // 2)), Image.Resampling.LANCZOS), 90)
     if kind == "double":
@@ -93,8 +115,6 @@ def _pairwise(hashes: list[tuple[int, ...]]) -> np.ndarray:
 
 
 def measure(root: Path, per_class: int | None = None, thresholds: range = range(0, 17)) -> dict[str, Any]:
-    from PIL import Image
-
     classes = sorted(p for p in root.iterdir() if p.is_dir())
     hashers = {"phash2": image_hashes, "phash": lambda im: (phash(im),), "dhash": dhash}
     edit_dist: dict[str, dict[str, list[int]]] = {h: {e: [] for e in EDITS} for h in hashers}
@@ -106,18 +126,18 @@ def measure(root: Path, per_class: int | None = None, thresholds: range = range(
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:per_class]
         per_hash: dict[str, list[int]] = {h: [] for h in hashers}
         for path in files:
+            data = path.read_bytes()
             t0 = time.perf_counter()
-            with Image.open(path) as im:
-                im.load()
-                rgb = to_rgb(im)
+            seen = ingest_decode(data)  # what ingest hashes (a reduced decode of JPEG)
             t1 = time.perf_counter()
-            base = image_hashes(rgb)
+            base = image_hashes(seen)
             seconds["decode"] += t1 - t0
             seconds["hashes"] += time.perf_counter() - t1
             n += 1
-            edited = [edit(rgb, kind) for kind in EDITS]
+            rgb = to_rgb(_full_decode(data))  # the edits start from the full-size pixels
+            edited = [ingest_decode(edit_bytes(rgb, kind)) for kind in EDITS]
             for name, fn in hashers.items():
-                h0 = base if name == "phash2" else fn(rgb)
+                h0 = base if name == "phash2" else fn(seen)
                 per_hash[name].append(h0)
                 for kind, copy in zip(EDITS, edited, strict=True):
                     edit_dist[name][kind].append(distance(h0, fn(copy)))

@@ -11,6 +11,7 @@ Bins: bin i counts values v with edges[i] <= v < edges[i + 1]; the last bin is o
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -41,14 +42,7 @@ CATEGORIES = ("format", "mode", "tone")  # tone: 'grey' or 'colour'
 
 def bin_index(edges: tuple[float, ...], value: float) -> int:
     """The bin of `value`: the last i with edges[i] <= value (values below edges[0] go to bin 0)."""
-    lo, hi = 0, len(edges) - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if edges[mid] <= value:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    return max(bisect.bisect_right(edges, value) - 1, 0)
 
 
 def _values(stats: ImageStats) -> dict[str, float]:

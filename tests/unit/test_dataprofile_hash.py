@@ -12,14 +12,14 @@ import pytest
 from PIL import Image
 
 from kfp_finetune.components.dataprofile import hashing as ph
-from kfp_finetune.components.dataprofile.measure import edit
+from kfp_finetune.components.dataprofile.measure import edit, ingest_decode
 from kfp_finetune.components.dataprofile.neardup import HashRecord, brute_force_pairs, find_pairs
 from kfp_finetune.components.dataprofile.stats import image_stats
 from tests import imagegen
 
-# The measured rate (python -m kfp_finetune.components.dataprofile.measure):
-# 10 of 224,250 same-class pairs within 10 bits.
-STATED_SAME_CLASS_FP_PAIRS = 10
+# The measured rate (python -m kfp_finetune.components.dataprofile.measure), hashed as ingest hashes (JPEG at a
+# reduced DCT scale): 11 of 224,250 same-class pairs within 10 bits.
+STATED_SAME_CLASS_FP_PAIRS = 11
 STATED_SAME_CLASS_PAIRS = 224_250
 
 
@@ -49,7 +49,7 @@ def test_hash_is_pinned_and_the_same_from_an_array_or_a_pil_image():
     assert [ph.to_hex(h) for h in from_array] == PINNED
 
 
-PINNED = ["ce3130cfcd32c9d1", "cf3030cfcd36d131"]
+PINNED = ["ce3130cfcd32c9d1", "cf3030cfcb36d131"]  # HASH_NAME phash64-dctfold-full+centre5-jpegdraft
 
 
 @pytest.mark.parametrize("kind", ["jpeg50", "half", "double", "crop3", "crop5", "mixed"])
@@ -63,7 +63,7 @@ def test_edited_copies_of_flowers_are_found_across_splits(flowers_dir, kind):
         edit(original.convert("RGB"), kind).save(buf, "JPEG", quality=95)
         copy = buf.getvalue()
         for split, blob, ident in (("train", data, f"{i:03d}a"), ("test", copy, f"{i:03d}b")):
-            stats = image_stats(blob, _decode(blob))
+            stats = image_stats(blob)  # decoded as ingest decodes kept bytes
             records.append(HashRecord.from_stats(ident, split, path.parent.name, stats, name=f"{path.name}:{split}"))
     pairs = find_pairs(records, cross_split_only=True)
     found = {(p.a, p.b) for p in pairs}
@@ -79,8 +79,7 @@ def test_different_photos_of_the_same_class_are_rarely_near(flowers_dir):
     for folder in sorted(d for d in flowers_dir.iterdir() if d.is_dir()):
         hashes = []
         for path in sorted(folder.glob("*.jpg")):
-            with Image.open(path) as im:
-                hashes.append(ph.image_hashes(im))
+            hashes.append(ph.image_hashes(ingest_decode(path.read_bytes())))
         arr = np.array(hashes, dtype=np.uint64)
         d = np.min([np.bitwise_count(arr[:, None, x] ^ arr[None, :, y]) for x in range(2) for y in range(2)], axis=0)
         iu = np.triu_indices(len(hashes), k=1)

@@ -87,7 +87,16 @@ def test_stats_from_an_array_equal_those_from_the_pil_image_and_ignore_resolutio
         arr = np.asarray(im.convert("RGB"))
     from_array = image_stats(data, arr, format="JPEG")
     assert from_array == from_pil
-    assert image_stats(data) == from_pil  # decoded here when no image is given
+    # Decoded here when no image is given, as ingest decodes kept JPEG bytes: at a reduced DCT scale (80-159 px a
+    # side), with the source's size; brightness and contrast within a fraction of a level of the full decode's.
+    decoded = image_stats(data)
+    with Image.open(io.BytesIO(data)) as im:
+        im.draft("RGB", (80, 80))
+        im.load()
+        assert 80 <= min(im.size) < 160
+        assert decoded == image_stats(data, im, size=(from_pil.width, from_pil.height))
+    assert (decoded.width, decoded.height, decoded.format, decoded.mode) == (arr.shape[1], arr.shape[0], "JPEG", "RGB")
+    assert abs(decoded.brightness - from_pil.brightness) < 1 and abs(decoded.contrast - from_pil.contrast) < 1
     small = Image.fromarray(arr).resize((arr.shape[1] // 2, arr.shape[0] // 2), Image.Resampling.BOX)
     half = image_stats(data, small)
     assert (half.width, half.height) == (arr.shape[1] // 2, arr.shape[0] // 2)
@@ -107,3 +116,26 @@ def test_bins_are_fixed_and_half_open():
     stale["edges"]["width"] = [0, 100]
     with pytest.raises(ValueError, match="edges"):
         Profile.from_json(stale)
+
+
+def test_grey_shortcut_gives_the_pixelwise_answer():
+    """`_is_grey` rejects most colour thumbnails from the channel means alone: it must agree with the pixelwise
+    rule (every pixel's max - min channel <= GREY_SPREAD) on tints near the limit and on one colour pixel."""
+    from kfp_finetune.components.dataprofile.hashing import THUMB_SIDE
+    from kfp_finetune.components.dataprofile.stats import GREY_SPREAD, _is_grey
+
+    rng = np.random.default_rng(11)
+    cases = []
+    for tint in range(GREY_SPREAD - 2, GREY_SPREAD + 12):
+        base = rng.integers(0, 256 - tint, size=(THUMB_SIDE, THUMB_SIDE, 1))
+        cases.append(np.concatenate([base + tint, base, base + rng.integers(0, tint + 1, size=base.shape)], axis=2))
+        noisy = base + rng.integers(0, tint + 1, size=(THUMB_SIDE, THUMB_SIDE, 3))
+        cases.append(noisy)
+        one = np.repeat(base, 3, axis=2)
+        one[5, 7] = (255, 0, 0)
+        cases.append(one)
+    cases.append(rng.integers(0, 256, size=(THUMB_SIDE, THUMB_SIDE, 3)))
+    for arr in cases:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+        expected = int((arr.max(axis=2).astype(int) - arr.min(axis=2)).max()) <= GREY_SPREAD
+        assert _is_grey(Image.fromarray(arr, "RGB")) == expected

@@ -216,7 +216,10 @@ def test_splits_are_stable_when_the_folder_grows_and_follow_the_fractions(tmp_pa
 
 
 def _split_by_bytes_after(out: Path, root: Path, **kw) -> dict[bytes, str]:
-    run(root, out, **kw)
+    # The content-hash split is what must be stable: a leakage move depends on the whole set (these 16 px patterns
+    # are hundreds of look-alike pairs, so a group that moves in one run can join a group too large to move in the
+    # next), so the leakage policy only reports here.
+    run(root, out, leakage="report", **kw)
     return _split_by_bytes(out)
 
 
