@@ -80,12 +80,18 @@ def consistent(dest: Path) -> list[registry.Version]:
     return versions
 
 
-def test_sigterm_during_the_serving_check_leaves_nothing_and_ends_the_check(chain, tmp_path):
+def _export_in_its_serving_check(chain, tmp_path):
+    """An export CLI process stopped in its serving check: (dest, out, systmp, evaluation, process, check's pid)."""
     dest, out, systmp = tmp_path / "models", tmp_path / "export", tmp_path / "systmp"
     systmp.mkdir()
     evaluation = evaluation_for(chain, dest, tmp_path)
     proc = export_cli(chain, evaluation, out, dest, systmp)
     child = wait_for("the serving check", lambda: serving_check_child(proc.pid), proc)
+    return dest, out, systmp, evaluation, proc, child
+
+
+def test_sigterm_during_the_serving_check_leaves_nothing_and_ends_the_check(chain, tmp_path):
+    dest, out, systmp, evaluation, proc, child = _export_in_its_serving_check(chain, tmp_path)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == faults.EXIT_TERMINATED, err[-2000:]
@@ -98,11 +104,7 @@ def test_sigterm_during_the_serving_check_leaves_nothing_and_ends_the_check(chai
 
 
 def test_sigkill_during_the_serving_check_then_a_rerun_succeeds(chain, tmp_path):
-    dest, out, systmp = tmp_path / "models", tmp_path / "export", tmp_path / "systmp"
-    systmp.mkdir()
-    evaluation = evaluation_for(chain, dest, tmp_path)
-    proc = export_cli(chain, evaluation, out, dest, systmp)
-    child = wait_for("the serving check", lambda: serving_check_child(proc.pid), proc)
+    dest, out, systmp, evaluation, proc, child = _export_in_its_serving_check(chain, tmp_path)
     proc.kill()
     proc.communicate(timeout=60)
     time.sleep(1.0)
