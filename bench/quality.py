@@ -109,6 +109,11 @@ EXPLORE: dict[str, Recipe] = {r.name: r for r in (
     # The head phase's length: the V2 head starts fine-tuning from 0.82-0.90 validation after 5 epochs.
     *(replace(RECIPES[DEFAULT_RECIPE], name=f"x_head_{n}", head={"epochs": n},
               description=f"the default with {n} head epochs (instead of 5)") for n in (2, 10)),
+    # Partial unfreezing with the family's rate and BatchNorm policy: half of MobileNetV2's 153 backbone layers
+    # (from block 9 up) train, the lower half keeps its ImageNet weights; less to overfit on 1,000 photos, and
+    # cheaper (no gradients below the cut).
+    replace(RECIPES[DEFAULT_RECIPE], name="x_top_half_frozen", fine_tune={"unfreeze_top": 77},
+            description="the default, but only the top 77 of 153 backbone layers unfrozen"),
     replace(RECIPES[DEFAULT_RECIPE], name="x_160", image_size=160,
             description="the default at 160 px (instead of the run's size)"),
 )}
