@@ -215,9 +215,10 @@ def train_head_cached(recipe: Recipe, seed: int, dataset: Path, backbone_dir: Pa
     return out, json.loads(done.read_text())
 
 
-def flip_averaged_accuracy(model_dir: Path, dataset: Path, split: str) -> float:
-    """Accuracy with test-time flip averaging: the mean of the probabilities for each image and its mirror image
-    (measured on every run at no training cost, so that every run pairs with itself without the flip)."""
+def flip_averaged_accuracy(model_dir: Path, dataset: Path, splits: tuple[str, ...]) -> dict[str, float]:
+    """Accuracy per split with test-time flip averaging: the mean of the probabilities for each image and its mirror
+    image (measured on every run at no training cost, so that every run pairs with itself without the flip). The
+    model is loaded once for all the splits."""
     import numpy as np
     import tensorflow as tf
 
@@ -227,16 +228,20 @@ def flip_averaged_accuracy(model_dir: Path, dataset: Path, split: str) -> float:
 
     model, _ = load_model(str(model_dir))
     info = ds.load_info(dataset)
+    size = input_size(model, "model")
 
     @tf.function(reduce_retracing=True)
     def forward(x: "tf.Tensor") -> "tf.Tensor":
         return (model(x, training=False) + model(tf.image.flip_left_right(x), training=False)) / 2
 
-    hits = total = 0
-    for x, y in split_dataset(info, split, input_size(model, "model")):
-        hits += int(np.sum(np.argmax(forward(x).numpy(), axis=1) == y.numpy()))
-        total += int(y.shape[0])
-    return hits / total
+    scores = {}
+    for split in splits:
+        hits = total = 0
+        for x, y in split_dataset(info, split, size):
+            hits += int(np.sum(np.argmax(forward(x).numpy(), axis=1) == y.numpy()))
+            total += int(y.shape[0])
+        scores[split] = hits / total
+    return scores
 
 
 def run_one(recipe: Recipe, seed: int, size: int, dataset: Path, work: Path, split_seed: int,
@@ -268,7 +273,7 @@ def run_one(recipe: Recipe, seed: int, size: int, dataset: Path, work: Path, spl
                                          split=split))
         scores[split] = result.metrics
     evaluate_s = time.perf_counter() - evaluating
-    flip = {split: flip_averaged_accuracy(model_dir, dataset, split) for split in ("validation", "test")}
+    flip = flip_averaged_accuracy(model_dir, dataset, ("validation", "test"))
     shutil.rmtree(run_dir, ignore_errors=True)  # models are ~3 MB each, but 30 of them add up
     return {
         "recipe": recipe.name, "split_seed": split_seed, "seed": seed, "key": recipe_key(recipe, size, backbone, alpha),
