@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,16 @@ def check_output_dir(target: str | os.PathLike, what: str = "--output") -> Path:
     return path
 
 
+def fresh_name(parent: Path, prefix: str) -> Path:
+    """`parent/prefix<10 random hex digits>`, a name nothing uses yet; not created. For a temporary folder that a
+    cleanup must find even when a signal arrives right after its mkdir: assign the name, then mkdir, inside the
+    `try` whose handler removes it (tempfile.mkdtemp returns the name only after its mkdir)."""
+    while True:
+        candidate = parent / f"{prefix}{secrets.token_hex(5)}"
+        if not os.path.lexists(candidate):
+            return candidate
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, what: str = "--output") -> Iterator[Path]:
     """Yield a temporary directory beside `target`; on success move it into place, on failure delete it.
@@ -34,8 +44,14 @@ def atomic_directory(target: str | os.PathLike, what: str = "--output") -> Itera
     """
     path = check_output_dir(target, what)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp: Path | None = None
     try:
+        # The name is chosen before the folder exists and the folder is made inside this `try`: a SIGTERM raised
+        # (faults.stops_cleanly) just after the mkdir still finds the name here and removes the folder. With
+        # tempfile.mkdtemp before the `try`, a SIGTERM between its mkdir and its return left the folder behind
+        # (seen on a loaded machine: a watcher that signals as soon as the folder appears hits that window).
+        tmp = fresh_name(path.parent, f".{path.name}.tmp-")
+        tmp.mkdir(mode=0o700)
         yield tmp
         if path.exists():
             path.rmdir()
@@ -45,7 +61,8 @@ def atomic_directory(target: str | os.PathLike, what: str = "--output") -> Itera
             shutil.copytree(tmp, path)
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

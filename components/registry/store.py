@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kfp_finetune.components.core import faults, gcs
+from kfp_finetune.components.core import faults, fsutil, gcs
 from kfp_finetune.components.core.errors import UserError
 
 log = logging.getLogger("kfp_finetune.registry")
@@ -364,7 +363,8 @@ def place_local(local_dir: Path, record: Path, target: Path) -> None:
     disk included: one line naming the space needed) deletes the copy and gives the claim back."""
     staging: Path | None = None
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        staging = fsutil.fresh_name(target.parent, f".{target.name}.tmp-")  # named first: see fresh_name
+        staging.mkdir(mode=0o700)
         shutil.copytree(local_dir, staging, dirs_exist_ok=True)
         shutil.copy2(record, staging / VERSION_FILE)
         os.replace(staging, target)  # replaces the empty folder that is our claim
