@@ -107,9 +107,14 @@ def _train_head(config: HeadConfig, info: "DatasetInfo", n_train: int, cluster: 
         if mixed:
             extractor = to_mixed_precision(extractor)
         model = build_classifier(extractor, info.num_classes, config.dropout, config.augment, config.seed)
-        _compile(model, keras.optimizers.Adam(config.learning_rate), label_smoothing=config.label_smoothing)
 
     use_cache = config.use_feature_cache and cluster.num_workers == 1 and config.epochs > 0
+    if not use_cache and config.epochs > 0:
+        # Only a model that trains itself is compiled: with the feature cache the head trains as `head_only` (the
+        # same layers), and saving an uncompiled model needs no compile-free copy (modelio.uncompiled: from_config
+        # + set_weights, measured 0.45 s of a 4.3 s train_head on flowers).
+        with cluster.strategy.scope():
+            _compile(model, keras.optimizers.Adam(config.learning_rate), label_smoothing=config.label_smoothing)
     if config.use_feature_cache and cluster.num_workers > 1:
         log.info("feature cache off: not supported with several workers; the backbone runs every epoch")
     class_weight = class_weights_from_counts(info) if config.class_weights == "auto" else None
