@@ -64,15 +64,11 @@ def check(path: str | os.PathLike, root: str | None = None, max_bytes: int = MAX
         st = os.stat(real)
     except OSError as exc:
         return FileCheck(real, MISSING, f"{type(exc).__name__}: {exc.strerror or exc}")
-    return _check_stat(real, st, max_bytes)
+    return check_stat(real, st, max_bytes)
 
 
 def check_stat(real: str, st: os.stat_result, max_bytes: int = MAX_FILE_BYTES) -> FileCheck:
-    """`check`'s verdict from a stat already taken of the file at the real path `real` (not a symlink)."""
-    return _check_stat(real, st, max_bytes)
-
-
-def _check_stat(real: str, st: os.stat_result, max_bytes: int) -> FileCheck:
+    """`check`'s verdict from a stat already taken of the file at the real path `real` (symlinks followed)."""
     if not stat.S_ISREG(st.st_mode):
         return FileCheck(real, NOT_REGULAR, f"{file_kind(st.st_mode)}, not a regular file")
     if st.st_size > max_bytes:
@@ -100,7 +96,7 @@ def read_bytes(path: str | os.PathLike, root: str | None = None, max_bytes: int 
     or a failed open, goes through `check` for the same verdict and detail as before."""
     if root is None:
         try:
-            fast = _check_stat(os.fspath(path), os.stat(path), max_bytes).ok
+            fast = check_stat(os.fspath(path), os.stat(path), max_bytes).ok
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)) if fast else -1
         except OSError:
             fd = -1  # the slow path below gives the verdict
@@ -121,7 +117,7 @@ def read_bytes(path: str | os.PathLike, root: str | None = None, max_bytes: int 
 
 def _read_checked(fd: int, real: str, max_bytes: int) -> bytes:
     st = os.fstat(fd)
-    opened = _check_stat(real, st, max_bytes)
+    opened = check_stat(real, st, max_bytes)
     if not opened.ok:
         raise UnsafeFile(opened.reason or "", opened.detail)
     # The first read asks for the size fstat gave plus one byte: a regular file returns less only at its end, so
