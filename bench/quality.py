@@ -116,6 +116,10 @@ EXPLORE: dict[str, Recipe] = {r.name: r for r in (
             description="the default, but only the top 77 of 153 backbone layers unfrozen"),
     replace(RECIPES[DEFAULT_RECIPE], name="x_160", image_size=160,
             description="the default at 160 px (instead of the run's size)"),
+    # Past the weights' own 224 px: the 224 file serves any size of a fully convolutional net, and 160 -> 224 gained
+    # +0.034 validation on MobileNetV2 α=0.5; 288 px costs about (288/224)^2 = 1.65x the compute.
+    replace(RECIPES[DEFAULT_RECIPE], name="x_288", image_size=288,
+            description="the default at 288 px (instead of the run's size)"),
 )}
 ALL = {**RECIPES, **EXPLORE}
 
