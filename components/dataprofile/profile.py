@@ -51,6 +51,14 @@ def _values(stats: ImageStats) -> dict[str, float]:
             "contrast": stats.contrast}
 
 
+def _bump(counts: dict[str, int], key: str, n: int) -> None:
+    value = counts.get(key, 0) + n
+    if value:
+        counts[key] = value
+    else:
+        del counts[key]
+
+
 def _add_counts(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
     out = dict(a)
     for k, v in b.items():
@@ -70,17 +78,19 @@ class SplitProfile:
     contrast_milli_sum: int = 0
     exact_duplicates: int = 0  # files skipped as byte-identical copies of an image kept in this split
 
-    def add(self, label: str, stats: ImageStats, duplicates: int = 0) -> None:
-        self.count += 1
-        self.classes[label] = self.classes.get(label, 0) + 1
+    def add(self, label: str, stats: ImageStats, duplicates: int = 0, times: int = 1) -> None:
+        """Count one image (`times` -1: take back one counted before; keys left at zero go, so taking an image back
+        gives exactly the profile that never counted it)."""
+        self.count += times
+        _bump(self.classes, label, times)
         for name, value in _values(stats).items():
-            self.histograms[name][bin_index(EDGES[name], value)] += 1
+            self.histograms[name][bin_index(EDGES[name], value)] += times
         for name, key in (("format", stats.format or "unknown"), ("mode", stats.mode or "unknown"),
                           ("tone", "grey" if stats.grey else "colour")):
-            self.categories[name][key] = self.categories[name].get(key, 0) + 1
-        self.brightness_milli_sum += stats.brightness_milli
-        self.contrast_milli_sum += stats.contrast_milli
-        self.exact_duplicates += duplicates
+            _bump(self.categories[name], key, times)
+        self.brightness_milli_sum += times * stats.brightness_milli
+        self.contrast_milli_sum += times * stats.contrast_milli
+        self.exact_duplicates += times * duplicates
 
     def merged(self, other: SplitProfile) -> SplitProfile:
         return SplitProfile(
@@ -213,6 +223,14 @@ class ProfileBuilder:
         its copies (ingest's `duplicate` reason)."""
         self.splits.setdefault(split, SplitProfile()).add(label, stats, duplicates)
         return self
+
+    def move(self, old_split: str, new_split: str, label: str, stats: ImageStats, duplicates: int = 0) -> None:
+        """Count an image added to `old_split` under `new_split` instead (the leakage policy moved it): the result
+        is the profile that added it to `new_split` in the first place."""
+        self.splits[old_split].add(label, stats, duplicates, times=-1)
+        if not self.splits[old_split].count:
+            del self.splits[old_split]
+        self.add(new_split, label, stats, duplicates)
 
     def merge(self, other: ProfileBuilder) -> ProfileBuilder:
         """A new builder holding both (neither input changes)."""

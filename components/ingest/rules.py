@@ -4,7 +4,8 @@ skipped and why, the final checks, and the ingest report. The local runner (step
 
 The data checks (docs/data-checks.md) are rules too: each kept image's `ImageStats` (computed where it is decoded),
 the leakage decision over all kept images (`leakage`, before any image is written to a split), the final split of
-each image (`final_split`) and the profile (`profile`, written as data_profile.json beside the report).
+each image (`final_split`) and the profile's meta (`profile_meta`; the profile itself, data_profile.json beside the
+report, is a `dataprofile.ProfileBuilder` of the kept images under their final splits).
 
 `job` below is anything with the ingest settings as attributes (`IngestConfig`, or the Beam runner's `Job`):
 source, fingerprint, seed, val_fraction, test_fraction, fractions, max_side, num_shards, max_corrupt_fraction,
@@ -27,8 +28,6 @@ from kfp_finetune.components.dataprofile import (
     HashRecord,
     ImageStats,
     LeakageResult,
-    Profile,
-    ProfileBuilder,
     check_leakage,
 )
 
@@ -98,18 +97,9 @@ def final_split(sha256: str, split: str, leak: LeakageResult) -> str:
     return leak.moves.get(sha256, split)
 
 
-def profile(items: Iterable[tuple[str, str, ImageStats, int]], job: Any, leak: LeakageResult) -> Profile:
-    """data_profile.json of the kept images, (final split, label, stats, byte-identical copies skipped) each.
-
-    Its meta holds nothing that differs between runners or runs of the same data (no paths of temporary folders, no
-    times), so both runners write the same bytes."""
-    builder = ProfileBuilder()
-    for split, label, stats, duplicates in items:
-        builder.add(split, label, stats, duplicates)
-    return builder.result(profile_meta(job, leak))
-
-
 def profile_meta(job: Any, leak: LeakageResult) -> dict[str, Any]:
+    """data_profile.json's meta: nothing that differs between runners or runs of the same data (no paths of temporary
+    folders, no times), so both runners write the same bytes."""
     return {"source": job.source, "data_fingerprint": job.fingerprint or None, "seed": job.seed,
             "fractions": job.fractions, "max_side": job.max_side, "leakage": leak.summary(),
             "kfp_finetune_version": __version__}

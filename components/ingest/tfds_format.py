@@ -15,7 +15,6 @@ import json
 import os
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -95,53 +94,27 @@ def shard_name(split: str, index: int, total: int, name: str = DATASET_NAME) -> 
     return f"{name}-{split}.tfrecord-{index:05d}-of-{total:05d}"
 
 
-@dataclass
-class SplitWriter:
-    """Streams one split's examples round-robin into `num_shards` shard files under `directory`.
+def partial_shard(directory: str | os.PathLike, split: str, index: int) -> Path:
+    """Where shard `index` of `split` is written before `finish_split` gives it its TFDS name."""
+    return Path(directory) / f".{split}-{index:05d}.partial"
 
-    Shards are written under temporary names and renamed on `close()` to TFDS's `-NNNNN-of-MMMMM` names, dropping
-    shards that stayed empty (a split smaller than its shard count). A split with no example gets one empty shard,
-    which TFDS reads as an empty split.
-    """
 
-    directory: Path
-    split: str
-    num_shards: int
-    shard_lengths: list[int] = field(init=False)
-    num_bytes: int = field(init=False, default=0)
-    _files: list[BinaryIO] = field(init=False, repr=False)
-    _next: int = field(init=False, default=0)
-
-    def __post_init__(self) -> None:
-        self.shard_lengths = [0] * self.num_shards
-        self._files = [open(self._tmp(i), "wb") for i in range(self.num_shards)]  # noqa: SIM115
-
-    def _tmp(self, index: int) -> Path:
-        return self.directory / f".{self.split}-{index:05d}.partial"
-
-    def write(self, example: bytes) -> None:
-        index = self._next
-        write_record(self._files[index], example)
-        self.shard_lengths[index] += 1
-        self.num_bytes += len(example)
-        self._next = (index + 1) % self.num_shards
-
-    def close(self) -> list[int]:
-        """Finish the shards; returns the final shard lengths."""
-        for f in self._files:
-            f.close()
-        kept = [i for i, n in enumerate(self.shard_lengths) if n] or [0]
-        for i in range(self.num_shards):
-            if i not in kept:
-                self._tmp(i).unlink()
-        for new_index, old_index in enumerate(kept):
-            os.replace(self._tmp(old_index), self.directory / shard_name(self.split, new_index, len(kept)))
-        self.shard_lengths = [self.shard_lengths[i] for i in kept]
-        return self.shard_lengths
-
-    def abort(self) -> None:
-        for f in self._files:
-            f.close()
+def finish_split(directory: str | os.PathLike, split: str, shard_lengths: Sequence[int]) -> list[int]:
+    """Rename a split's written shards (`partial_shard`, record r of the split in shard r % len(shard_lengths)) to
+    TFDS's `-NNNNN-of-MMMMM` names, dropping shards that stayed empty (a split smaller than its shard count; they may
+    or may not exist as files). A split with no example gets one empty shard, which TFDS reads as an empty split.
+    Returns the final shard lengths."""
+    kept = [i for i, n in enumerate(shard_lengths) if n]
+    for i in range(len(shard_lengths)):
+        if i not in kept:
+            partial_shard(directory, split, i).unlink(missing_ok=True)
+    if not kept:
+        (Path(directory) / shard_name(split, 0, 1)).touch()
+        return [0]
+    for new_index, old_index in enumerate(kept):
+        os.replace(partial_shard(directory, split, old_index),
+                   Path(directory) / shard_name(split, new_index, len(kept)))
+    return [shard_lengths[i] for i in kept]
 
 
 # --- metadata -----------------------------------------------------------------------------------------------------

@@ -68,6 +68,32 @@ def test_profile_is_the_same_whatever_the_order_and_the_merges(items):
     assert pickle.loads(pickle.dumps(ProfileBuilder().add("train", "a", items[0][2]))).result().count == 1
 
 
+def test_moving_counted_images_gives_the_profile_built_with_their_new_splits(items):
+    """The local ingest counts every image under its content-hash split while the leakage decision runs, then moves
+    the few it moved: the bytes must be those of a profile built with the final splits (the Beam runner's)."""
+    rng = random.Random(5)
+    moves = {i: rng.choice(("train", "validation", "test")) for i in rng.sample(range(len(items)), 12)}
+    # Every image of class 'generated' moves from train to validation: its train key must vanish, not stay at 0.
+    moves.update({i: "validation" for i, (_, label, _) in enumerate(items) if label == "generated"})
+    # And a split left with nothing must vanish too: one image alone in split 'extra', moved to train.
+    items = [*items, ("extra", "lonely", items[0][2])]
+    moves[len(items) - 1] = "train"
+    final = [(moves.get(i, split), label, stats) for i, (split, label, stats) in enumerate(items)]
+    expected = ProfileBuilder()
+    for i, (split, label, stats) in enumerate(final):
+        expected.add(split, label, stats, duplicates=i % 2)
+    moved = ProfileBuilder()
+    for i, (split, label, stats) in enumerate(items):
+        moved.add(split, label, stats, duplicates=i % 2)
+    for i, target in moves.items():
+        split, label, stats = items[i]
+        if target != split:
+            moved.move(split, target, label, stats, duplicates=i % 2)
+    assert moved.result({"m": 1}).dumps() == expected.result({"m": 1}).dumps()
+    assert "extra" not in moved.result().splits
+    assert "generated" not in moved.result().splits["train"].classes
+
+
 def test_formats_modes_and_grey_are_what_pillow_decoded(items):
     overall = _build(items, 0, 1).overall()
     modes, formats = overall.categories["mode"], overall.categories["format"]
