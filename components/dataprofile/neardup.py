@@ -116,8 +116,11 @@ def _near_index_pairs(hashes: np.ndarray, threshold: int) -> set[tuple[int, int]
         occupied = counts > 0
         starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
         for e0 in range(0, values.size, step):
-            probe = (values[e0 : e0 + step, None] ^ masks[None, :]).ravel()
-            queries = np.flatnonzero(occupied[probe])
+            chunk = values[e0 : e0 + step, None]
+            probe = (chunk ^ masks[None, :]).ravel()
+            # Each pair of buckets once: a hash looks up only buckets above its own (and its own), so a pair that
+            # meets across two buckets is expanded from its lower bucket alone (about half the candidates).
+            queries = np.flatnonzero(occupied[probe] & (probe >= np.repeat(chunk.ravel(), masks.size)))
             if not queries.size:
                 continue
             query_entry = e0 + queries // masks.size
@@ -139,9 +142,10 @@ def _near_index_pairs(hashes: np.ndarray, threshold: int) -> set[tuple[int, int]
                 # Only the hash pair that met in this band is compared: a pair within the threshold has a closest
                 # hash pair, and that pair meets in some band (the bound above), so it is found there. The reported
                 # distance (the closest of all k*k) is computed once per found pair afterwards.
-                keep = (a < b) & (np.bitwise_count(flat[ea] ^ flat[eb]) <= threshold)
+                keep = (a != b) & (np.bitwise_count(flat[ea] ^ flat[eb]) <= threshold)
                 if keep.any():
-                    found.update(zip(a[keep].tolist(), b[keep].tolist(), strict=True))
+                    a, b = a[keep], b[keep]
+                    found.update(zip(np.minimum(a, b).tolist(), np.maximum(a, b).tolist(), strict=True))
                 lo = hi
     return found
 
