@@ -6,9 +6,7 @@
   odd mode fall back to its RGB conversion (the image is judged by the decode check alone).
 - `scan_batch`: the local runner's pass 1: each file read once, hashed, decode-checked and measured, without shipping
   the image bytes back.
-- `write_shard`: the local runner's write pass, one shard file per call in the workers: the bytes to store (re-read,
-  checked against the content hash of pass 1, re-encoded only when pass 1 converted or resized the image, exactly as
-  the Beam runner's `write_shard` does) framed straight into the shard's TFRecord file.
+(The local runner's write pass, pass 3, is shards.py's.)
 
 Imports only the standard library, numpy, Pillow and our plumbing (no kfp), so the workers start cheaply.
 """
@@ -18,10 +16,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from kfp_finetune.components.core import imagecheck, safefiles
+from kfp_finetune.components.core import imagecheck
 from kfp_finetune.components.dataprofile import ImageStats, image_stats
 from kfp_finetune.components.dataprofile.hashing import THUMB_SIDE
-from kfp_finetune.components.ingest import tfds_format
 
 
 def stats_of(data: bytes, image: Any, size: tuple[int, int]) -> ImageStats:
@@ -60,32 +57,3 @@ def scan_batch(
             seen[fh.sha256] = result
         out.append((fh, result))
     return out
-
-
-def load_one(path: str, sha256: str, reencode: bool, max_side: int | None) -> bytes:
-    """The bytes to store for one kept image: re-read, checked against its pass-1 content hash (a file changed since
-    pass 1 fails the ingest), re-encoded only when pass 1 converted or resized it, as in the Beam runner's
-    `write_shard`."""
-    data = safefiles.read_bytes(path)
-    if imagecheck.hash_bytes(data).sha256 != sha256:
-        raise RuntimeError(f"{path} changed while it was being ingested; run the ingest again")
-    if reencode:
-        result = imagecheck.decode_bytes(data, max_side)
-        if not result.ok or result.data is None:  # pragma: no cover  (decoded fine moments ago)
-            raise RuntimeError(f"{path}: decode check gave a different answer the second time")
-        data = result.data
-    return data
-
-
-def write_shard(shard: str, items: list[tuple[str, str, bool, int]], max_side: int | None) -> tuple[int, int]:
-    """The local runner's write pass for one shard file: each (path, sha256, re-encode?, label index), in the given
-    order, through `load_one` into a tf.train.Example appended to the TFRecord file `shard` (created). One image in
-    memory at a time; the bytes never travel between processes. Returns (records, example bytes)."""
-    length = num_bytes = 0
-    with open(shard, "wb") as f:
-        for path, sha256, reencode, label in items:
-            example = tfds_format.encode_example(load_one(path, sha256, reencode, max_side), label)
-            tfds_format.write_record(f, example)
-            length += 1
-            num_bytes += len(example)
-    return length, num_bytes

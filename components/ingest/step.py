@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -43,7 +43,7 @@ from kfp_finetune.components.core.fsutil import atomic_directory, check_output_d
 from kfp_finetune.components.core.params import add_arguments, by_name
 from kfp_finetune.components.core.sources import DOWNLOAD_FAILED, Entry, Listing, collect, detect
 from kfp_finetune.components.dataprofile import PROFILE_FILE, Profile, ProfileBuilder
-from kfp_finetune.components.ingest import profiling, rules, tfds_format
+from kfp_finetune.components.ingest import profiling, rules, shards, tfds_format
 from kfp_finetune.components.ingest.params import INGEST, LEAKAGE
 
 log = logging.getLogger(__name__)
@@ -344,35 +344,14 @@ def _build(config: IngestConfig, listing: Listing, out: Path | None, start: floa
         skipped = rules.sort_skipped(skipped)
         rules.final_checks(config, class_names, counts, skipped, num_candidates, listing.class_refs)
 
-        # Pass 3: each kept image, in hash order, into its final split's shards (record r of a split goes to shard
-        # r % n, as on the Beam runner). One task per shard file on the pool: a worker reads the bytes again
-        # (checked against pass 1's hash, re-encoded only if pass 1 converted them, as the Beam runner does) and
-        # writes the shard itself, so memory stays flat and no image bytes travel between processes. Biggest shards
-        # first, so the workers finish together.
+        # Pass 3 (shards.py): one pool task per shard file, the worker re-reading, checking and writing its images.
         if out is not None:
             num_shards = {split: rules.num_shards(config, split, total_bytes) for split in SPLITS}
-            plan: dict[tuple[str, int], list[tuple[str, str, bool, int]]] = {}
-            plan_bytes: dict[tuple[str, int], int] = {}
-            rank = dict.fromkeys(SPLITS, 0)
-            for k in kept:
-                split = rules.final_split(k.sha256, k.split, leak)
-                key = (split, rank[split] % num_shards[split])
-                rank[split] += 1
-                plan.setdefault(key, []).append((k.entry.local, k.sha256, k.reencode, label_index[k.label]))
-                plan_bytes[key] = plan_bytes.get(key, 0) + k.stats.file_size
-            tasks = sorted(plan, key=lambda key: (-plan_bytes[key], key))
+            plan = shards.plan(((rules.final_split(k.sha256, k.split, leak),
+                                 (k.entry.local, k.sha256, k.reencode, label_index[k.label], k.stats.file_size))
+                                for k in kept), num_shards)
             with tqdm(total=len(kept), unit="img", desc="write", mininterval=1.0, smoothing=0.1) as bar:
-                if executor is None:
-                    for key in tasks:
-                        shard_lengths[key] = profiling.write_shard(str(tfds_format.partial_shard(out, *key)),
-                                                                   plan[key], config.max_side)
-                        bar.update(len(plan[key]))
-                else:
-                    futures = {executor.submit(profiling.write_shard, str(tfds_format.partial_shard(out, *key)),
-                                               plan[key], config.max_side): key for key in tasks}
-                    for future in as_completed(futures):
-                        shard_lengths[futures[future]] = future.result()
-                        bar.update(len(plan[futures[future]]))
+                shard_lengths = shards.write_all(out, plan, config.max_side, executor, bar.update)
     finally:
         if executor is not None:
             executor.shutdown(cancel_futures=True)  # waits for running shard writes: nothing writes after this
