@@ -17,7 +17,7 @@ from kfp_finetune.components.core import compat, gcs, imagecheck, safefiles, set
 from kfp_finetune.components.core.dataset import REPORT_FILE, SPLITS
 from kfp_finetune.components.core.errors import UserError
 from kfp_finetune.components.dataprofile import PROFILE_FILE, ProfileBuilder
-from kfp_finetune.components.ingest import profiling, rules, tfds_format
+from kfp_finetune.components.ingest import profiling, rules, shards, tfds_format
 
 log = logging.getLogger(__name__)
 
@@ -230,14 +230,8 @@ def write_shard(key: tuple[str, int], items: Iterable[tuple[int, Kept]], job: Jo
     path = _tmp_shard(job, split, index)
     with FileSystems.create(path, mime_type="application/octet-stream") as f:
         for _, item in sorted(items, key=lambda ri: ri[0]):
-            data = _read(item.ref)
-            if imagecheck.hash_bytes(data).sha256 != item.sha256:
-                raise RuntimeError(f"{item.ref} changed while it was being ingested; run the ingest again")
-            if item.converted or item.resized:
-                result = imagecheck.decode_bytes(data, job.max_side)
-                if not result.ok or result.data is None:  # pragma: no cover  (decoded fine moments ago)
-                    raise RuntimeError(f"{item.ref}: decode check gave a different answer the second time")
-                data = result.data
+            data = shards.checked(_read(item.ref), item.sha256, item.converted or item.resized, job.max_side,
+                                  item.ref)
             example = tfds_format.encode_example(data, label_index[item.label])
             tfds_format.write_record(f, example)
             length += 1

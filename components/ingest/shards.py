@@ -2,9 +2,9 @@
 
 Record r of a split (in content-hash order) goes to shard r % n, as the Beam runner deals its ranks, so both write
 the same shards byte for byte. One pool task per shard file: the worker re-reads the shard's files (each checked
-against its pass-1 content hash; re-encoded only when pass 1 converted or resized it, as the Beam runner's
-`write_shard` does) and frames them straight into the shard, so memory stays flat and no image bytes travel between
-processes. The biggest shards go first, so that the workers finish together.
+against its pass-1 content hash and re-encoded only when pass 1 converted or resized it: `checked`, which the Beam
+runner's `write_shard` calls too) and frames them straight into the shard, so memory stays flat and no image bytes
+travel between processes. The biggest shards go first, so that the workers finish together.
 
 Imports only the standard library and our plumbing (no kfp, no TensorFlow), so the workers start cheaply.
 """
@@ -23,27 +23,27 @@ Item = tuple[str, str, bool, int, int]
 ShardKey = tuple[str, int]  # (split, shard index)
 
 
-def load_one(path: str, sha256: str, reencode: bool, max_side: int | None) -> bytes:
-    """The bytes to store for one kept image: re-read, checked against its pass-1 content hash (a file changed since
-    pass 1 fails the ingest), re-encoded only when pass 1 converted or resized it."""
-    data = safefiles.read_bytes(path)
+def checked(data: bytes, sha256: str, reencode: bool, max_side: int | None, name: str) -> bytes:
+    """The bytes to store for one kept image, read again by either runner: checked against its pass-1 content hash
+    (a file changed since then fails the ingest), re-encoded only when pass 1 converted or resized it."""
     if imagecheck.hash_bytes(data).sha256 != sha256:
-        raise RuntimeError(f"{path} changed while it was being ingested; run the ingest again")
+        raise RuntimeError(f"{name} changed while it was being ingested; run the ingest again")
     if reencode:
         result = imagecheck.decode_bytes(data, max_side)
         if not result.ok or result.data is None:  # pragma: no cover  (decoded fine moments ago)
-            raise RuntimeError(f"{path}: decode check gave a different answer the second time")
+            raise RuntimeError(f"{name}: decode check gave a different answer the second time")
         data = result.data
     return data
 
 
 def write_shard(shard: str, items: list[Item], max_side: int | None) -> tuple[int, int]:
-    """Each item, in the given order, through `load_one` into a tf.train.Example appended to the TFRecord file
+    """Each item, in the given order, read again and `checked` into a tf.train.Example appended to the TFRecord file
     `shard` (created). One image in memory at a time. Returns (records, example bytes)."""
     length = num_bytes = 0
     with open(shard, "wb") as f:
         for path, sha256, reencode, label, _ in items:
-            example = tfds_format.encode_example(load_one(path, sha256, reencode, max_side), label)
+            data = checked(safefiles.read_bytes(path), sha256, reencode, max_side, path)
+            example = tfds_format.encode_example(data, label)
             tfds_format.write_record(f, example)
             length += 1
             num_bytes += len(example)
