@@ -335,8 +335,9 @@ def _build(config: IngestConfig, listing: Listing, out: Path | None, start: floa
         leak = deciding.result() if deciding is not None else rules.leakage(records, config.leakage)
         del records
         for k in kept:
-            if rules.final_split(k.sha256, k.split, leak) != k.split:
-                builder.move(k.split, rules.final_split(k.sha256, k.split, leak), k.label, k.stats, k.duplicates)
+            moved_to = rules.final_split(k.sha256, k.split, leak)
+            if moved_to != k.split:
+                builder.move(k.split, moved_to, k.label, k.stats, k.duplicates)
         profile = builder.result(rules.profile_meta(config, leak))
         counts = rules.empty_counts(class_names)
         for k in kept:
