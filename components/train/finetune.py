@@ -115,7 +115,9 @@ def _fine_tune(config: FineTuneConfig, info: "DatasetInfo", n_train: int, cluste
                 0.0, decay_steps=max(1, total - warmup), warmup_target=learning_rate, warmup_steps=warmup)
         else:
             schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, total))
-        _compile(model, keras.optimizers.AdamW(learning_rate=schedule), label_smoothing=config.label_smoothing)
+        ema = {"use_ema": True, "ema_momentum": config.ema_momentum} if config.ema_momentum else {}
+        _compile(model, keras.optimizers.AdamW(learning_rate=schedule, **ema),
+                 label_smoothing=config.label_smoothing)
 
     head_training = (meta.get("training") or {}).get("train_head") or {}
     class_weight = class_weights_from_counts(info) if head_training.get("class_weights", "auto") == "auto" else None
@@ -125,7 +127,7 @@ def _fine_tune(config: FineTuneConfig, info: "DatasetInfo", n_train: int, cluste
     # the compiled metrics, whose running sums a mid-epoch checkpoint restores).
     with fit_scope(model, cluster):
         start = guard.measure(model, val_ds)
-    keeper = guard.best_epoch_keeper(start, model.get_weights())
+    keeper = guard.best_epoch_keeper(start, model.get_weights(), averaged=bool(config.ema_momentum))
     log.info("fine_tune starts from validation accuracy %.4f, loss %.4f", start.accuracy, start.loss)
     stopper = (keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience,
                                              restore_best_weights=True)
@@ -145,12 +147,17 @@ def _fine_tune(config: FineTuneConfig, info: "DatasetInfo", n_train: int, cluste
             keeper,
             *_tensorboard("fine_tune", tmp, cluster.is_chief),
         ]
+        if config.ema_momentum:
+            # Validation scores the averaged weights (swapped in around it); fit ends by writing the average into
+            # the model, so the guard's final score, like every epoch's, is the average's.
+            callbacks.insert(0, keras.callbacks.SwapEMAWeights())
         if stopper is not None:
             callbacks.append(stopper)
         callbacks.append(preemption.callback())  # last: the history and the guard have seen the epoch it saves
         log.info("fine_tune: top %d of %d backbone layers unfrozen, batch norm %s (%s), lr %.3g (%s; warmup %d "
-                 "epochs), %d epochs", len(unfrozen), _backbone_size(model), batch_norm, sources["batch_norm"],
-                 learning_rate, sources["learning_rate"], config.warmup_epochs, config.epochs)
+                 "epochs), %d epochs%s", len(unfrozen), _backbone_size(model), batch_norm, sources["batch_norm"],
+                 learning_rate, sources["learning_rate"], config.warmup_epochs, config.epochs,
+                 f", weights averaged (EMA momentum {config.ema_momentum})" if config.ema_momentum else "")
         # One worker: each epoch's order is a function of (seed, epoch), so a resumed run sees the same batches.
         train_ds = make_dataset(info, "train", size, config.batch_size, training=True, seed=config.seed,
                                 ordered=config.determinism != "off",

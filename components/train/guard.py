@@ -71,8 +71,22 @@ def decide(start: Score, final: Score, best_epoch: int | None, best: Score | Non
     return Decision(KEPT_START, start, final, best_epoch, best, msg)
 
 
-def best_epoch_keeper(start: Score, start_weights: list[Any]) -> Any:
-    """A Keras callback keeping the weights of the best epoch (by validation score) that beats `start`."""
+def averaged_weights(model: Any) -> list[Any]:
+    """`model.get_weights()` with each trainable variable replaced by its moving average (an optimizer with
+    `use_ema=True`): the weights that validation scored under keras.callbacks.SwapEMAWeights."""
+    optimizer = model.optimizer
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # mixed precision's LossScaleOptimizer
+    average = {id(v): a for v, a in zip(optimizer._trainable_variables, optimizer._model_variables_moving_average,
+                                        strict=True)}
+    return [average.get(id(v), v).numpy() for v in model.weights]
+
+
+def best_epoch_keeper(start: Score, start_weights: list[Any], averaged: bool = False) -> Any:
+    """A Keras callback keeping the weights of the best epoch (by validation score) that beats `start`.
+
+    `averaged`: the optimizer keeps a moving average of the weights and validation scores it (SwapEMAWeights), so
+    the average is what an epoch's score belongs to, and what is kept.
+    """
     import keras
 
     class BestEpoch(keras.callbacks.Callback):
@@ -91,7 +105,9 @@ def best_epoch_keeper(start: Score, start_weights: list[Any]) -> Any:
             if self.best is None or score.better_than(self.best):
                 self.best, self.best_epoch = score, epoch + 1
                 # Only an epoch that beats the start can be kept, so only then is a copy worth its memory.
-                self.best_weights = self.model.get_weights() if score.better_than(start) else None
+                keep = score.better_than(start)
+                self.best_weights = (averaged_weights(self.model) if averaged else self.model.get_weights()) \
+                    if keep else None
 
     return BestEpoch()
 

@@ -115,6 +115,9 @@ FINE_TUNE: tuple[Param, ...] = (
           "train: BN statistics adapt to the new data; frozen: BN layers keep their ImageNet statistics (inference "
           "mode); auto: the backbone family's (train for MobileNet v1, frozen for MobileNetV2 and unmeasured "
           "families; docs/fine-tuning.md)", choices=BATCH_NORM_MODES, pipeline="batch_norm"),
+    Param("ema_momentum", float, 0.0,
+          "keep an exponential moving average of the weights with this momentum (e.g. 0.99); validation, the guard "
+          "and the output then use the averaged weights (0: off)", _fraction, "in [0, 1)", pipeline="ema_momentum"),
     Param("early_stopping_patience", int, 0,
           "stop after this many epochs without val_loss gain and keep the best; 0: off, the cosine schedule runs "
           "to its end", _int_at_least(0), "an integer ≥ 0, 0 to disable", pipeline="early_stopping_patience"),

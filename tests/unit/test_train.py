@@ -510,6 +510,32 @@ def test_fine_tune_defaults_follow_the_backbone_family(retuned_with_family_defau
     assert recorded["effective_from"]["learning_rate"] == "family mobilenet"
 
 
+def test_weight_averaging_validates_keeps_and_returns_the_average(artifacts: dict, tuned_from_zero: dict,
+                                                                   tmp_path: Path) -> None:
+    """ema_momentum: tuned_from_zero's fine-tune again (same seed, so the same steps), now keeping a moving average of
+    the weights. The output is the average, not the last step's weights, and it is what validation scored: the last
+    epoch's val_accuracy/val_loss are the output's own, as the guard measured them."""
+    from kfp_finetune.components.train.guard import averaged_weights  # noqa: F401 (public: the keeper uses it)
+
+    out = tmp_path / "averaged"
+    result = fine_tune(FineTuneConfig(**TUNED_FROM_ZERO, ema_momentum=0.9, dataset=str(artifacts["dataset"]),
+                                      model=str(tuned_from_zero["h0"]), output=str(out)))
+    model, meta = _load(out)
+    raw = _load(tuned_from_zero["tuned"])[0]
+    trainable = {id(v) for v in model.trainable_weights}
+    moved = [not np.allclose(a, b) for v, a, b in zip(model.weights, model.get_weights(), raw.get_weights(),
+                                                     strict=True) if id(v) in trainable]
+    assert sum(moved) > len(moved) // 2  # averaged: not the weights the same steps ended on
+    guard = meta["training"]["fine_tune"]["guard"]
+    history = meta["history"]["fine_tune"]
+    assert guard["kept"] == "final", guard
+    assert guard["final"]["accuracy"] == pytest.approx(history["val_accuracy"][-1])
+    assert guard["final"]["loss"] == pytest.approx(history["val_loss"][-1], rel=1e-4)
+    assert meta["training"]["fine_tune"]["ema_momentum"] == 0.9 and result.epochs_run == 2
+    with pytest.raises(UserError, match="--ema-momentum must be in \\[0, 1\\)"):
+        FineTuneConfig(dataset="d", model="m", output="o", ema_momentum=1.0)
+
+
 def _assert_same_weights(a: Path, b: Path) -> None:
     wa, wb = _load(a)[0].get_weights(), _load(b)[0].get_weights()
     assert len(wa) == len(wb)
