@@ -137,6 +137,11 @@ def effective_settings(recipe: Recipe, backbone: str) -> dict[str, Any]:
     return settings
 
 
+# Settings added after runs were stored, with the value that trains as before they existed: a recipe that leaves
+# them there keeps its key (and its runs).
+ADDED_LATER: dict[str, dict[str, Any]] = {"fine_tune": {"ema_momentum": 0.0}}
+
+
 def recipe_key(recipe: Recipe, image_size: int, backbone: str = BACKBONE, alpha: float = ALPHA,
                legacy: bool = False) -> str:
     """A digest of everything that decides a run's outcome apart from the seed (effective settings, size, backbone,
@@ -146,6 +151,9 @@ def recipe_key(recipe: Recipe, image_size: int, backbone: str = BACKBONE, alpha:
     for phase in ("head", "fine_tune"):  # recipes held the batch size (always 32) when the stored runs were keyed
         if settings[phase] is not None:
             settings[phase]["batch_size"] = 32
+            for name, off in ADDED_LATER.get(phase, {}).items():  # at its "off" value, a later setting keys nothing
+                if settings[phase].get(name) == off:
+                    del settings[phase][name]
     data = {"recipe": {**settings, "name": None, "description": None}, "image_size": image_size,
             "backbone": backbone, "alpha": alpha, "split": [VAL_FRACTION, TEST_FRACTION, SPLIT_SEED]}
     if not legacy:
@@ -182,6 +190,15 @@ def ensure_dataset(flowers: Path, work: Path, split_seed: int) -> Path:
         ingest(IngestConfig(source=str(flowers), output=str(out), val_fraction=VAL_FRACTION,
                             test_fraction=TEST_FRACTION, seed=split_seed))
     return out
+
+
+def dataset_digest(dataset: Path) -> str:
+    """The ingested dataset's identity: SHA-256 (12 hex digits) over its TFRecord shards' names and bytes. Runs pair
+    only on the same bytes: an ingest change (near-duplicates moved into one split, say) makes new splits."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in dataset.rglob("*") if p.is_file() and ".tfrecord" in p.name):
+        digest.update(str(path.relative_to(dataset)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def build_backbone(recipe: Recipe, size: int, seed: int, work: Path, backbone: str = BACKBONE,
@@ -318,10 +335,23 @@ def _group(run: dict[str, Any]) -> tuple[str, float]:
     return run.get("backbone", BACKBONE), float(run.get("alpha", ALPHA))
 
 
+def _pair_key(run: dict[str, Any]) -> tuple[int, int, str | None]:
+    return _split(run), run["seed"], run.get("dataset")
+
+
+ERA_ORDER = {"current": 0, "earlier_splits": 1, "before": 2}
+
+
+def _era(run: dict[str, Any], key_era: str | None) -> str | None:
+    """key_era ("current" or "before", from the recipe key) refined by the data: runs on splits ingested before the
+    dataset digest was recorded (before ingest moved near-duplicates into one split) are their own era."""
+    return "earlier_splits" if key_era == "current" and run.get("dataset") is None else key_era
+
+
 def _paired(group: list[dict[str, Any]], default: list[dict[str, Any]], metric: str) -> tuple[float, float, int]:
-    """Mean and standard error of (run - the default's run on the same split and seed); n pairs."""
-    base = {(_split(r), r["seed"]): r[metric] for r in default}
-    diffs = [r[metric] - base[(_split(r), r["seed"])] for r in group if (_split(r), r["seed"]) in base]
+    """Mean and standard error of (run - the default's run on the same split, seed and dataset bytes); n pairs."""
+    base = {_pair_key(r): r[metric] for r in default}
+    diffs = [r[metric] - base[_pair_key(r)] for r in group if _pair_key(r) in base]
     if not diffs:
         return 0.0, 0.0, 0
     se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
@@ -342,9 +372,9 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     order = {name: i for i, name in enumerate(ALL)}
     groups: dict[tuple[str, float, str, str], list[dict[str, Any]]] = {}
     for run in runs:
-        groups.setdefault((*_group(run), run["recipe"], run["key"]), []).append(run)
+        groups.setdefault((*_group(run), run["recipe"], run["key"], run.get("dataset") is None), []).append(run)
     rows = []
-    for (backbone, alpha, name, key), group in groups.items():
+    for (backbone, alpha, name, key, _), group in groups.items():
         splits = sorted({_split(r) for r in group})
         if len(splits) > 1:  # over several splits: only the seeds every split has (a balanced grid)
             common = set.intersection(*({r["seed"] for r in group if _split(r) == s} for s in splits))
@@ -357,7 +387,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if name in ALL:
             for legacy in (False, True):
                 if recipe_key(ALL[name], group[0]["image_size"], backbone, alpha, legacy) == key:
-                    era = "before" if legacy else "current"
+                    era = _era(group[0], "before" if legacy else "current")
         current = era is not None
         flips = [r for r in group if "test_accuracy_flip" in r]
         guards = [(r.get("guard") or {}).get("kept") for r in group if r.get("guard")]
@@ -388,7 +418,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         del row["_group"]
     rows.sort(key=lambda r: ((r["backbone"], r["alpha"]) != (BACKBONE, ALPHA), r["backbone"], r["alpha"],
-                             r["era"] != "current", not r["study"], order.get(r["recipe"], 99), not r["current"]))
+                             ERA_ORDER.get(r["era"] or "", 9), not r["study"], order.get(r["recipe"], 99),
+                             not r["current"]))
     return rows
 
 
@@ -430,7 +461,10 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any])
         "",
         f"Generated by `python bench/quality.py` on {meta['host']} ({meta['cpus']} CPUs, shared; load average "
         f"{meta['load_min']}–{meta['load_max']} during the runs). Splits (ingest seed: train / validation / test): "
-        f"{meta['split']}. The split seed decides which photos land in which split; the training seed varies "
+        f"{meta['split']}"
+        + (f" (the earlier splits, before ingest moved near-duplicates into one split: {meta['earlier_split']})"
+           if meta["earlier_split"] else "")
+        + ". The split seed decides which photos land in which split; the training seed varies "
         "initialisation, shuffling, augmentation and dropout. The default is picked on validation accuracy; a rival "
         "replaces it only when its paired validation gain (same split and seed) exceeds two standard errors. "
         "Accuracy from `evaluate` on the final model (after the fine-tune guard); wall time per run = backbone + "
@@ -439,7 +473,9 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any])
         "runs from before the guard existed show –.",
         "",
     ]
-    eras = {"current": "", "before": " (runs made before the per-(seed, epoch) data order; paired among themselves)"}
+    eras = {"current": "", "before": " (runs made before the per-(seed, epoch) data order; paired among themselves)",
+            "earlier_splits": " (runs on the splits from before ingest moved near-duplicates into one split; paired "
+                              "among themselves)"}
     for (backbone, alpha, era) in dict.fromkeys((r["backbone"], r["alpha"], r["era"]) for r in rows if r["current"]):
         mine = [r for r in rows if (r["backbone"], r["alpha"], r["era"]) == (backbone, alpha, era) and r["current"]]
         study = [r for r in mine if r["study"]]
@@ -481,8 +517,8 @@ def write_svg(path: Path, rows: list[dict[str, Any]]) -> None:
     for i, r in enumerate(rows):
         y = top + i * (bar_h + gap)
         colour = "#2b6cb0" if r["recipe"] == DEFAULT_RECIPE else ("#7f9cc0" if r["study"] else "#bbb")
-        label = f'{_title(r["backbone"], r["alpha"])} · {r["recipe"]}' + (" (earlier order)" if r["era"] == "before"
-                                                                         else "")
+        label = f'{_title(r["backbone"], r["alpha"])} · {r["recipe"]}' + {
+            "before": " (earlier order)", "earlier_splits": " (earlier splits)"}.get(r["era"] or "", "")
         out.append(f'<text x="{left - 6}" y="{y + 13}" text-anchor="end">{label}</text>')
         out.append(f'<rect x="{left}" y="{y}" width="{x(r["test_mean"]) - left:.1f}" height="{bar_h}" '
                    f'fill="{colour}"/>')
@@ -503,7 +539,8 @@ def write_reports(data: dict[str, Any], output: Path) -> None:
     loads = [v for r in data["runs"] for v in r.get("load_average") or [] if v is not None] or [0.0]
     meta = {"host": platform.node() or "this machine", "cpus": os.cpu_count(), "load_min": min(loads),
             "load_max": max(loads),
-            "split": "; ".join(f"{k}: {v}" for k, v in sorted((data.get("splits") or {}).items()))}
+            "split": "; ".join(f"{k}: {v}" for k, v in sorted((data.get("splits") or {}).items())),
+            "earlier_split": "; ".join(f"{k}: {v}" for k, v in sorted((data.get("earlier_splits") or {}).items()))}
     data["summary"] = rows
     _write_json(output / "quality.json", data)
     write_markdown(output / "quality.md", rows, meta)
@@ -554,27 +591,31 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     from kfp_finetune.components.core import dataset as ds
 
-    datasets = {}
+    datasets, digests = {}, {}
     for split_seed in split_seeds:
         datasets[split_seed] = ensure_dataset(args.flowers, args.work, split_seed)
+        digests[split_seed] = dataset_digest(datasets[split_seed])
         counts = ds.load_info(datasets[split_seed]).num_examples
-        data.setdefault("splits", {})[str(split_seed)] = (
-            f"{counts['train']} / {counts['validation']} / {counts['test']}")
-    done = {(r["recipe"], _split(r), r["seed"], r["key"]) for r in data["runs"]}
+        sizes = f"{counts['train']} / {counts['validation']} / {counts['test']}"
+        before = data.setdefault("splits", {}).get(str(split_seed))
+        if before and before != sizes and not any(r.get("dataset") for r in data["runs"]):
+            data.setdefault("earlier_splits", {})[str(split_seed)] = before  # what the earlier-splits era trained on
+        data["splits"][str(split_seed)] = sizes
+    done = {(r["recipe"], _split(r), r["seed"], r["key"], r.get("dataset")) for r in data["runs"]}
     # A recipe that trains exactly as another on this backbone (the default is one of the rivals once the family
     # table names it) reuses that run instead of training it again.
-    same = {(_split(r), r["seed"], r["key"]): r for r in data["runs"]}
+    same = {(_split(r), r["seed"], r["key"], r.get("dataset")): r for r in data["runs"]}
     # Split-major: every recipe gets split 0 first, so a study cut short still compares recipes on one split.
     todo = [(ALL[n], p, s) for p in split_seeds for s in seeds for n in names]
     for i, (recipe, split_seed, seed) in enumerate(todo, 1):
         size = recipe.image_size or args.image_size
         key = recipe_key(recipe, size, args.backbone, args.alpha)
         what = f"{recipe.name} split {split_seed} seed {seed} ({_title(args.backbone, args.alpha)})"
-        if (recipe.name, split_seed, seed, key) in done:
+        if (recipe.name, split_seed, seed, key, digests[split_seed]) in done:
             log.info("[%d/%d] %s: already in %s, skipped", i, len(todo), what, json_path)
             continue
-        if (split_seed, seed, key) in same:
-            twin = same[(split_seed, seed, key)]
+        if (split_seed, seed, key, digests[split_seed]) in same:
+            twin = same[(split_seed, seed, key, digests[split_seed])]
             run = {**twin, "recipe": recipe.name, "settings": effective_settings(recipe, args.backbone),
                    "same_as": twin["recipe"]}
             log.info("[%d/%d] %s: trains exactly as %s, which ran already: reused", i, len(todo), what,
@@ -583,8 +624,10 @@ def main(argv: list[str] | None = None) -> int:
             log.info("[%d/%d] %s at %d px: %s", i, len(todo), what, size, recipe.description)
             run = run_one(recipe, seed, size, datasets[split_seed], args.work, split_seed, args.backbone,
                           args.alpha)
+            run.update(dataset=digests[split_seed], dataset_sizes=data["splits"][str(split_seed)])
         this = (recipe.name, split_seed, seed)
-        data["runs"] = [r for r in data["runs"] if (r["recipe"], _split(r), r["seed"]) != this or r["key"] != key]
+        data["runs"] = [r for r in data["runs"] if (r["recipe"], _split(r), r["seed"]) != this or r["key"] != key
+                        or r.get("dataset") != digests[split_seed]]
         data["runs"].append(run)
         write_reports(data, args.output)
         log.info("[%d/%d] %s: validation %.3f, test %.3f, %.0f s", i, len(todo), what,
