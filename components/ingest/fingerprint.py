@@ -112,6 +112,11 @@ class Decision:
         return self.status != STATUS_NO_NEW_DATA
 
 
+# Training settings added after champions were recorded, with the value (canonical) that trains as before they
+# existed: an upgrade alone does not retrain on unchanged data.
+ADDED_LATER = {"ema_momentum": "0"}
+
+
 def decide(fp: Fingerprint, push_to: str | None, training_settings: dict[str, Any] | None = None,
            force_retrain: bool = False) -> Decision:
     """Compare `fp` and the settings with the champion at `push_to` (its LATEST version)."""
@@ -125,6 +130,9 @@ def decide(fp: Fingerprint, push_to: str | None, training_settings: dict[str, An
     same_data = champion.record.get("data_fingerprint") == fp.fingerprint
     wanted = canonical_settings(training_settings or {})
     had = canonical_settings(champion.record.get("settings") or {})
+    for key, value in ADDED_LATER.items():  # a champion recorded before the setting existed trained as it says
+        for side in (wanted, had):
+            side.setdefault(key, value)
     changed = sorted(k for k in set(wanted) | set(had) if wanted.get(k) != had.get(k))
     info = dict(champion_version=champion.version, champion_uri=champion.uri)
     if force_retrain:

@@ -58,6 +58,21 @@ def _pass_through(config: FineTuneConfig) -> TrainResult:
                        class_names=list(meta.get("class_names") or []), history={}, epochs_run=0)
 
 
+def _early_stopping(patience: int, averaged: bool) -> Any:
+    """Keras's EarlyStopping on val_loss, restoring the best epoch. `averaged` (ema_momentum): the epoch's val_loss
+    is the moving average's, so the average is what it keeps (fit writes the average into the model before the
+    callbacks' on_train_end restores the best epoch)."""
+    import keras
+
+    class EarlyStopping(keras.callbacks.EarlyStopping):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            super().on_epoch_end(epoch, logs)
+            if averaged and self.best_weights is not None and self.best_epoch == epoch:
+                self.best_weights = guard.averaged_weights(self.model)
+
+    return EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+
+
 def fine_tune(config: FineTuneConfig) -> TrainResult:
     """Unfreeze the backbone (all of it, or the top `unfreeze_top` layers) and train; write a Model artifact.
 
@@ -129,8 +144,7 @@ def _fine_tune(config: FineTuneConfig, info: "DatasetInfo", n_train: int, cluste
         start = guard.measure(model, val_ds)
     keeper = guard.best_epoch_keeper(start, model.get_weights(), averaged=bool(config.ema_momentum))
     log.info("fine_tune starts from validation accuracy %.4f, loss %.4f", start.accuracy, start.loss)
-    stopper = (keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience,
-                                             restore_best_weights=True)
+    stopper = (_early_stopping(config.early_stopping_patience, averaged=bool(config.ema_momentum))
                if config.early_stopping_patience else None)
     # Weights, optimizer (and so the LR schedule), seed generators, the epoch's metric sums, history, guard and
     # early stopping: the position of the newest checkpoint, mid-epoch included.

@@ -107,6 +107,10 @@ def test_decide_against_the_champion(folder, tmp_path):
     assert decide(fp, str(dest), settings, force_retrain=True).status == STATUS_FORCED
     changed = decide(fp, str(dest), {**settings, "fine_tune_learning_rate": 10})
     assert changed.status == STATUS_SETTINGS_CHANGED and "fine_tune_learning_rate" in changed.reason
+    # A setting the champion predates (ema_momentum) at its old behaviour is no change; any other value is one.
+    assert decide(fp, str(dest), {**settings, "ema_momentum": 0.0}).status == STATUS_NO_NEW_DATA
+    averaged = decide(fp, str(dest), {**settings, "ema_momentum": 0.99})
+    assert averaged.status == STATUS_SETTINGS_CHANGED and "ema_momentum" in averaged.reason
     (folder / "circle" / "more.jpg").write_bytes((folder / "square").glob("*.jpg").__next__().read_bytes())
     assert decide(fingerprint_source(str(folder)), str(dest), settings).status == STATUS_TRAIN
 

@@ -513,12 +513,12 @@ def test_fine_tune_defaults_follow_the_backbone_family(retuned_with_family_defau
 def test_weight_averaging_validates_keeps_and_returns_the_average(artifacts: dict, tuned_from_zero: dict,
                                                                    tmp_path: Path) -> None:
     """ema_momentum: tuned_from_zero's fine-tune again (same seed, so the same steps), now keeping a moving average of
-    the weights. The output is the average, not the last step's weights, and it is what validation scored: the last
-    epoch's val_accuracy/val_loss are the output's own, as the guard measured them."""
-    from kfp_finetune.components.train.guard import averaged_weights  # noqa: F401 (public: the keeper uses it)
-
+    the weights, with early stopping's best-epoch restore on (patience 5: it restores without stopping). The output
+    is an average, not the weights the steps ended on, and it is what validation scored: the best epoch's
+    val_accuracy/val_loss are the output's own, as the guard measured them."""
     out = tmp_path / "averaged"
-    result = fine_tune(FineTuneConfig(**TUNED_FROM_ZERO, ema_momentum=0.9, dataset=str(artifacts["dataset"]),
+    settings = {**TUNED_FROM_ZERO, "early_stopping_patience": 5}
+    result = fine_tune(FineTuneConfig(**settings, ema_momentum=0.9, dataset=str(artifacts["dataset"]),
                                       model=str(tuned_from_zero["h0"]), output=str(out)))
     model, meta = _load(out)
     raw = _load(tuned_from_zero["tuned"])[0]
@@ -528,9 +528,10 @@ def test_weight_averaging_validates_keeps_and_returns_the_average(artifacts: dic
     assert sum(moved) > len(moved) // 2  # averaged: not the weights the same steps ended on
     guard = meta["training"]["fine_tune"]["guard"]
     history = meta["history"]["fine_tune"]
+    best = int(np.argmin(history["val_loss"]))
     assert guard["kept"] == "final", guard
-    assert guard["final"]["accuracy"] == pytest.approx(history["val_accuracy"][-1])
-    assert guard["final"]["loss"] == pytest.approx(history["val_loss"][-1], rel=1e-4)
+    assert guard["final"]["accuracy"] == pytest.approx(history["val_accuracy"][best])
+    assert guard["final"]["loss"] == pytest.approx(history["val_loss"][best], rel=1e-4)
     assert meta["training"]["fine_tune"]["ema_momentum"] == 0.9 and result.epochs_run == 2
     with pytest.raises(UserError, match="--ema-momentum must be in \\[0, 1\\)"):
         FineTuneConfig(dataset="d", model="m", output="o", ema_momentum=1.0)
