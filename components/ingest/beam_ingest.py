@@ -60,6 +60,9 @@ from kfp_finetune.components.ingest.beam_pipeline import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.runner import PipelineRunner
+
     from kfp_finetune.components.ingest.step import IngestConfig, IngestResult
 
 __all__ = [  # the public names of the Beam ingest, wherever they are defined
@@ -117,6 +120,23 @@ def _wrapped_user_error(exc: BaseException) -> UserError | None:
     return UserError(match.group(1).strip()) if match else None
 
 
+def _local_runner(options: "PipelineOptions") -> "PipelineRunner":
+    """The runner behind `--runner direct`: Beam's FnApiRunner, which the DirectRunner itself runs batch pipelines on.
+
+    Named here rather than left to the DirectRunner, because the DirectRunner of Beam 2.6x+ first tries the Prism
+    runner, which downloads a Go binary from GitHub at run time: offline that costs ~2 s of failed download and a
+    second translation of the pipeline before it falls back, and behind a proxy that holds connections it can hang.
+    A local ingest never touches the network. The options reach the SDK workers as the DirectRunner sends them.
+    """
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+    return fn_runner.FnApiRunner(provision_info=info)
+
+
 def run(config: "IngestConfig") -> "IngestResult":
     """Run the ingest of `config` on Beam (`config.runner` direct or dataflow) and wait for it."""
     import apache_beam as beam
@@ -160,7 +180,8 @@ def run(config: "IngestConfig") -> "IngestResult":
             started=time.time(), class_refs=class_refs, fingerprint=config.fingerprint, leakage=config.leakage,
         )
         log.info("ingest on Beam %s: %s", BEAM_RUNNERS[config.runner], " ".join(flags))
-        pipeline = beam.Pipeline(options=PipelineOptions(flags))
+        options = PipelineOptions(flags)
+        pipeline = beam.Pipeline(runner=_local_runner(options) if config.runner == "direct" else None, options=options)
         build(pipeline, job, candidates, list(class_refs), skipped)
         try:
             result = pipeline.run()

@@ -7,6 +7,7 @@ bad-input checks; flowers, gs:// on the emulator and training on the Beam output
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -89,11 +90,15 @@ def run_both(source: Path | str, tmp_path: Path, beam_options=DIRECT_2, local_so
     pytest.param(IN_MEMORY, id="in_memory"),
     pytest.param(DIRECT_2, id="2_processes", marks=pytest.mark.slow),
 ])
-def test_direct_runner_gives_the_local_dataset_on_the_odd_images_matrix(mode, image_factory, tmp_path):
-    """The same shards byte for byte, so the same split membership and parsed examples, and the same report."""
+def test_direct_runner_gives_the_local_dataset_on_the_odd_images_matrix(mode, image_factory, tmp_path, caplog):
+    """The same shards byte for byte, so the same split membership and parsed examples, and the same report; and
+    the direct runner never tries Prism (Beam's DirectRunner downloads its binary from GitHub at run time)."""
+    caplog.set_level(logging.INFO, logger="apache_beam")
     root = odd_matrix(image_factory)
     local, beam = run_both(root, tmp_path, beam_options=mode, max_corrupt_fraction=1.0, num_shards=3)
     assert_same_dataset(local, beam)
+    tried = [r.getMessage() for r in caplog.records if "prism" in r.getMessage().lower()]
+    assert not tried, f"--runner direct went through Prism: {tried[:2]}"
     report = json.loads((beam / "ingest_report.json").read_text())
     reasons = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
     assert reasons["copy-of-first.png"] == "duplicate" or reasons.get(sorted((root / "c").iterdir())[0].name)
