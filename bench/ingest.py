@@ -11,8 +11,9 @@ folder and on 10x the folder (ten copies under other names, each with distinct b
 Goals: ours >= 0.8x the decode limit, >= 2x the TFDS writer; peak RSS at 10x <= 1.3x peak RSS at 1x.
 
 With --beam (needs the beam extra), the Beam row instead: `ingest --runner direct` (DirectRunner, multi-process,
-2 workers) against the local ingest on 10x the folder, one run each (throughput goal >= 0.5x: on one machine Beam's
-overhead dominates), and the Beam run's peak RSS (launcher + its worker processes) at 1x and at 10x (goal <= 1.3x).
+2 workers) against the local ingest on 10x the folder, --repeats interleaved runs each, medians (throughput goal
+>= 0.5x: on one machine Beam's overhead dominates), the Beam run at 1x (its fixed cost), and the Beam runs' peak RSS
+(launcher + its worker processes) at 1x and at 10x (goal <= 1.3x).
 It is merged into the existing results under "beam".
 
     python bench/ingest.py [--source ../shared/data/flowers] [--repeats 3] [--skip-rss] [--beam]
@@ -225,7 +226,7 @@ def main() -> None:
     if args.tfds_child:
         return tfds_child(args.source, args.work)
     if args.beam:
-        return beam_row(args.source, args.work)
+        return beam_row(args.source, args.work, args.repeats)
     if not args.source.is_dir():
         sys.exit(f"{args.source} not found; pass --source")
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-ingest-"))
@@ -285,19 +286,35 @@ def main() -> None:
     print(markdown(result))
 
 
-def beam_row(source: Path, work_arg: Path | None) -> None:
-    """The Beam row: local vs DirectRunner (2 worker processes) on 10x, one run each, both in child processes
-    sampled for peak RSS; Beam also at 1x for its RSS growth. Merged into the existing results."""
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median seconds, with its seconds list and the peak RSS over all runs."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    out = dict(ordered[(len(ordered) - 1) // 2])
+    out["all_seconds"] = [r["seconds"] for r in runs]
+    out["peak_rss_main_mib"] = max(r["peak_rss_main_mib"] for r in runs)
+    out["peak_rss_total_mib"] = max(r["peak_rss_total_mib"] for r in runs)
+    return out
+
+
+def beam_row(source: Path, work_arg: Path | None, repeats: int = 3) -> None:
+    """The Beam row: local vs DirectRunner (2 worker processes) on 10x, `repeats` interleaved runs each (medians),
+    all in child processes sampled for peak RSS; Beam also at 1x for its fixed cost and RSS growth. Merged into the
+    existing results."""
     work = work_arg or Path(tempfile.mkdtemp(prefix="bench-ingest-beam-"))
     big = make_copies(source, work / "x10", 10)
     load_before = [round(x, 2) for x in os.getloadavg()]
-    local10 = peak_rss(big, work / "local10")
-    beam10 = peak_rss(big, work / "beam10", runner="direct")
-    beam1 = peak_rss(source, work / "beam1", runner="direct")
+    runs: dict[str, list[dict]] = {"local10": [], "beam10": [], "beam1": []}
+    for r in range(repeats):  # interleaved, so background load hits both alike
+        runs["local10"].append(peak_rss(big, work / "local10"))
+        runs["beam10"].append(peak_rss(big, work / "beam10", runner="direct"))
+        runs["beam1"].append(peak_rss(source, work / "beam1", runner="direct"))
+        print(f"repeat {r + 1}: " + ", ".join(f"{k} {v[-1]['seconds']:.2f} s" for k, v in runs.items()), flush=True)
+    local10, beam10, beam1 = (_median_run(runs[k]) for k in ("local10", "beam10", "beam1"))
     same = all((work / "local10" / name).read_bytes() == (work / "beam10" / name).read_bytes()
                for name in os.listdir(work / "local10") if name != "ingest_report.json")
     beam = {
         "runner": "DirectRunner multi_processing, direct_num_workers=2",
+        "repeats": repeats,
         "cores": _cpu_count(),
         "local_10x": local10, "beam_10x": beam10, "beam_1x": beam1,
         "throughput_ratio_10x": round(local10["seconds"] / beam10["seconds"], 3),
@@ -325,7 +342,8 @@ def beam_markdown(b: dict) -> str:
     rows = [("local ingest, 10x", b["local_10x"]), ("Beam DirectRunner, 10x", b["beam_10x"]),
             ("Beam DirectRunner, 1x", b["beam_1x"])]
     lines = [
-        f"## Beam row ({b['runner']}, {b['cores']} cores, one run each, in child processes)",
+        f"## Beam row ({b['runner']}, {b['cores']} cores, median of {b.get('repeats', 1)} interleaved runs each, "
+        "in child processes; peak RSS: the highest of the runs)",
         "",
         "| run | images | seconds | images/s | peak RSS main (MiB) | peak RSS main + workers (MiB) |",
         "|---|---:|---:|---:|---:|---:|",
