@@ -109,12 +109,18 @@ def _classify_match(path: str, source: str) -> Iterator[tuple[str, Any]]:
         yield "candidate", Candidate(path, rel[0])
 
 
-def _classify_tagged(match: Any, source: str) -> Iterator[Any]:
-    """`_classify_match` as one ParDo's outputs: candidates (main), skips and class names (tagged by kind)."""
+def _as_outputs(pairs: Iterable[tuple[str, Any]], main: str) -> Iterator[Any]:
+    """(kind, value) pairs as one ParDo's outputs: the `main` kind on the main output, every other kind tagged by
+    its name, so no later step has to filter the whole collection again."""
     from apache_beam import pvalue
 
-    for kind, value in _classify_match(match.path, source):
-        yield value if kind == "candidate" else pvalue.TaggedOutput(kind, value)
+    for kind, value in pairs:
+        yield value if kind == main else pvalue.TaggedOutput(kind, value)
+
+
+def _classify_tagged(match: Any, source: str) -> Iterator[Any]:
+    """`_classify_match` as outputs: candidates (main), skips and class names (tagged)."""
+    return _as_outputs(_classify_match(match.path, source), "candidate")
 
 
 def _emulator_auth() -> None:
@@ -197,12 +203,8 @@ def resolve(sha: str, group: Iterable[Inspected], job: Job) -> Iterator[tuple[st
 
 
 def resolve_tagged(kv: tuple[str, Iterable[Inspected]], job: Job) -> Iterator[Any]:
-    """`resolve` as one ParDo with three outputs: the Kept images (main), skips and sizes (tagged by kind), so no
-    later step has to filter the whole collection again."""
-    from apache_beam import pvalue
-
-    for kind, value in resolve(kv[0], kv[1], job):
-        yield value if kind == "kept" else pvalue.TaggedOutput(kind, value)
+    """`resolve` as outputs: the Kept images (main), skips and sizes (tagged)."""
+    return _as_outputs(resolve(kv[0], kv[1], job), "kept")
 
 
 def move(kept: Kept, leak: Any) -> Kept:
