@@ -35,10 +35,10 @@ demo: setup ## run the whole pipeline locally on the embedded sample (the README
 
 test: setup ## lint, then the default test suite, over TEST_WORKERS processes (goal ≤5 minutes on an idle 2-core machine; no slow tests)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not slow" -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -m "not slow" -q -n $(TEST_WORKERS) --durations=10
 
 test-slow: setup ## the tests marked slow (run in CI too), over SLOW_WORKERS processes (2: 1085 s instead of 1504 s on an idle 2-core machine)
-	$(BIN)/python -m pytest -m slow -q -n $(SLOW_WORKERS) || [ $$? -eq 5 ]  # 5: none collected
+	$(BIN)/python -m pytest -m slow -q -n $(SLOW_WORKERS) --durations=15 || [ $$? -eq 5 ]  # 5: none collected
 
 test-all: setup ## every test
 	$(BIN)/python -m pytest -q

@@ -20,6 +20,20 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("KFP_FINETUNE_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that declare a timeout above the ini default (the long end-to-end runs) go first, longest first, so that
+    under `-n 2` they start at once on their own workers instead of being handed out last and setting the stage's
+    wall time alone. Every other test keeps its order (a stable sort)."""
+    default = float(config.getini("timeout") or 0)
+
+    def declared(item: pytest.Item) -> float:
+        marker = item.get_closest_marker("timeout")
+        value = float(marker.args[0]) if marker and marker.args else 0.0
+        return -value if value > default else 0.0
+
+    items.sort(key=declared)
+
+
 # --- shared offline data -------------------------------------------------------------------------------------
 
 

@@ -86,7 +86,7 @@ def add_images(data: Path, staging: Path, classes: tuple[str, ...] = CLASSES, pe
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)  # five weekly runs, four of them training: about 20 min on a loaded 2-core machine
+@pytest.mark.timeout(1800)  # five weekly runs, four of them training: 3-4 min on an idle 2-core machine
 @pytest.mark.parametrize("backend", ["local", "gcs"])
 def test_one_season_of_scheduled_retraining(backend, tmp_path, weights_mirror, monkeypatch, capsys, request):
     """Weeks 1-3 and 5 and the rollback run on both backends (where the data and the registry live matters: the

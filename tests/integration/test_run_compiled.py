@@ -164,7 +164,8 @@ def test_production_default_backbone_runs_end_to_end_with_random_weights(tmp_pat
     assert export["outputs"]["probabilities"].startswith("float32 [None, 3]")  # calibrated: softmax(logits / T)
 
 
-@pytest.mark.slow  # ~6 min on 2 idle cores: 1,500 photos at 224 px, 5 head + 10 fine-tune epochs
+@pytest.mark.slow  # ~10 min alone on 2 idle cores: 1,500 photos at 224 px, 5 head + 10 fine-tune epochs
+@pytest.mark.timeout(2700)  # beside another training test (-n 2) on a loaded CI machine: 15-25 min (900 s was hit)
 def test_production_pipeline_with_mobilenet_v2_imagenet_weights_on_flowers(tmp_path, flowers_dir, capsys):
     """The production family with real ImageNet weights (MobileNetV2 α=0.5 from the mirror) and the default recipe,
     end to end through export: blessed, fine-tune not below its own head phase on validation, test accuracy above
