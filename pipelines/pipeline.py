@@ -322,6 +322,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         unfreeze_from: str = "",
         warmup_epochs: int = 1,
         ema_momentum: float = 0.0,
+        layer_lr_ratio: float = 1.0,
         early_stopping_patience: int = 0,
         batch_size: int = 32,
         augment: bool = True,
@@ -388,6 +389,8 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
             warmup_epochs: epochs of linear learning-rate warm-up at the start of fine-tuning.
             ema_momentum: fine-tuning keeps a moving average of the weights with this momentum (e.g. 0.99);
                 validation, the guard and the model returned use it. 0: off.
+            layer_lr_ratio: fine-tuning's first backbone layer trains at this fraction of the peak learning rate, the
+                top and the head at the full rate, geometrically between (discriminative rates); 1: one rate.
             early_stopping_patience: fine-tuning stops after this many epochs without validation improvement
                 and keeps the best epoch; 0 (default) runs the cosine schedule to its end.
             batch_size: training batch size of both phases.

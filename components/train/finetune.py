@@ -11,7 +11,7 @@ from kfp_finetune.components.core import settings
 from kfp_finetune.components.core.errors import UserError
 from kfp_finetune.components.core.fsutil import atomic_directory, check_output_dir
 from kfp_finetune.components.core.modelio import input_size
-from kfp_finetune.components.train import family, guard
+from kfp_finetune.components.train import family, guard, layerwise
 from kfp_finetune.components.train.callbacks import (
     _checkpoint_subdir,
     _epoch_logger,
@@ -131,7 +131,7 @@ def _fine_tune(config: FineTuneConfig, info: "DatasetInfo", n_train: int, cluste
         else:
             schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, total))
         ema = {"use_ema": True, "ema_momentum": config.ema_momentum} if config.ema_momentum else {}
-        _compile(model, keras.optimizers.AdamW(learning_rate=schedule, **ema),
+        _compile(model, layerwise.layerwise_adamw(model, config.layer_lr_ratio, learning_rate=schedule, **ema),
                  label_smoothing=config.label_smoothing)
 
     head_training = (meta.get("training") or {}).get("train_head") or {}
@@ -169,8 +169,10 @@ def _fine_tune(config: FineTuneConfig, info: "DatasetInfo", n_train: int, cluste
             callbacks.append(stopper)
         callbacks.append(preemption.callback())  # last: the history and the guard have seen the epoch it saves
         log.info("fine_tune: top %d of %d backbone layers unfrozen, batch norm %s (%s), lr %.3g (%s; warmup %d "
-                 "epochs), %d epochs%s", len(unfrozen), _backbone_size(model), batch_norm, sources["batch_norm"],
-                 learning_rate, sources["learning_rate"], config.warmup_epochs, config.epochs,
+                 "epochs%s), %d epochs%s", len(unfrozen), _backbone_size(model), batch_norm, sources["batch_norm"],
+                 learning_rate, sources["learning_rate"], config.warmup_epochs,
+                 f"; layer-wise down to {config.layer_lr_ratio:g}x at the first backbone layer"
+                 if config.layer_lr_ratio != 1.0 else "", config.epochs,
                  f", weights averaged (EMA momentum {config.ema_momentum})" if config.ema_momentum else "")
         # One worker: each epoch's order is a function of (seed, epoch), so a resumed run sees the same batches.
         train_ds = make_dataset(info, "train", size, config.batch_size, training=True, seed=config.seed,

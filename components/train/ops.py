@@ -71,6 +71,7 @@ def fine_tune_op(
     batch_size: int = 32,
     batch_norm: str = "auto",
     ema_momentum: float = 0.0,
+    layer_lr_ratio: float = 1.0,
     early_stopping_patience: int = 0,
     checkpoint_dir: str = "",
     checkpoint_every_steps: int = 0,
@@ -94,6 +95,8 @@ def fine_tune_op(
         batch_norm: "train" (BN statistics adapt), "frozen" (inference mode) or "auto" (the backbone family's).
         ema_momentum: Keep a moving average of the weights with this momentum (e.g. 0.99); validation, the guard and
             the output use it. 0 (default): off.
+        layer_lr_ratio: Discriminative learning rates: the first backbone layer trains at this fraction of the peak
+            rate, the top layer and the head at the full rate, geometrically between. 1 (default): one rate.
         early_stopping_patience: Epochs without val_loss improvement before stopping; 0 (default) disables.
         checkpoint_dir: Where to save the training state every epoch and on SIGTERM, so that a retry resumes
             mid-epoch; "" uses $AIP_CHECKPOINT_DIR when set. A preempted attempt exits with status 75.

@@ -33,8 +33,14 @@ from kfp_finetune.components.core.params import (  # noqa: F401 (re-exported: th
 from kfp_finetune.components.core.params import fraction as _fraction
 from kfp_finetune.components.core.params import int_at_least as _int_at_least
 from kfp_finetune.components.core.params import positive as _positive
+from kfp_finetune.components.core.params import ratio as _ratio
 
 BATCH_NORM_MODES = ("auto", "frozen", "train")
+
+
+def _lr_ratio(v: Any) -> bool:
+    """In (0, 1]."""
+    return _ratio(v) and v > 0
 CLASS_WEIGHT_MODES = ("auto", "none")
 CACHE_FEATURE_MODES = ("auto", "on", "off")
 
@@ -118,6 +124,11 @@ FINE_TUNE: tuple[Param, ...] = (
     Param("ema_momentum", float, 0.0,
           "keep an exponential moving average of the weights with this momentum (e.g. 0.99); validation, the guard "
           "and the output then use the averaged weights (0: off)", _fraction, "in [0, 1)", pipeline="ema_momentum"),
+    Param("layer_lr_ratio", float, 1.0,
+          "discriminative learning rates: the first backbone layer trains at this fraction of the peak rate, the "
+          "top layer and the head at the full rate, the layers between geometrically by position (fastai's "
+          "slice(lr/100, lr) is 0.01); 1: one rate for every layer", _lr_ratio, "in (0, 1]",
+          pipeline="layer_lr_ratio"),
     Param("early_stopping_patience", int, 0,
           "stop after this many epochs without val_loss gain and keep the best; 0: off, the cosine schedule runs "
           "to its end", _int_at_least(0), "an integer ≥ 0, 0 to disable", pipeline="early_stopping_patience"),

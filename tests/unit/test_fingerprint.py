@@ -111,6 +111,9 @@ def test_decide_against_the_champion(folder, tmp_path):
     assert decide(fp, str(dest), {**settings, "ema_momentum": 0.0}).status == STATUS_NO_NEW_DATA
     averaged = decide(fp, str(dest), {**settings, "ema_momentum": 0.99})
     assert averaged.status == STATUS_SETTINGS_CHANGED and "ema_momentum" in averaged.reason
+    assert decide(fp, str(dest), {**settings, "layer_lr_ratio": 1.0}).status == STATUS_NO_NEW_DATA
+    discriminative = decide(fp, str(dest), {**settings, "layer_lr_ratio": 0.01})
+    assert discriminative.status == STATUS_SETTINGS_CHANGED and "layer_lr_ratio" in discriminative.reason
     (folder / "circle" / "more.jpg").write_bytes((folder / "square").glob("*.jpg").__next__().read_bytes())
     assert decide(fingerprint_source(str(folder)), str(dest), settings).status == STATUS_TRAIN
 

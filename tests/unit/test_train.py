@@ -537,6 +537,57 @@ def test_weight_averaging_validates_keeps_and_returns_the_average(artifacts: dic
         FineTuneConfig(dataset="d", model="m", output="o", ema_momentum=1.0)
 
 
+def test_discriminative_rates_scale_each_backbone_layers_step(artifacts: dict, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """layer_lr_ratio: one AdamW step on a gradient of ones moves every weight by its rate (Adam's first step is
+    lr * sign(g)), so each backbone layer's step must be the peak rate times ratio ** (1 - i / (n - 1)): the ratio at
+    the first layer, the full rate at the top layer and the head. The decoupled weight decay scales with it. Then
+    the fine_tune door: the setting is validated, logged and recorded."""
+    import logging
+
+    import keras
+
+    from kfp_finetune.components.train import layerwise
+
+    model, _ = _load(artifacts["head"])
+    unfreeze(model, None, None, "train")
+    backbone = model.get_layer("feature_extractor").get_layer("backbone")
+    layers = [layer for layer in backbone.layers if not isinstance(layer, keras.layers.InputLayer)]
+    position = {id(v): i for i, layer in enumerate(layers) for v in layer.weights}
+    lr, ratio = 1e-3, 0.01
+    variables = model.trainable_variables
+    before = [np.array(v) for v in variables]
+    optimizer = layerwise.layerwise_adamw(model, ratio, learning_rate=lr, weight_decay=0.0, epsilon=1e-12)
+    optimizer.apply_gradients(zip([keras.ops.ones_like(v) for v in variables], variables, strict=True))
+    # The median step: float32 rounds a 1e-5 step on a weight near 1 by up to 0.6 %; neighbouring layers' rates
+    # differ by 5 % (0.01 ** (1 / 85)).
+    steps = {id(v): float(np.median(np.abs(np.array(v) - b))) for v, b in zip(variables, before, strict=True)}
+    expected = {k: lr * ratio ** (1 - i / (len(layers) - 1)) for k, i in position.items()}
+    head = [v for v in variables if id(v) not in position]
+    assert head and all(steps[id(v)] == pytest.approx(lr, rel=1e-2) for v in head)
+    checked = [v for v in variables if id(v) in position]
+    assert len(checked) > 20
+    for v in checked:
+        assert steps[id(v)] == pytest.approx(expected[id(v)], rel=1e-2), (v.path, position[id(v)])
+    low = min(checked, key=lambda v: position[id(v)])
+    assert steps[id(low)] < 2 * lr * ratio  # the stem barely moves, the head moves 1/ratio times more
+    # Weight decay alone (zero gradient): w -= w * wd * lr * factor.
+    decayed = layerwise.layerwise_adamw(model, ratio, learning_rate=lr, weight_decay=0.5)
+    kernel = next(v for v in checked if len(v.shape) == 4 and np.any(np.array(v)))
+    w = np.array(kernel)
+    decayed.apply_gradients(zip([keras.ops.zeros_like(v) for v in variables], variables, strict=True))
+    np.testing.assert_allclose(np.array(kernel), w * (1 - 0.5 * expected[id(kernel)]), rtol=1e-5, atol=1e-9)
+
+    with pytest.raises(UserError, match="--layer-lr-ratio must be in \\(0, 1\\]"):
+        FineTuneConfig(dataset="d", model="m", output="o", layer_lr_ratio=0.0)
+    with caplog.at_level(logging.INFO, logger="kfp_finetune.train"):
+        fine_tune(FineTuneConfig(dataset=str(artifacts["dataset"]), model=str(artifacts["head"]),
+                                 output=str(tmp_path / "tuned"), epochs=1, warmup_epochs=0, unfreeze_top=20,
+                                 layer_lr_ratio=ratio))
+    assert "layer-wise down to 0.01x at the first backbone layer" in caplog.text
+    assert _load(tmp_path / "tuned")[1]["training"]["fine_tune"]["layer_lr_ratio"] == ratio
+
+
 def _assert_same_weights(a: Path, b: Path) -> None:
     wa, wb = _load(a)[0].get_weights(), _load(b)[0].get_weights()
     assert len(wa) == len(wb)
