@@ -32,6 +32,7 @@ log = logging.getLogger("kfp_finetune.modelio")
 
 MODEL_FILE = "model.keras"
 META_FILE = "model.json"
+PIXEL_ENDPOINT = "predict_pixels"  # an export's second endpoint: decoded pixels in, probabilities out (predict)
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

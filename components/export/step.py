@@ -55,6 +55,7 @@ from kfp_finetune.components.core.fsutil import (
     read_json,
     write_json,
 )
+from kfp_finetune.components.core.modelio import PIXEL_ENDPOINT
 from kfp_finetune.components.core.params import add_arguments, by_name, config_kwargs
 from kfp_finetune.components.evaluate.calibration import LOG_FLOOR
 from kfp_finetune.components.evaluate.release_params import EXPORT as PARAMS
@@ -203,7 +204,7 @@ def write_saved_model(model: "keras.Model", class_names: list[str], directory: s
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(name=SIGNATURE, fn=serve)
-    archive.add_endpoint(name="predict_pixels", fn=predict_pixels)
+    archive.add_endpoint(name=PIXEL_ENDPOINT, fn=predict_pixels)
     archive.write_out(str(directory), verbose=False)
 
 
@@ -364,7 +365,8 @@ def _write_export(config: ExportConfig, model: "keras.Model", meta: dict[str, An
             write_json(tmp / "evaluation.json", {**evaluation, "tflite": tflite} if tflite else evaluation)
             tflite_export.copy_report(config.evaluation, tmp, tflite)
         done = {
-            "signature": SIGNATURE, "inputs": {INPUT_NAME: "tf.string [None]: encoded JPEG/PNG, any size"},
+            "signature": SIGNATURE, "endpoints": [SIGNATURE, PIXEL_ENDPOINT],
+            "inputs": {INPUT_NAME: "tf.string [None]: encoded JPEG/PNG, any size"},
             "outputs": {"probabilities": f"float32 [None, {len(class_names)}]: softmax(logits / temperature)",
                         "class_id": "int32 [None]", "class_name": "string [None]",
                         "logits": f"float32 [None, {len(class_names)}]: log of the model's probabilities"},

@@ -33,6 +33,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -42,6 +43,7 @@ from kfp.dsl import Dataset, Output
 
 from kfp_finetune.components.core import faults, gcs, settings
 from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.core.modelio import PIXEL_ENDPOINT
 from kfp_finetune.components.core.params import add_arguments, by_name, config_kwargs
 from kfp_finetune.components.predict.inputs import (  # noqa: F401  (re-exported: the reading and writing side of predict)
     TF_FORMATS,
@@ -61,7 +63,6 @@ OUTPUT_FORMATS = (".jsonl", ".csv")
 _DEFAULT = {name: p.default for name, p in by_name(PREDICT).items()}
 DEFAULT_BATCH = _DEFAULT["batch_size"]
 DEFAULT_TOP_K = _DEFAULT["top_k"]
-PIXEL_ENDPOINT = "predict_pixels"
 CHUNK = 16  # files per hand-over from the reader threads to tf.data
 
 
@@ -112,16 +113,20 @@ class PredictResult:
 
 
 class Classifier:
-    """A loaded model: `size`, `class_names` and `probabilities(pixels | bytes)` for a batch."""
+    """A loaded model: `size`, `class_names` and `probabilities(pixels | bytes)` for a batch.
 
-    def __init__(self, path: str) -> None:
-        import tensorflow as tf
+    With `background=True`, when the folder's metadata already says how the model is fed (its input size, and for
+    an export that it has the pixel endpoint), the model loads on a thread while the caller starts reading and
+    decoding the images; `probabilities` (or `ready`) waits for it and raises its error, if any.
+    """
 
+    def __init__(self, path: str, background: bool = False) -> None:
         from kfp_finetune.components.core import modelio
 
         self.path = path
         root = Path(path)
         self._bytes_fn: Callable[[Any], Any] | None = None
+        self._pending: Future | None = None
         if root.suffix == ".tflite":
             self._load_tflite(root)
             return
@@ -130,31 +135,63 @@ class Classifier:
         if not self.class_names:
             raise UserError(f"--model {path}: model.json has no class_names (give a trained classifier)")
         if (root / modelio.MODEL_FILE).is_file():
-            model, _ = modelio.load_model(root)
-            self.size = modelio.input_size(model, f"--model {path}")
-            forward = tf.function(lambda x: model(x, training=False),
-                                  input_signature=[tf.TensorSpec([None, self.size, self.size, 3], tf.float32)])
-            self._pixels_fn = forward
             self.kind = "keras"
+            declared = int((self.meta.get("backbone") or {}).get("input_size") or 0)
+            load = self._load_keras
         elif (root / "saved_model.pb").is_file():
-            loaded = tf.saved_model.load(str(root))
-            self._loaded = loaded  # keeps the variables alive
             export_info = json.loads((root / "export.json").read_text()) if (root / "export.json").is_file() else {}
             self.size = int(export_info.get("input_size") or self.meta.get("input_size") or 0)
-            endpoint = getattr(loaded, PIXEL_ENDPOINT, None)
-            if endpoint is not None and self.size:
-                self._pixels_fn = endpoint
-                self.kind = "saved_model"
-            else:  # an export written before the pixel endpoint: feed encoded bytes to serving_default
-                signature = loaded.signatures["serving_default"]
-                self._pixels_fn = None
-                self._bytes_fn = lambda b: signature(image_bytes=b)["probabilities"]
-                self.kind = "saved_model (bytes)"
             if not self.size:
                 raise UserError(f"--model {path}: export.json/model.json give no input_size")
+            self.kind = "saved_model"
+            declared = self.size if PIXEL_ENDPOINT in (export_info.get("endpoints") or ()) else 0
+            load = self._load_saved_model
         else:
             raise UserError(f"--model {path}: neither model.keras (a Model artifact) nor saved_model.pb (an export)")
-        log.info("model %s (%s, %d classes, %dx%d)", path, self.kind, len(self.class_names), self.size, self.size)
+        if background and declared:
+            self.size = declared
+            pool = ThreadPoolExecutor(1, thread_name_prefix="predict-model")
+            self._pending = pool.submit(load, root, declared)
+            pool.shutdown(wait=False)  # the thread ends with the load; `ready` waits for it
+        else:
+            load(root, 0)
+        log.info("model %s (%s, %d classes, %dx%d)%s", path, self.kind, len(self.class_names), self.size, self.size,
+                 ", loading while the first images are read" if self._pending else "")
+
+    def _load_keras(self, root: Path, declared: int) -> None:
+        import tensorflow as tf
+
+        from kfp_finetune.components.core import modelio
+
+        model, _ = modelio.load_model(root)
+        size = modelio.input_size(model, f"--model {self.path}")
+        if declared and size != declared:
+            raise UserError(f"--model {self.path}: model.json says input size {declared}, the model takes {size}")
+        self.size = size
+        self._pixels_fn = tf.function(lambda x: model(x, training=False),
+                                      input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+
+    def _load_saved_model(self, root: Path, declared: int) -> None:
+        import tensorflow as tf
+
+        loaded = tf.saved_model.load(str(root))
+        self._loaded = loaded  # keeps the variables alive
+        endpoint = getattr(loaded, PIXEL_ENDPOINT, None)
+        if endpoint is not None:
+            self._pixels_fn = endpoint
+        elif declared:
+            raise UserError(f"--model {self.path}: export.json lists {PIXEL_ENDPOINT}, the SavedModel lacks it")
+        else:  # an export written before the pixel endpoint: feed encoded bytes to serving_default
+            signature = loaded.signatures["serving_default"]
+            self._pixels_fn = None
+            self._bytes_fn = lambda b: signature(image_bytes=b)["probabilities"]
+            self.kind = "saved_model (bytes)"
+
+    def ready(self) -> None:
+        """Wait for a model loading in the background (no-op otherwise); raises what its loading raised."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
 
     def _load_tflite(self, root: Path) -> None:
         """A .tflite in the LiteRT interpreter, one image per invoke (the interpreter's input is [1, S, S, 3])."""
@@ -181,6 +218,7 @@ class Classifier:
         import numpy as np
         import tensorflow as tf
 
+        self.ready()
         if self._bytes_fn is not None:
             return np.asarray(self._bytes_fn(tf.constant(batch, dtype=tf.string)))
         out = self._pixels_fn(tf.convert_to_tensor(batch, dtype=tf.float32))
@@ -305,7 +343,7 @@ def predict(config: PredictConfig, progress: bool = True) -> PredictResult:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="predict-model-") as staging:
         model_dir = resolve_model(config.model, staging)
-        classifier = Classifier(model_dir)
+        classifier = Classifier(model_dir, background=True)
         names = classifier.class_names
         k = min(config.top_k, len(names))
         files, total = list_inputs(config.input)
@@ -350,6 +388,7 @@ def predict(config: PredictConfig, progress: bool = True) -> PredictResult:
                     _predict_pixels(classifier, iter_items(files, classifier.size, False, workers, window,
                                                            decode=False, root=root),
                                     config.batch_size, k, writer, result, skip, bar, root)
+            classifier.ready()  # no image at all: the model must still have loaded (its errors are predict's)
         except BaseException:
             writer.abort()
             raise

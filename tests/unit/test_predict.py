@@ -104,6 +104,51 @@ def test_predict_local_folder_with_an_export_and_a_model_artifact(chain, exporte
     np.testing.assert_allclose(row["probabilities"], np.sort(expected)[::-1][:2], atol=1e-5)
 
 
+def test_the_model_loads_while_images_are_read_and_its_errors_still_stop_predict(chain, exported, images, tmp_path,
+                                                                                caplog):
+    """Both model kinds load on a thread while the first images are read and decoded (their metadata gives the input
+    size, and export.json lists the pixel endpoint). An export without that list (written before it) loads first,
+    as before, with the same rows. A model that fails to load fails predict, even with no image to wait for it,
+    and leaves no output behind; a model.json whose input size is not the model's is refused."""
+    import logging
+
+    real = images / "real" / "square"
+    with caplog.at_level(logging.INFO, logger="kfp_finetune.predict"):
+        for name, model in (("export", exported), ("model", chain.strong)):
+            predict(PredictConfig(model=str(model), input=str(real), output=str(tmp_path / f"{name}.jsonl")),
+                    progress=False)
+            assert f"model {model} (" in caplog.text and "loading while the first images are read" in caplog.text
+            caplog.clear()
+    older = tmp_path / "older_export"
+    shutil.copytree(exported, older)
+    info = json.loads((older / "export.json").read_text())
+    del info["endpoints"]
+    (older / "export.json").write_text(json.dumps(info))
+    with caplog.at_level(logging.INFO, logger="kfp_finetune.predict"):
+        predict(PredictConfig(model=str(older), input=str(real), output=str(tmp_path / "older.jsonl")), progress=False)
+    assert "loading while" not in caplog.text
+    assert [r["classes"] for r in _rows(tmp_path / "older.jsonl")] == [r["classes"] for r in
+                                                                       _rows(tmp_path / "export.jsonl")]
+
+    broken = tmp_path / "broken_model"
+    shutil.copytree(chain.strong, broken)
+    (broken / "model.keras").write_bytes((broken / "model.keras").read_bytes()[:2000])
+    (tmp_path / "no_images").mkdir()
+    for source in (real, tmp_path / "no_images"):
+        out = tmp_path / "broken" / "rows.jsonl"
+        with pytest.raises(UserError, match="model.keras cannot be loaded"):
+            predict(PredictConfig(model=str(broken), input=str(source), output=str(out)), progress=False)
+        assert (list(out.parent.iterdir()) if out.parent.exists() else []) == []  # nothing half-written
+    lying = tmp_path / "lying_model"
+    shutil.copytree(chain.strong, lying)
+    meta = json.loads((lying / "model.json").read_text())
+    meta["backbone"]["input_size"] = 2 * meta["backbone"]["input_size"]
+    (lying / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="model.json says input size"):
+        predict(PredictConfig(model=str(lying), input=str(real), output=str(tmp_path / "lying.jsonl")), progress=False)
+    assert not (tmp_path / "lying.jsonl").exists()
+
+
 def complete_version(exported: Path, tmp_path: Path) -> Path:
     """A copy of the export that the registry takes as a complete version (it needs its version.json)."""
     version = tmp_path / "version"
