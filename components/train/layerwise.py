@@ -10,6 +10,7 @@ decoupled weight decay with it, as a per-parameter-group rate would). Models are
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -25,8 +26,6 @@ def multipliers(model: keras.Model, ratio: float) -> dict[int, float]:
     """
     import keras
 
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"layer_lr_ratio must be in (0, 1], got {ratio}")
     backbone = model.get_layer("feature_extractor").get_layer("backbone")
     layers = [layer for layer in backbone.layers if not isinstance(layer, keras.layers.InputLayer)]
     last = max(1, len(layers) - 1)
@@ -45,10 +44,12 @@ def layerwise_adamw(model: keras.Model, ratio: float, **kwargs: Any) -> keras.op
 
     if ratio == 1.0:
         return keras.optimizers.AdamW(**kwargs)
-    return _layerwise_adamw(multipliers(model, ratio), **kwargs)
+    return _optimizer_class()(multipliers(model, ratio), **kwargs)
 
 
-def _make_class() -> type:
+@functools.cache
+def _optimizer_class() -> type:
+    """The class, defined once on first use (Keras is imported only when fine-tuning)."""
     import keras
 
     class LayerwiseAdamW(keras.optimizers.AdamW):
@@ -93,12 +94,3 @@ def _make_class() -> type:
 
     return LayerwiseAdamW
 
-
-_CLASS: type | None = None
-
-
-def _layerwise_adamw(factors: dict[int, float], **kwargs: Any) -> keras.optimizers.Optimizer:
-    global _CLASS
-    if _CLASS is None:
-        _CLASS = _make_class()
-    return _CLASS(factors, **kwargs)
