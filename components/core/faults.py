@@ -53,6 +53,16 @@ class Terminated(SystemExit):
 
 # --- SIGTERM --------------------------------------------------------------------------------------------------------
 
+# A fork runs Python's at-fork hooks (logging's lock release, ...); an exception a signal handler raises inside one is
+# printed and dropped ("Exception ignored in: <function _releaseLock>"), so a SIGTERM that lands during a process
+# pool's fork would be lost and the step would run on. While a fork is under way the handler re-sends the signal a
+# moment later instead of raising. The marks are set and cleared by C callables (list methods), in which no Python
+# signal handler can run; registered after logging's hooks, the mark is up before theirs run and down after.
+_FORKING: list[int] = []
+_RESEND_SECONDS = 0.01
+os.register_at_fork(before=functools.partial(_FORKING.append, 1), after_in_parent=_FORKING.pop,
+                    after_in_child=_FORKING.clear)
+
 
 @contextlib.contextmanager
 def on_sigterm(first: Callable[[], None]) -> Iterator[None]:
@@ -67,7 +77,9 @@ def on_sigterm(first: Callable[[], None]) -> Iterator[None]:
 
     def handler(signum: int, frame: Any) -> None:
         nonlocal seen
-        if not seen:
+        if _FORKING:  # inside a fork's hooks a raise would be dropped: deliver it again once the fork is done
+            threading.Timer(_RESEND_SECONDS, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        elif not seen:
             seen = True
             first()
 

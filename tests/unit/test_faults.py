@@ -211,6 +211,52 @@ print(marker)
     assert "terminated (SIGTERM) during demo" in done.stderr
 
 
+def test_a_sigterm_during_a_fork_is_delivered_after_it_not_lost():
+    """A SIGTERM whose handler would run inside a fork's at-fork hooks (where Python drops what it raises: "Exception
+    ignored in: <function _releaseLock>", and the step ran on) is sent again once the fork is done. Part 1 holds the
+    fork mark by hand around the signal: nothing is raised while it is up, Terminated comes after. Part 2 forks
+    while the signal lands in an at-fork hook registered before faults (as logging's): a handler raising there would
+    be dropped."""
+    script = r"""
+import os, signal, sys, time
+armed = []
+def hook():  # registered before faults (as logging's are): the signal lands and is handled inside an at-fork hook
+    if armed:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):
+            pass
+os.register_at_fork(after_in_parent=hook)
+from kfp_finetune.components.core import faults
+try:
+    with faults.sigterm_raises("demo"):
+        faults._FORKING.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(20):
+            time.sleep(0.01)
+        print("not raised during the fork")
+        faults._FORKING.pop()
+        time.sleep(5)
+        print("lost")
+except faults.Terminated as exc:
+    print("terminated", exc.code)
+try:
+    with faults.sigterm_raises("demo"):
+        armed.append(1)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        time.sleep(5)
+        print("lost")
+except faults.Terminated as exc:
+    print("terminated", exc.code)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.stdout.split("\n")[:3] == ["not raised during the fork", "terminated 75", "terminated 75"], (
+        done.stdout, done.stderr)
+    assert "Exception ignored" not in done.stderr, done.stderr
+
+
 def test_is_disk_full_reads_python_and_tensorflow_errors():
     import errno
 
