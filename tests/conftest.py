@@ -22,8 +22,9 @@ SHARED_DATA = Path(os.environ.get("KFP_FINETUNE_SHARED_DATA", REPO.parent / "sha
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests that declare a timeout above the ini default (the long end-to-end runs) go first, longest first, so that
-    under `-n 2` they start at once on their own workers instead of being handed out last and setting the stage's
-    wall time alone. Every other test keeps its order (a stable sort)."""
+    under `-n 2` they start at the beginning instead of being handed out last and setting the stage's wall time
+    alone. (xdist hands out consecutive chunks, so they may share a worker.) Every other test keeps its order (a
+    stable sort)."""
     default = float(config.getini("timeout") or 0)
 
     def declared(item: pytest.Item) -> float:

@@ -37,12 +37,13 @@ from kfp_finetune.components.core.params import ratio as _ratio
 
 BATCH_NORM_MODES = ("auto", "frozen", "train")
 
+CLASS_WEIGHT_MODES = ("auto", "none")
+CACHE_FEATURE_MODES = ("auto", "on", "off")
+
 
 def _lr_ratio(v: Any) -> bool:
     """In (0, 1]."""
     return _ratio(v) and v > 0
-CLASS_WEIGHT_MODES = ("auto", "none")
-CACHE_FEATURE_MODES = ("auto", "on", "off")
 
 
 def _epochs(default: int, pipeline: str, help: str) -> Param:
