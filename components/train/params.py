@@ -36,7 +36,6 @@ from kfp_finetune.components.core.params import positive as _positive
 from kfp_finetune.components.core.params import ratio as _ratio
 
 BATCH_NORM_MODES = ("auto", "frozen", "train")
-
 CLASS_WEIGHT_MODES = ("auto", "none")
 CACHE_FEATURE_MODES = ("auto", "on", "off")
 
