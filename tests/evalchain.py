@@ -7,7 +7,12 @@ random-init backbone) and a model trained on other classes come from the very sa
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import pickle
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests import imagegen
@@ -19,14 +24,28 @@ class Chain:
     """Lazily built artifacts under `root`; every property runs its step the first time it is asked for."""
 
     def __init__(self, root: Path, synthetic_folder: Path, weights_mirror: Path) -> None:
-        self.root, self.synthetic_folder, self.weights_mirror = root, synthetic_folder, weights_mirror
+        self.root, self._given_folder, self.weights_mirror = root, synthetic_folder, weights_mirror
         self._built: dict[str, Path] = {}
         self._results: dict[str, object] = {}
 
+    @property
+    def synthetic_folder(self) -> Path:
+        """The images the chain's datasets are ingested from (reports and datasets name this folder): a copy of the
+        first asking worker's `synthetic_folder` (the same files in every worker), shared like every artifact."""
+        return self._once("synthetic", lambda out: shutil.copytree(self._given_folder, out))
+
     def _once(self, name: str, make) -> Path:  # noqa: ANN001
+        """Build `name` once per test run: the pytest-xdist workers of one run share `root`, so the first worker to
+        ask builds under a lock while another asking waits, then reads it (each used to build its own copy)."""
         if name not in self._built:
-            make(self.root / name)
-            self._built[name] = self.root / name
+            target, done = self.root / name, self.root / f"{name}.done"
+            with _locked(self.root / f"{name}.lock"):
+                if not done.exists():
+                    if target.exists():  # left half-built by a worker whose build failed
+                        shutil.rmtree(target)
+                    make(target)
+                    done.touch()
+            self._built[name] = target
         return self._built[name]
 
     @property
@@ -156,19 +175,39 @@ class Chain:
         from kfp_finetune.components.export.step import ExportConfig, export
 
         def make(out: Path) -> None:
-            self._results["pushed"] = export(ExportConfig(
+            result = export(ExportConfig(
                 model=str(self.strong), output=str(out / "export"), evaluation=str(self.blessed_eval), tflite="both",
                 push_to=str(out / "registry"), **self.PUSH))
+            (out / "result.pickle").write_bytes(pickle.dumps(result))  # for the workers that did not build it
 
         root = self._once("pushed", make)
+        if "pushed" not in self._results:
+            self._results["pushed"] = pickle.loads((root / "result.pickle").read_bytes())
         return self._results["pushed"], root / "export", root / "registry"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 _CHAINS: dict[str, Chain] = {}
 
 
 def get(tmp_path_factory, synthetic_folder: Path, weights_mirror: Path) -> Chain:  # noqa: ANN001
-    """One Chain per test session, shared by every module that asks."""
+    """One Chain per test run, shared by every module that asks and, under pytest-xdist, by every worker: its root
+    is then in the run's base folder (the parent of each worker's), named after the run's id."""
     if "chain" not in _CHAINS:
-        _CHAINS["chain"] = Chain(tmp_path_factory.mktemp("evalchain"), synthetic_folder, weights_mirror)
+        run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+        if run_id:
+            root = tmp_path_factory.getbasetemp().parent / f"evalchain-{run_id}"
+            root.mkdir(exist_ok=True)
+        else:
+            root = tmp_path_factory.mktemp("evalchain")
+        _CHAINS["chain"] = Chain(root, synthetic_folder, weights_mirror)
     return _CHAINS["chain"]
