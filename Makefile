@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Processes for the default suite (pytest-xdist): most tests keep one core busy at a time, so one per core ("auto").
+# --dist loadfile keeps each test module on one worker, so its module-scoped fixtures (trained models) are built once.
 TEST_WORKERS ?= auto
 # Slow tests train real models and run whole pipelines (2-3 GB each): two at a time, whatever the core count.
 SLOW_WORKERS ?= 2
@@ -35,7 +36,7 @@ demo: setup ## run the whole pipeline locally on the embedded sample (the README
 
 test: setup ## lint, then the default test suite, over TEST_WORKERS processes (goal ≤5 minutes on an idle 2-core machine; no slow tests)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not slow" -q -n $(TEST_WORKERS) --durations=10
+	$(BIN)/python -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile --durations=10
 
 test-slow: setup ## the tests marked slow (run in CI too), over SLOW_WORKERS processes (2: 1085 s instead of 1504 s on an idle 2-core machine)
 	$(BIN)/python -m pytest -m slow -q -n $(SLOW_WORKERS) --durations=15 || [ $$? -eq 5 ]  # 5: none collected
