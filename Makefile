@@ -39,7 +39,7 @@ test: setup ## lint, then the default test suite, over TEST_WORKERS processes (g
 	$(BIN)/python -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile --durations=10
 
 test-slow: setup ## the tests marked slow (run in CI too), over SLOW_WORKERS processes (2: 1085 s instead of 1504 s on an idle 2-core machine)
-	$(BIN)/python -m pytest -m slow -q -n $(SLOW_WORKERS) --durations=15 || [ $$? -eq 5 ]  # 5: none collected
+	$(BIN)/python -m pytest -m slow -q -n $(SLOW_WORKERS) --maxschedchunk 1 --durations=15 || [ $$? -eq 5 ]  # 5: none collected
 
 test-all: setup ## every test
 	$(BIN)/python -m pytest -q

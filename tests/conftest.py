@@ -20,19 +20,29 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("KFP_FINETUNE_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
 
 
+@pytest.hookimpl(trylast=True)  # after -m/-k have deselected: the short tests it interleaves are ones that run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests that declare a timeout above the ini default (the long end-to-end runs) go first, longest first, so that
-    under `-n 2` they start at the beginning instead of being handed out last and setting the stage's wall time
-    alone. (xdist hands out consecutive chunks, so they may share a worker.) Every other test keeps its order (a
-    stable sort)."""
+    """Tests that declare a timeout above the ini default (the long end-to-end runs) go first, longest first, each
+    followed by one ordinary test, so that they start at the beginning on different workers instead of being handed
+    out last (setting the stage's wall time alone) or one after another on one worker. `make test-slow` runs xdist
+    with `--maxschedchunk 1`: each worker starts with two consecutive tests (one long, one short), then gets one test
+    at a time as it frees up. Every other test keeps its order (a stable sort)."""
     default = float(config.getini("timeout") or 0)
 
     def declared(item: pytest.Item) -> float:
         marker = item.get_closest_marker("timeout")
         value = float(marker.args[0]) if marker and marker.args else 0.0
-        return -value if value > default else 0.0
+        return value if value > default else 0.0
 
-    items.sort(key=declared)
+    long_first = sorted((item for item in items if declared(item)), key=declared, reverse=True)
+    others = [item for item in items if not declared(item)]
+    ordered: list[pytest.Item] = []
+    for i, item in enumerate(long_first):
+        ordered.append(item)
+        if i < len(others):
+            ordered.append(others[i])
+    ordered += others[len(long_first):]
+    items[:] = ordered
 
 
 # --- shared offline data -------------------------------------------------------------------------------------
