@@ -7,9 +7,18 @@
 # Needs root (apt-get, rootful podman), Debian 12 or similar, and the project's venv (.venv; `make setup` makes it
 # when missing). No container registry is needed: the Python base image is built from Debian packages
 # (images/base.sh). The host's extra CA certificates (/usr/local/share/ca-certificates, for TLS-intercepting
-# proxies) are passed to the build. Run by .ci/run after the test stages; runnable alone: .ci/container-test.sh
+# proxies) are passed to the build. Runnable alone: .ci/container-test.sh
+#
+# Two halves: `.ci/container-test.sh build` (apt-get, the base image, the cpu image: mostly network and disk) and
+# `.ci/container-test.sh run` (the demo and the failing run in the image; builds the image first if it is missing).
+# No argument: both. .ci/run starts `build` in the background before the test stages and `run` after them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mode=${1:-all}
+case $mode in
+    all | build | run) ;;
+    *) echo "usage: $0 [build|run]   (no argument: both)" >&2; exit 2 ;;
+esac
 
 started=$SECONDS
 phase_started=$SECONDS
@@ -31,18 +40,9 @@ VENV=${VENV:-.venv}
 BASE_IMAGE=${BASE_IMAGE:-localhost/kfp-finetune-python:3.11-bookworm}
 IMAGE_NAME=${IMAGE_NAME:-localhost/kfp-finetune}
 
-phase "apt-get install podman and friends"
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq podman buildah mmdebstrap runc uidmap slirp4netns fuse-overlayfs >/dev/null
-podman --version
-
-if [[ ! -x $VENV/bin/kfp-finetune ]]; then
-    phase "make setup"
-    make setup
-fi
-"$VENV/bin/python" -c 'import docker' 2>/dev/null || fail "the docker package is missing from $VENV: re-run make setup"
-version=$("$VENV/bin/python" -c 'import kfp_finetune.components as c; print(c.__version__)')
+# The version as the Makefile reads it (the build half runs before `make setup` has made the venv).
+version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' components/__init__.py)
+[[ -n $version ]] || fail "no __version__ in components/__init__.py"
 image="$IMAGE_NAME:$version"
 
 # Everything of this stage lives here; every folder a step's container reads must be enterable by uid 1000.
@@ -71,22 +71,48 @@ EOF
 export CONTAINERS_CONF=$work/containers.conf
 export CONTAINER_ENGINE=podman
 
-phase "base image $BASE_IMAGE (mmdebstrap + podman import)"
-images/base.sh "$BASE_IMAGE"
+build() {
+    phase "apt-get install podman and friends"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq podman buildah mmdebstrap runc uidmap slirp4netns fuse-overlayfs >/dev/null
+    podman --version
 
-phase "make image TARGETS=cpu ($image)"
-ca_args=()
-shopt -s nullglob
-extra_cas=(/usr/local/share/ca-certificates/*.crt /usr/local/share/ca-certificates/*/*.crt)
-shopt -u nullglob
-if (( ${#extra_cas[@]} )); then
-    cat "${extra_cas[@]}" >"$work/extra-ca.pem"
-    ca_args=(EXTRA_CA_CERTS="$work/extra-ca.pem")
-    echo "passing ${#extra_cas[@]} extra CA certificate file(s) to the build"
+    phase "base image $BASE_IMAGE (mmdebstrap + podman import)"
+    images/base.sh "$BASE_IMAGE"
+
+    phase "make image TARGETS=cpu ($image)"
+    ca_args=()
+    shopt -s nullglob
+    extra_cas=(/usr/local/share/ca-certificates/*.crt /usr/local/share/ca-certificates/*/*.crt)
+    shopt -u nullglob
+    if (( ${#extra_cas[@]} )); then
+        cat "${extra_cas[@]}" >"$work/extra-ca.pem"
+        ca_args=(EXTRA_CA_CERTS="$work/extra-ca.pem")
+        echo "passing ${#extra_cas[@]} extra CA certificate file(s) to the build"
+    fi
+    make image TARGETS=cpu PYTHON_IMAGE="$BASE_IMAGE" IMAGE_NAME="$IMAGE_NAME" "${ca_args[@]}"
+    podman run --rm "$image" sh -c 'test "$(id -u)" = 1000 && python -c "import tensorflow, kfp, kfp_finetune.components, kfp_finetune.pipelines"' \
+        || fail "$image does not run as uid 1000 with TensorFlow, kfp and kfp-finetune importable"
+}
+
+if [[ $mode == build ]]; then
+    build
+    phase ""
+    echo "== container-test: image built in $((SECONDS - started)) s"
+    exit 0
 fi
-make image TARGETS=cpu PYTHON_IMAGE="$BASE_IMAGE" IMAGE_NAME="$IMAGE_NAME" "${ca_args[@]}"
-podman run --rm "$image" sh -c 'test "$(id -u)" = 1000 && python -c "import tensorflow, kfp, kfp_finetune.components, kfp_finetune.pipelines"' \
-    || fail "$image does not run as uid 1000 with TensorFlow, kfp and kfp-finetune importable"
+# `run` alone builds when this commit's image is missing (tagged VERSION-GIT_SHA by `make image`).
+commit_image="$image-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
+if [[ $mode == all ]] || ! command -v podman >/dev/null || ! podman image exists "$commit_image"; then
+    build
+fi
+
+if [[ ! -x $VENV/bin/kfp-finetune ]]; then
+    phase "make setup"
+    make setup
+fi
+"$VENV/bin/python" -c 'import docker' 2>/dev/null || fail "the docker package is missing from $VENV: re-run make setup"
 
 phase "podman's Docker-compatible socket"
 socket=$work/podman.sock
