@@ -26,8 +26,12 @@ def make_version_dir(tmp_path: Path, name: str, accuracy: float = 0.9, fingerpri
     for i in range(big_files):
         (folder / "variables").mkdir(exist_ok=True)
         (folder / "variables" / f"shard-{i}.bin").write_bytes(os.urandom(8 << 20))
+    # One clock reading for the seconds and the fraction: read apart, a second could tick between them and a later
+    # version be stamped older (rollback then found v2 "the oldest version", once in CI).
+    now = time.time_ns()
+    created = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now // 10**9)) + f".{now % 10**9:09d}Z"
     (folder / registry.VERSION_FILE).write_text(json.dumps({
-        "version": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S") + f".{time.time_ns() % 10**9:09d}Z",
+        "version": name, "created": created,
         "metrics": {"accuracy": accuracy}, "data_fingerprint": fingerprint, "class_names": ["a", "b"]}))
     return folder
 
