@@ -151,7 +151,7 @@ def _train_head(config: HeadConfig, info: "DatasetInfo", n_train: int, cluster: 
             train_ds = shuffled_by_epoch(tf.data.Dataset.from_tensor_slices((train_x, train_y)), n,
                                          config.batch_size, config.seed, preemption.epoch)
             val_ds = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(config.batch_size)
-            initial_epoch = _resume(preemption, head_only, steps_per_epoch, history, val_ds)
+            initial_epoch = _resume(preemption, head_only, steps_per_epoch, history)
             head_only.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
                           class_weight=class_weight, callbacks=[*callbacks, preemption.callback()],
                           verbose=_verbose(), shuffle=False)
@@ -160,7 +160,7 @@ def _train_head(config: HeadConfig, info: "DatasetInfo", n_train: int, cluster: 
                                     ordered=config.determinism != "off",
                                     epoch=preemption.epoch if cluster.num_workers == 1 else None)
             val_ds = make_dataset(info, "validation", size, config.batch_size, training=False)
-            initial_epoch = _resume(preemption, model, steps_per_epoch, history, val_ds)
+            initial_epoch = _resume(preemption, model, steps_per_epoch, history)
             with fit_scope(model, cluster):
                 model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
                           class_weight=class_weight, callbacks=[*callbacks, preemption.callback()],
@@ -176,12 +176,11 @@ def _train_head(config: HeadConfig, info: "DatasetInfo", n_train: int, cluster: 
     return result
 
 
-def _resume(preemption: Preemption, model: "keras.Model", steps_per_epoch: int, history: dict[str, list[float]],
-            val_ds: "tf.data.Dataset") -> int:
+def _resume(preemption: Preemption, model: "keras.Model", steps_per_epoch: int,
+            history: dict[str, list[float]]) -> int:
     """Restore the newest checkpoint into `model` (if any); the epoch fit starts from."""
     preemption.attach(model, steps_per_epoch, history)
-    # A fresh model has not built its compiled metrics yet; one validation batch builds them.
-    resumed = preemption.resume(build_metrics=lambda: model.evaluate(val_ds.take(1), verbose=0))
+    resumed = preemption.resume()
     if resumed is None:
         return 0
     if resumed.step:

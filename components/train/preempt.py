@@ -35,7 +35,6 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -162,11 +161,11 @@ class Preemption:
         self.model, self.steps_per_epoch, self.history = model, steps_per_epoch, history
         self.keeper, self.early_stopping = keeper, early_stopping
 
-    def resume(self, build_metrics: Callable[[], Any] | None = None) -> Position | None:
+    def resume(self) -> Position | None:
         """Load the newest checkpoint into the attached model and callbacks; None when starting afresh.
 
-        `build_metrics`: called when the model's compiled metrics have no variables yet (a fresh process that has
-        not evaluated), so that the epoch's running sums can be put back.
+        The model's optimizer and compiled metrics have their variables already (components/train/model.py builds
+        them at compile), so the optimizer's state and the epoch's running sums can be put back.
         """
         if self.store is None:
             return None
@@ -183,11 +182,7 @@ class Preemption:
                         state.get("steps_per_epoch"), self.steps_per_epoch, self.phase)
             return None
         model = self.model
-        if arrays["metrics"] and len(_metric_variables(model)) != len(arrays["metrics"]) and build_metrics:
-            build_metrics()
         optimizer = model.optimizer
-        if not optimizer.built:
-            optimizer.build(model.trainable_variables)
         _assign(model.variables, arrays["model"], f"{self.store.uri}/{name}", "model")
         _assign(optimizer.variables, arrays["optimizer"], f"{self.store.uri}/{name}", "optimizer")
         position = Position(**state["position"])
