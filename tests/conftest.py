@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     followed by one ordinary test, so that they start at the beginning on different workers instead of being handed
     out last (setting the stage's wall time alone) or one after another on one worker. `make test-slow` runs xdist
     with `--maxschedchunk 1`: each worker starts with two consecutive tests (one long, one short), then gets one test
-    at a time as it frees up. Every other test keeps its order (a stable sort)."""
+    at a time as it frees up. The other tests keep their collected order."""
     default = float(config.getini("timeout") or 0)
 
     def declared(item: pytest.Item) -> float:
