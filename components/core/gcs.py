@@ -55,14 +55,16 @@ NO_CREDENTIALS = ("no Google Cloud credentials for gs:// access: run `gcloud aut
                   "service account is used)")
 
 
-def list_blobs(uri: str, gcs: storage.Client | None = None) -> list[storage.Blob]:
-    """Every object under a gs:// prefix (treated as a folder), sorted by name."""
+def list_blobs(uri: str, gcs: storage.Client | None = None, retry: Any = None) -> list[storage.Blob]:
+    """Every object under a gs:// prefix (treated as a folder), sorted by name. `retry`: the client's retry policy
+    (None: its default, which retries for up to 120 s)."""
     gcs = gcs or client()
     bucket, prefix = split_uri(uri)
     if prefix and not prefix.endswith("/"):
         prefix += "/"
+    kwargs = {} if retry is None else {"retry": retry}
     try:
-        blobs = [b for b in gcs.list_blobs(bucket, prefix=prefix) if not b.name.endswith("/")]
+        blobs = [b for b in gcs.list_blobs(bucket, prefix=prefix, **kwargs) if not b.name.endswith("/")]
     except Exception as exc:  # google.api_core errors, connection errors
         raise UserError(f"cannot list {uri}: {_short(exc)}") from exc
     return sorted(blobs, key=lambda b: b.name)

@@ -353,7 +353,7 @@ def upload_version(local_dir: Path, record: Path, push_to: str, target: str, ret
         gcs.upload_many(files, [f"{target}/{p.relative_to(local_dir).as_posix()}" for p in files], retry=retry)
         gcs.upload_many([record], [f"{target}/{VERSION_FILE}"], retry=retry)
     except UserError as exc:
-        delete_partial(target)
+        delete_partial(target, retry)
         raise UserError(f"push to {target} failed, LATEST not changed: {exc}") from exc
     log.info("pushed %d files to %s", len(files) + 1, target)
 
@@ -383,11 +383,14 @@ def place_local(local_dir: Path, record: Path, target: Path) -> None:
         raise
 
 
-def delete_partial(target: str) -> None:
-    """Best effort: delete a partial version (it may be unreachable too; it stays invisible without version.json)."""
+def delete_partial(target: str, retry: Any = None) -> None:
+    """Best effort: delete a partial version (it may be unreachable too; it stays invisible without version.json).
+    `retry`: the push's own retry policy, so that a destination that stopped answering costs the cleanup no more
+    than it cost the upload (None: the client's default, up to 120 s)."""
+    kwargs = {} if retry is None else {"retry": retry}
     try:
-        for blob in gcs.list_blobs(target):
-            blob.delete()
+        for blob in gcs.list_blobs(target, retry=retry):
+            blob.delete(**kwargs)
         log.info("deleted the partial version %s", target)
     except Exception as exc:  # the destination may be the very thing that failed
         log.warning("could not delete the partial version %s (%s); it has no %s, so nothing uses it",

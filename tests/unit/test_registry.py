@@ -99,7 +99,7 @@ def test_gcs_versions_and_rollback(tmp_path, gcs_bucket, capsys):
     assert not [b for b in gcs_bucket.list_blobs() if "probe" in b.name]
 
 
-@pytest.mark.slow  # ~2 min: the emulator is stopped and restarted mid-transfer, waiting out client retries
+@pytest.mark.slow  # ~25 s: the emulator is stopped and restarted mid-transfer, waiting out the push's 3 s retries
 def test_emulator_stopped_mid_push_leaves_nothing_visible(tmp_path, monkeypatch):
     from kfp_finetune.components.core import gcs
 
