@@ -555,10 +555,12 @@ def test_fused_adamw_steps_like_keras_adamw() -> None:
     rng = np.random.default_rng(0)
     x, y = rng.random((16, 8, 8, 3), dtype=np.float32), np.arange(16) % 3
     results = []
-    for make in (keras.optimizers.AdamW, lambda **kw: layerwise.layerwise_adamw(model, 1.0, **kw)):
+    for fused in (False, True):
         model = build()
         schedule = keras.optimizers.schedules.CosineDecay(0.0, 10, warmup_target=1e-2, warmup_steps=1)
-        optimizer = make(learning_rate=schedule, weight_decay=0.3)
+        settings = {"learning_rate": schedule, "weight_decay": 0.3}
+        optimizer = (layerwise.layerwise_adamw(model, 1.0, **settings) if fused
+                     else keras.optimizers.AdamW(**settings))
         model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
         results.append(([np.array(v) for v in model.trainable_variables],
@@ -566,7 +568,8 @@ def test_fused_adamw_steps_like_keras_adamw() -> None:
     assert type(optimizer).__name__ == "FusedAdamW"
     (w_keras, slots_keras, steps_keras), (w_fused, slots_fused, steps_fused) = results
     assert steps_keras == steps_fused == 2
-    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(w_keras, [np.array(v) for v in build().weights]))
+    start = [np.array(v) for v in build().weights]
+    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(w_keras, start, strict=True))
     assert moved > 1e-3  # the steps are real
     for a, b in zip(w_keras + slots_keras, w_fused + slots_fused, strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
