@@ -4,7 +4,7 @@
 - `run` compiles the pipeline (to OUTPUT/pipeline.yaml) or takes `--package`, and executes that YAML locally
   through kfp.local, offline: each step a subprocess (`SubprocessRunner(use_venv=False)`), or with `--runner docker`
   a container of the image (`DockerRunner`, Docker or podman). One line per step; full logs in OUTPUT/logs. With no
-  `--source` it runs on an embedded sample (scikit-learn's handwritten digits written out as images).
+  `--source` it runs on an embedded sample (the UCI handwritten digits, pipelines/sample/, written out as images).
 - `submit` / `schedule` send the compiled pipeline to a KFP endpoint (`kfp.Client`) or to Vertex AI Pipelines
   (`aiplatform.PipelineJob`), after checking every `--param` against the compiled pipeline's inputs, before any
   network call. Building the request and sending it are separate functions so that tests check the request.
@@ -151,7 +151,7 @@ def run_command(args: argparse.Namespace) -> int:
         source = output / "sample_digits"
         if not source.is_dir():
             write_demo_dataset(source)
-        log.info("no --source: running the demo on scikit-learn's handwritten digits (%s)", source)
+        log.info("no --source: running the demo on the embedded handwritten digits (%s)", source)
         defaults["source"] = str(source.resolve())
     else:
         defaults["source"] = _local_or_uri(args.source)
@@ -227,7 +227,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         "run", help="run the whole pipeline locally (kfp.local); no --source: the embedded demo",
         description="Compile the pipeline to OUTPUT/pipeline.yaml (or take --package) and run that YAML locally "
                     "through kfp.local, offline: one line per step, full logs in OUTPUT/logs. Without --source it "
-                    "runs on scikit-learn's handwritten digits. Local defaults (override with --param): "
+                    "runs on the embedded handwritten digits. Local defaults (override with --param): "
                     + ", ".join(f"{k}={v}" for k, v in LOCAL_DEFAULTS.items()),
     )
     p.add_argument("--source", help="images: a class-per-folder directory, a CSV manifest, or a gs:// URI")

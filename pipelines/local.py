@@ -1,5 +1,5 @@
 """`kfp-finetune run`: the whole pipeline locally through `kfp.local.SubprocessRunner(use_venv=False)`, offline;
-with no `--source` it runs on an embedded sample (scikit-learn's handwritten digits written out as images).
+with no `--source` it runs on an embedded sample (the UCI handwritten digits, pipelines/sample/, written out as images).
 """
 
 import logging
@@ -26,7 +26,7 @@ LOCAL_DEFAULTS: dict[str, Any] = {
     "image_size": 160,
     "min_accuracy": 0.5,
 }
-# The no-argument demo: scikit-learn's 8x8 digits, upscaled, with the default recipe's epochs (a shorter fine-tune
+# The no-argument demo: the embedded 8x8 digits, upscaled, with the default recipe's epochs (a shorter fine-tune
 # with BatchNorm training scored 0.2: 2 epochs are too few steps for the moving statistics to follow the new data).
 DEMO_DEFAULTS: dict[str, Any] = {
     **LOCAL_DEFAULTS,
@@ -35,22 +35,27 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "augment": False,
 }
 DEMO_PER_CLASS = 100
+SAMPLE_DIGITS = Path(__file__).parent / "sample" / "digits.csv.gz"
 DEMO_PIXELS = 32
 
 
 def write_demo_dataset(folder: str | os.PathLike, per_class: int = DEMO_PER_CLASS, pixels: int = DEMO_PIXELS) -> Path:
-    """scikit-learn's handwritten digits (shipped with scikit-learn, no download) as PNGs, one folder per digit.
+    """The UCI handwritten digits embedded in this package (pipelines/sample/DIGITS.md: the copy scikit-learn ships,
+    no download) as PNGs, one folder per digit, the first `per_class` of each in the file's order.
 
     The 8x8, 17-level images are stretched to 0..255 and upscaled (nearest) to `pixels` x `pixels`.
     """
+    import gzip
+
     import numpy as np
     from PIL import Image
-    from sklearn.datasets import load_digits
 
     folder = Path(folder)
-    digits = load_digits()
+    with gzip.open(SAMPLE_DIGITS, "rt") as f:
+        rows = np.loadtxt(f, delimiter=",")
+    images, targets = rows[:, :-1].reshape(-1, 8, 8), rows[:, -1].astype(int)
     counts: dict[int, int] = {}
-    for image, label in zip(digits.images, digits.target, strict=True):
+    for image, label in zip(images, targets, strict=True):
         label = int(label)
         if counts.get(label, 0) >= per_class:
             continue
@@ -60,8 +65,8 @@ def write_demo_dataset(folder: str | os.PathLike, per_class: int = DEMO_PER_CLAS
         out.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels_u8, mode="L").resize((pixels, pixels), Image.NEAREST).save(out)
     (folder / "SOURCE.txt").write_text(
-        "scikit-learn's copy of the UCI ML hand-written digits dataset (sklearn.datasets.load_digits), "
-        "written out as PNG by `kfp-finetune run`.\n"
+        "The UCI ML hand-written digits (Alpaydin and Kaynak, 1998; CC BY 4.0; the copy scikit-learn ships), "
+        "written out as PNG by `kfp-finetune run`. Source and license: pipelines/sample/DIGITS.md in kfp-finetune.\n"
     )
     return folder
 

@@ -25,7 +25,7 @@ from kfp_finetune.components.dataprofile.neardup import HashRecord, Pair, find_p
 
 POLICIES = ("move", "report")
 # A group larger than this is not one photo and its edits but a chain of look-alikes joined through different photos
-# (on scikit-learn's digits one chain holds 1,291 of the 1,797 images; on 300 generated 64 px shapes, four chains of
+# (on the demo's digits one chain holds 1,291 of the 1,797 images; on 300 generated 64 px shapes, four chains of
 # 32-49). Moving it would empty the evaluation splits, so it is reported and not moved. Flowers' groups: all 2.
 MAX_GROUP = 8
 DEFAULT_POLICY = "move"

@@ -9,12 +9,13 @@ temperature scaling fitted on the validation split.
 - Temperature scaling: the classifier's head is a softmax, so log(p) are its logits up to a per-row constant, to
   which softmax is blind. Calibrated probabilities are softmax(log(p) / T) with one scalar T > 0, fitted by
   minimising the NLL on the validation split (never on test) with a bounded 1-D search over log T in
-  [log T_MIN, log T_MAX] (scipy's minimize_scalar). T > 1 softens over-confident models, T < 1 sharpens
+  [log T_MIN, log T_MAX] (a golden-section search, to 1e-5 in log T: the NLL is unimodal in log T, being convex
+  in 1/T). T > 1 softens over-confident models, T < 1 sharpens
   under-confident ones (label smoothing, our default 0.1, makes models under-confident); argmax never changes, so
   accuracy does not either. A validation split the model gets all right (or all wrong) has no finite optimum (the
   NLL keeps falling as T -> 0): the fit is recorded (`fitted_temperature`, `status` "separated") and T = 1.
 
-Pure NumPy/SciPy: no TensorFlow import. evaluate stores the result in evaluation.json `calibration` (see
+Pure NumPy: no TensorFlow import. evaluate stores the result in evaluation.json `calibration` (see
 `measure`); export reads `calibration.temperature` from there and applies it in the serving signature.
 """
 
@@ -86,8 +87,6 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
 
 def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
     """The T in [T_MIN, T_MAX] that minimises the NLL of softmax(log(p) / T) on these examples."""
-    from scipy.optimize import minimize_scalar
-
     logits = logits_from_probabilities(probabilities)
     labels = np.asarray(labels)
 
@@ -97,9 +96,29 @@ def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
         log_norm = np.log(np.exp(z).sum(axis=1))
         return float(np.mean(log_norm - z[np.arange(len(labels)), labels]))
 
-    found = minimize_scalar(objective, bounds=(math.log(T_MIN), math.log(T_MAX)), method="bounded",
-                            options={"xatol": 1e-5})
-    return float(math.exp(found.x))
+    return float(math.exp(_golden_section_minimum(objective, math.log(T_MIN), math.log(T_MAX), XATOL)))
+
+
+XATOL = 1e-5  # in log T
+_INVERSE_PHI = (math.sqrt(5) - 1) / 2
+
+
+def _golden_section_minimum(f: Any, low: float, high: float, xatol: float) -> float:
+    """The x in [low, high] minimising a unimodal f, to within xatol (the bracket's end where f is lowest there)."""
+    a, b = low, high
+    c, d = b - _INVERSE_PHI * (b - a), a + _INVERSE_PHI * (b - a)
+    fc, fd = f(c), f(d)
+    while b - a > xatol:
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - _INVERSE_PHI * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + _INVERSE_PHI * (b - a)
+            fd = f(d)
+    candidates = [(f(low), low), (f(high), high), (min(fc, fd), c if fc <= fd else d)]
+    return min(candidates)[1]
 
 
 def summary(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:

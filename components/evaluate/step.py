@@ -159,11 +159,8 @@ def top_k(num_classes: int) -> int:
 
 def compute_metrics(pred: Predictions, class_names: list[str]) -> dict[str, Any]:
     """Scalars, per-class scores and the confusion matrix from predictions."""
-    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
-
     labels, probs = pred.labels, pred.probabilities
     n_cls = len(class_names)
-    ids = list(range(n_cls))
     predicted = probs.argmax(axis=1)
     k = top_k(n_cls)
     # Rank of the true class = how many classes scored strictly higher (what tf.math.in_top_k does with no ties).
@@ -171,16 +168,20 @@ def compute_metrics(pred: Predictions, class_names: list[str]) -> dict[str, Any]
     rank = (probs > true_p[:, None]).sum(axis=1)
     eps = 1e-7  # Keras clips probabilities to [eps, 1 - eps] in its cross-entropy
     loss = float(np.mean(-np.log(np.clip(true_p.astype(np.float64), eps, 1 - eps))))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        labels, predicted, labels=ids, zero_division=0)
+    confusion = np.zeros((n_cls, n_cls), dtype=np.int64)  # [true, predicted]
+    np.add.at(confusion, (labels, predicted), 1)
+    correct, support, predicted_as = np.diag(confusion), confusion.sum(axis=1), confusion.sum(axis=0)
+    # As scikit-learn's precision_recall_fscore_support(..., zero_division=0): 0 where a ratio has nothing below it.
+    precision, recall, f1 = (_ratio(correct, predicted_as), _ratio(correct, support),
+                             _ratio(2 * correct, predicted_as + support))
     return {
         "metrics": {
             "accuracy": float(np.mean(predicted == labels)),
             "loss": loss,
             "top_k": k,
             "top_k_accuracy": float(np.mean(rank < k)),
-            "macro_f1": float(f1_score(labels, predicted, labels=ids, average="macro", zero_division=0)),
-            "weighted_f1": float(f1_score(labels, predicted, labels=ids, average="weighted", zero_division=0)),
+            "macro_f1": float(np.mean(f1)),
+            "weighted_f1": float(np.sum(f1 * support) / max(1, int(np.sum(support)))),
             "num_examples": int(len(labels)),
             "num_correct": int(np.sum(predicted == labels)),
         },
@@ -189,8 +190,13 @@ def compute_metrics(pred: Predictions, class_names: list[str]) -> dict[str, Any]
                    "support": int(support[i])}
             for i, name in enumerate(class_names)
         },
-        "confusion_matrix": confusion_matrix(labels, predicted, labels=ids).astype(int).tolist(),
+        "confusion_matrix": confusion.astype(int).tolist(),
     }
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator per class, 0 where the denominator is 0."""
+    return np.divide(numerator, denominator, out=np.zeros(len(numerator)), where=denominator > 0)
 
 
 def worst_mistakes(pred: Predictions, limit: int = MAX_MISTAKES) -> list[tuple[int, int, int, float]]:

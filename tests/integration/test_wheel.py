@@ -59,6 +59,8 @@ def test_the_wheel_installs_beside_a_users_own_pipelines_and_components(tmp_path
                       for p in (REPO / top).rglob("__init__.py"))
     missing = [p for p in packages if f"kfp_finetune/{p}/__init__.py" not in names]
     assert not missing, f"packages missing from the wheel (add them to setup.cfg's packages): {missing}"
+    # the demo's embedded sample and its license travel with the code that reads them
+    assert {"kfp_finetune/pipelines/sample/digits.csv.gz", "kfp_finetune/pipelines/sample/DIGITS.md"} <= set(names)
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, env=env)
