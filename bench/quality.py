@@ -67,6 +67,12 @@ GOAL = 0.93  # issue 21: the default's mean test accuracy across splits on Mobil
 # Since the preemption work each epoch's input order is a function of (seed, epoch): the same seed trains another
 # (equally valid) model than before. New runs carry this in their key, so they pair only with runs of the same order.
 DATA_ORDER = "per-seed-epoch"
+# fine_tune's optimizer became FusedAdamW (components/train/layerwise.py): Keras's AdamW rule in one kernel per
+# variable, equal to float32 rounding per step; over a fine-tune those roundings grow into another (equally valid)
+# model, so new runs carry it in their key too and pair only with runs of the same optimizer.
+OPTIMIZER = "fused-adamw"
+# The keys' eras, newest first: each one down drops the newest thing from the key.
+KEY_ERAS = ("current", "keras_adamw", "before")
 
 log = logging.getLogger("bench.quality")
 
@@ -153,10 +159,11 @@ ADDED_LATER: dict[str, dict[str, Any]] = {"fine_tune": {"ema_momentum": 0.0, "la
 
 
 def recipe_key(recipe: Recipe, image_size: int, backbone: str = BACKBONE, alpha: float = ALPHA,
-               legacy: bool = False) -> str:
+               era: str = "current") -> str:
     """A digest of everything that decides a run's outcome apart from the seed (effective settings, size, backbone,
-    data, data order). Two recipes that train the same way on this backbone share a key. `legacy`: the key of runs
-    made before the per-(seed, epoch) data order (which did not record it)."""
+    data, data order, optimizer). Two recipes that train the same way on this backbone share a key. `era`: the key of
+    runs made before the fused optimizer ("keras_adamw") or also before the per-(seed, epoch) data order ("before"),
+    which did not record them."""
     settings = effective_settings(recipe, backbone)
     for phase in ("head", "fine_tune"):  # recipes held the batch size (always 32) when the stored runs were keyed
         if settings[phase] is not None:
@@ -166,8 +173,10 @@ def recipe_key(recipe: Recipe, image_size: int, backbone: str = BACKBONE, alpha:
                     del settings[phase][name]
     data = {"recipe": {**settings, "name": None, "description": None}, "image_size": image_size,
             "backbone": backbone, "alpha": alpha, "split": [VAL_FRACTION, TEST_FRACTION, SPLIT_SEED]}
-    if not legacy:
+    if era != "before":
         data["data_order"] = DATA_ORDER
+    if era == "current":
+        data["optimizer"] = OPTIMIZER
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -349,13 +358,14 @@ def _pair_key(run: dict[str, Any]) -> tuple[int, int, str | None]:
     return _split(run), run["seed"], run.get("dataset")
 
 
-ERA_ORDER = {"current": 0, "earlier_splits": 1, "before": 2}
+ERA_ORDER = {"current": 0, "keras_adamw": 1, "earlier_splits": 2, "before": 3}
 
 
 def _era(run: dict[str, Any], key_era: str | None) -> str | None:
-    """key_era ("current" or "before", from the recipe key) refined by the data: runs on splits ingested before the
-    dataset digest was recorded (before ingest moved near-duplicates into one split) are their own era."""
-    return "earlier_splits" if key_era == "current" and run.get("dataset") is None else key_era
+    """key_era (from the recipe key: KEY_ERAS) refined by the data: runs on splits ingested before the dataset digest
+    was recorded (before ingest moved near-duplicates into one split, and before the fused optimizer) are their own
+    era."""
+    return "earlier_splits" if key_era in ("current", "keras_adamw") and run.get("dataset") is None else key_era
 
 
 def _paired(group: list[dict[str, Any]], default: list[dict[str, Any]], metric: str) -> tuple[float, float, int]:
@@ -395,9 +405,10 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         split_means = [statistics.fmean(r["test_accuracy"] for r in group if _split(r) == s) for s in splits]
         era = None
         if name in ALL:
-            for legacy in (False, True):
-                if recipe_key(ALL[name], group[0]["image_size"], backbone, alpha, legacy) == key:
-                    era = _era(group[0], "before" if legacy else "current")
+            for key_era in KEY_ERAS:
+                if recipe_key(ALL[name], group[0]["image_size"], backbone, alpha, key_era) == key:
+                    era = _era(group[0], key_era)
+                    break
         current = era is not None
         flips = [r for r in group if "test_accuracy_flip" in r]
         guards = [(r.get("guard") or {}).get("kept") for r in group if r.get("guard")]
@@ -483,7 +494,9 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any])
         "runs from before the guard existed show –.",
         "",
     ]
-    eras = {"current": "", "before": " (runs made before the per-(seed, epoch) data order; paired among themselves)",
+    eras = {"current": "",
+            "keras_adamw": " (runs made with keras.optimizers.AdamW, before FusedAdamW; paired among themselves)",
+            "before": " (runs made before the per-(seed, epoch) data order; paired among themselves)",
             "earlier_splits": " (runs on the splits from before ingest moved near-duplicates into one split; paired "
                               "among themselves)"}
     for (backbone, alpha, era) in dict.fromkeys((r["backbone"], r["alpha"], r["era"]) for r in rows if r["current"]):
@@ -528,7 +541,8 @@ def write_svg(path: Path, rows: list[dict[str, Any]]) -> None:
         y = top + i * (bar_h + gap)
         colour = "#2b6cb0" if r["recipe"] == DEFAULT_RECIPE else ("#7f9cc0" if r["study"] else "#bbb")
         label = f'{_title(r["backbone"], r["alpha"])} · {r["recipe"]}' + {
-            "before": " (earlier order)", "earlier_splits": " (earlier splits)"}.get(r["era"] or "", "")
+            "before": " (earlier order)", "earlier_splits": " (earlier splits)",
+            "keras_adamw": " (Keras AdamW)"}.get(r["era"] or "", "")
         out.append(f'<text x="{left - 6}" y="{y + 13}" text-anchor="end">{label}</text>')
         out.append(f'<rect x="{left}" y="{y}" width="{x(r["test_mean"]) - left:.1f}" height="{bar_h}" '
                    f'fill="{colour}"/>')
