@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 TEST_WORKERS ?= auto
 # Slow tests train real models and run whole pipelines (2-3 GB each): two at a time, whatever the core count.
 SLOW_WORKERS ?= 2
+# Which tests test-slow runs: CI runs the `image` ones (pip installs, mostly network and disk) beside the others.
+SLOW_MARK ?= slow
 # Components run as subprocesses that call `python3`: put the venv first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 export KFP_FINETUNE_WEIGHTS_MIRROR ?= $(if $(wildcard ../shared/data/weights),$(abspath ../shared/data/weights),)
@@ -18,7 +20,7 @@ VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' components/__init__.p
 GIT_SHA := $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-slow test-all test-container lint format bench compile image base-image push lock clean
+.PHONY: help setup demo test test-slow test-image test-all test-container lint format bench compile image base-image push lock clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -39,7 +41,10 @@ test: setup ## lint, then the default test suite, over TEST_WORKERS processes (g
 	$(BIN)/python -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile --durations=10
 
 test-slow: setup ## the tests marked slow (run in CI too), over SLOW_WORKERS processes (2: 1085 s instead of 1504 s on an idle 2-core machine)
-	$(BIN)/python -m pytest -m slow -q -n $(SLOW_WORKERS) --maxschedchunk 1 --durations=15 || [ $$? -eq 5 ]  # 5: none collected
+	$(BIN)/python -m pytest -m "$(SLOW_MARK)" -q -n $(SLOW_WORKERS) --maxschedchunk 1 --durations=15 || [ $$? -eq 5 ]  # 5: none collected
+
+test-image: setup ## the image's install steps without Docker (marked slow and image; CI runs them beside test-slow)
+	$(BIN)/python -m pytest -m image -q --durations=5
 
 test-all: setup ## every test
 	$(BIN)/python -m pytest -q

@@ -15,6 +15,9 @@ import pytest
 
 from kfp_finetune.components import __version__
 
+# Mostly pip: downloads and unpacking, little CPU. CI runs these beside the other slow tests (`make test-image`).
+pytestmark = pytest.mark.image
+
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "images" / "Dockerfile"
 INSTALL_SH = REPO / "images" / "install.sh"
