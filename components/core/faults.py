@@ -152,19 +152,26 @@ def forwards_sigterm(what: str, grace: float = 25.0) -> contextlib.AbstractConte
     left the running step alive as an orphan."""
 
     def stop() -> None:
-        children = child_pids()
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        # A step may start while this runs (kfp.local's orchestrator can launch the next one as the last exits), so
+        # the children are listed again until none is left: each new one gets SIGTERM too, and the same deadline.
+        stopped: set[int] = set()
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(alive(pid) for pid in children):
+        while True:
+            running = [pid for pid in child_pids() if alive(pid)]
+            for pid in running:
+                if pid not in stopped:
+                    stopped.add(pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+            if not running or time.monotonic() >= deadline:
+                break
             time.sleep(0.1)
-        for pid in children:
+        for pid in child_pids():
             if alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         raise Terminated(f"terminated (SIGTERM) during {what}: the running step(s) stopped and cleaned up "
-                         f"({len(children)} process(es)); exiting with status {EXIT_TERMINATED}")
+                         f"({len(stopped)} process(es)); exiting with status {EXIT_TERMINATED}")
 
     return on_sigterm(stop)
 
