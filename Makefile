@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TEST_WORKERS ?= auto
 # Slow tests train real models and run whole pipelines (2-3 GB each): two at a time, whatever the core count.
 SLOW_WORKERS ?= 2
-# Which tests test-slow runs: CI runs the `image` ones (pip installs, mostly network and disk) beside the others.
+# Which tests test-slow runs: CI runs the `image` ones (pip installs) beside the others, off the two workers.
 SLOW_MARK ?= slow
 # Components run as subprocesses that call `python3`: put the venv first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)

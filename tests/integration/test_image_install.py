@@ -15,7 +15,7 @@ import pytest
 
 from kfp_finetune.components import __version__
 
-# Mostly pip: downloads and unpacking, little CPU. CI runs these beside the other slow tests (`make test-image`).
+# pip: downloads, and unpacking TensorFlow (CPU too). CI runs these beside the other slow tests (`make test-image`).
 pytestmark = pytest.mark.image
 
 REPO = Path(__file__).resolve().parents[2]
