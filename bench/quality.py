@@ -140,6 +140,11 @@ EXPLORE: dict[str, Recipe] = {r.name: r for r in (
             fine_tune={"learning_rate": 1e-3, "layer_lr_ratio": 0.01, "batch_norm": "frozen"},
             description="the default with discriminative rates: 1e-3 at the top and the head, down to 1e-5 at the "
                         "stem (layer_lr_ratio 0.01), BN frozen"),
+    # The warm-up's length (1 epoch, chosen on MobileNet v1 α=0.25): the fine-tune's first steps move a backbone
+    # whose head was trained on its frozen features; a longer ramp is gentler on them, a shorter one trains longer
+    # at the peak rate.
+    *(replace(RECIPES[DEFAULT_RECIPE], name=f"x_warmup_{n}", fine_tune={"warmup_epochs": n},
+              description=f"the default with {n} warm-up epochs (instead of 1)") for n in (0, 2)),
 )}
 ALL = {**RECIPES, **EXPLORE}
 
