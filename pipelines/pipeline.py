@@ -323,6 +323,8 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         warmup_epochs: int = 1,
         ema_momentum: float = 0.0,
         layer_lr_ratio: float = 1.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
         early_stopping_patience: int = 0,
         batch_size: int = 32,
         augment: bool = True,
@@ -358,15 +360,14 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         """Fine-tune a Keras image classifier: ingest ∥ backbone → train_head → fine_tune → evaluate → export.
 
         Compiled with --compare-recipes, each recipe's own settings replace the training parameters below (its
-        weights choice, learning rates, dropout, augmentation, class weights, label smoothing, unfreezing, BN
-        policy, warmup, patience); head_epochs and fine_tune_epochs then cap each phase, and batch_size, seed,
-        checkpoint_dir and checkpoint_every_steps still apply.
+        weights choice, learning rates, dropout, augmentation, class weights, label smoothing, unfreezing, BN policy,
+        warmup, MixUp/CutMix, patience); head_epochs and fine_tune_epochs then cap each phase, and batch_size,
+        seed, checkpoint_dir and checkpoint_every_steps still apply.
 
         Args:
             source: the images: a class-per-folder directory (local or gs://), a CSV manifest, or a TFDS name.
             backbone: the keras.applications backbone, e.g. mobilenet_v2, mobilenet, efficientnet_b0, resnet50.
-            backbone_alpha: width multiplier for MobileNet backbones (e.g. 0.25, 0.5, 1.0); 0 means the
-                backbone's default; ignored by backbones without one.
+            backbone_alpha: MobileNet width multiplier (e.g. 0.25, 0.5, 1.0); 0: the default; others ignore it.
             image_size: square input size in pixels the model is built for (e.g. 160, 224); 0 means the backbone's
                 default. Images are resized inside the model, so callers feed any size.
             weights: "imagenet" (resolved from the Keras cache, then KFP_FINETUNE_WEIGHTS_MIRROR, then the public
@@ -378,8 +379,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
             head_epochs: epochs of the first phase, training a new head on the frozen backbone.
             head_learning_rate: Adam learning rate of the head phase.
             dropout: dropout rate before the classification head.
-            fine_tune_epochs: maximum epochs of the second phase, training the unfrozen top of the backbone
-                (early stopping may end it sooner); 0 skips fine-tuning in effect.
+            fine_tune_epochs: maximum epochs of fine-tuning (early stopping may end it sooner); 0 skips it.
             fine_tune_learning_rate: peak learning rate of the fine-tuning phase (AdamW, warm-up then cosine);
                 0 means the backbone family's (1e-3 for MobileNet v1, 3e-4 for MobileNetV2, 1e-4 for families
                 not measured; components/train/family.py).
@@ -391,6 +391,8 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
                 validation, the guard and the model returned use it. 0: off.
             layer_lr_ratio: fine-tuning's first backbone layer trains at this fraction of the peak learning rate, the
                 top and the head at the full rate, geometrically between (discriminative rates); 1: one rate.
+            mixup_alpha: fine-tuning's MixUp of each training batch with a shuffled copy (λ ~ Beta(α, α)); 0: off.
+            cutmix_alpha: fine-tuning's CutMix (a box of the copy pasted; with mixup_alpha, one per batch); 0: off.
             early_stopping_patience: fine-tuning stops after this many epochs without validation improvement
                 and keeps the best epoch; 0 (default) runs the cosine schedule to its end.
             batch_size: training batch size of both phases.

@@ -341,7 +341,7 @@ def recipe_op(
      ("dropout", float), ("augment", bool), ("class_weights", str), ("head_label_smoothing", float),
      ("unfreeze_top", int), ("unfreeze_from", str), ("fine_tune_epochs", int), ("fine_tune_learning_rate", float),
      ("warmup_epochs", int), ("batch_norm", str), ("ema_momentum", float), ("layer_lr_ratio", float),
-     ("early_stopping_patience", int),
+     ("mixup_alpha", float), ("cutmix_alpha", float), ("early_stopping_patience", int),
      ("fine_tune_label_smoothing", float)],
 ):
     """One compare branch's step arguments: the recipe's settings, with the pipeline's epoch budget as a cap.

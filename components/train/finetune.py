@@ -11,7 +11,7 @@ from kfp_finetune.components.core import settings
 from kfp_finetune.components.core.errors import UserError
 from kfp_finetune.components.core.fsutil import atomic_directory, check_output_dir
 from kfp_finetune.components.core.modelio import input_size
-from kfp_finetune.components.train import family, guard, layerwise
+from kfp_finetune.components.train import family, guard, layerwise, mixing
 from kfp_finetune.components.train.callbacks import (
     _checkpoint_subdir,
     _epoch_logger,
@@ -131,8 +131,9 @@ def _fine_tune(config: FineTuneConfig, info: "DatasetInfo", n_train: int, cluste
         else:
             schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, total))
         ema = {"use_ema": True, "ema_momentum": config.ema_momentum} if config.ema_momentum else {}
+        mixed_batches = mixing.enabled(config.mixup_alpha, config.cutmix_alpha)
         _compile(model, layerwise.layerwise_adamw(model, config.layer_lr_ratio, learning_rate=schedule, **ema),
-                 label_smoothing=config.label_smoothing)
+                 label_smoothing=config.label_smoothing, soft_targets=mixed_batches)
 
     head_training = (meta.get("training") or {}).get("train_head") or {}
     class_weight = class_weights_from_counts(info) if head_training.get("class_weights", "auto") == "auto" else None
@@ -169,18 +170,26 @@ def _fine_tune(config: FineTuneConfig, info: "DatasetInfo", n_train: int, cluste
             callbacks.append(stopper)
         callbacks.append(preemption.callback())  # last: the history and the guard have seen the epoch it saves
         log.info("fine_tune: top %d of %d backbone layers unfrozen, batch norm %s (%s), lr %.3g (%s; warmup %d "
-                 "epochs%s), %d epochs%s", len(unfrozen), _backbone_size(model), batch_norm, sources["batch_norm"],
+                 "epochs%s), %d epochs%s%s", len(unfrozen), _backbone_size(model), batch_norm, sources["batch_norm"],
                  learning_rate, sources["learning_rate"], config.warmup_epochs,
                  f"; layer-wise down to {config.layer_lr_ratio:g}x at the first backbone layer"
                  if config.layer_lr_ratio != 1.0 else "", config.epochs,
-                 f", weights averaged (EMA momentum {config.ema_momentum})" if config.ema_momentum else "")
+                 f", weights averaged (EMA momentum {config.ema_momentum})" if config.ema_momentum else "",
+                 f", batches mixed ({mixing.describe(config.mixup_alpha, config.cutmix_alpha)})"
+                 if mixed_batches else "")
         # One worker: each epoch's order is a function of (seed, epoch), so a resumed run sees the same batches.
         train_ds = make_dataset(info, "train", size, config.batch_size, training=True, seed=config.seed,
                                 ordered=config.determinism != "off",
                                 epoch=preemption.epoch if cluster.num_workers == 1 else None)
+        if mixed_batches:  # soft targets; the class weights become each mixed example's sample weight
+            train_ds = mixing.mix_batches(train_ds, num_classes=info.num_classes, mixup_alpha=config.mixup_alpha,
+                                          cutmix_alpha=config.cutmix_alpha, seed=config.seed,
+                                          epoch=preemption.epoch if cluster.num_workers == 1 else None,
+                                          class_weight=class_weight)
         with fit_scope(model, cluster):
             model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
-                      class_weight=class_weight, callbacks=callbacks, verbose=_verbose(), shuffle=False)
+                      class_weight=None if mixed_batches else class_weight, callbacks=callbacks, verbose=_verbose(),
+                      shuffle=False)
             decision = guard.apply(model, val_ds, start, keeper)
 
         result = finish("fine_tune", config, model, info=info, cluster=cluster, history=history,

@@ -12,17 +12,24 @@ if TYPE_CHECKING:  # pragma: no cover
     import keras
 
 
-def sparse_crossentropy(label_smoothing: float = 0.0) -> Any:
+def sparse_crossentropy(label_smoothing: float = 0.0, soft_targets: bool = False) -> Any:
     """Cross-entropy on sparse integer labels, with optional label smoothing.
 
     Keras's SparseCategoricalCrossentropy has no `label_smoothing`; with smoothing the labels are one-hot encoded
-    inside the loss (the dataset keeps sparse labels, so `class_weight` still indexes them).
+    inside the loss (the dataset keeps sparse labels, so `class_weight` still indexes them). `soft_targets`
+    (MixUp/CutMix, components/train/mixing.py): it also takes targets that are already distributions over the
+    classes ([B, classes]), as the mixed training batches are, while validation's labels stay sparse.
     """
     import keras
 
-    if not label_smoothing:
+    if not label_smoothing and not soft_targets:
         return keras.losses.SparseCategoricalCrossentropy()
     return _smoothed_loss_class()(label_smoothing=float(label_smoothing))
+
+
+def _is_soft(y_true: Any, y_pred: Any) -> bool:
+    """Targets [B, classes] (a distribution per example), not sparse labels [B] or [B, 1]: static shapes decide."""
+    return len(y_true.shape) == 2 and y_true.shape[-1] not in (None, 1) and y_true.shape[-1] == y_pred.shape[-1]
 
 
 def _smoothed_loss_class() -> type:
@@ -41,9 +48,12 @@ def _smoothed_loss_class() -> type:
 
         def call(self, y_true: Any, y_pred: Any) -> Any:
             ops = keras.ops
-            labels = ops.cast(ops.reshape(y_true, (-1,)), "int32")
-            one_hot = ops.one_hot(labels, ops.shape(y_pred)[-1], dtype=y_pred.dtype)
-            return keras.losses.categorical_crossentropy(one_hot, y_pred, label_smoothing=self.label_smoothing)
+            if _is_soft(y_true, y_pred):
+                targets = ops.cast(y_true, y_pred.dtype)
+            else:
+                labels = ops.cast(ops.reshape(y_true, (-1,)), "int32")
+                targets = ops.one_hot(labels, ops.shape(y_pred)[-1], dtype=y_pred.dtype)
+            return keras.losses.categorical_crossentropy(targets, y_pred, label_smoothing=self.label_smoothing)
 
         def get_config(self) -> dict[str, Any]:
             return {**super().get_config(), "label_smoothing": self.label_smoothing}
@@ -51,13 +61,29 @@ def _smoothed_loss_class() -> type:
     return SparseCategoricalCrossentropyWithSmoothing
 
 
-def _compile(model: "keras.Model", optimizer: Any, steps_per_execution: int = 1, label_smoothing: float = 0.0) -> None:
+def _accuracy(soft_targets: bool) -> Any:
+    """The compiled `accuracy`: Keras's sparse one, or (soft_targets) one that also reads a soft target's largest
+    class (a mixed training example counts as right when the model picks its larger part)."""
     import keras
 
+    if not soft_targets:
+        return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+
+    def accuracy(y_true: Any, y_pred: Any) -> Any:
+        ops = keras.ops
+        truth = ops.argmax(y_true, axis=-1) if _is_soft(y_true, y_pred) else ops.reshape(y_true, (-1,))
+        return ops.cast(ops.equal(ops.cast(truth, "int32"), ops.cast(ops.argmax(y_pred, axis=-1), "int32")),
+                        "float32")
+
+    return keras.metrics.MeanMetricWrapper(accuracy, name="accuracy")
+
+
+def _compile(model: "keras.Model", optimizer: Any, steps_per_execution: int = 1, label_smoothing: float = 0.0,
+             soft_targets: bool = False) -> None:
     model.compile(
         optimizer=optimizer,
-        loss=sparse_crossentropy(label_smoothing),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        loss=sparse_crossentropy(label_smoothing, soft_targets),
+        metrics=[_accuracy(soft_targets)],
         steps_per_execution=steps_per_execution,
     )
     _build_training_state(model)

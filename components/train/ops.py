@@ -72,6 +72,8 @@ def fine_tune_op(
     batch_norm: str = "auto",
     ema_momentum: float = 0.0,
     layer_lr_ratio: float = 1.0,
+    mixup_alpha: float = 0.0,
+    cutmix_alpha: float = 0.0,
     early_stopping_patience: int = 0,
     checkpoint_dir: str = "",
     checkpoint_every_steps: int = 0,
@@ -97,6 +99,10 @@ def fine_tune_op(
             the output use it. 0 (default): off.
         layer_lr_ratio: Discriminative learning rates: the first backbone layer trains at this fraction of the peak
             rate, the top layer and the head at the full rate, geometrically between. 1 (default): one rate.
+        mixup_alpha: MixUp: mix each training batch with a shuffled copy of itself, pixels and targets, by
+            λ ~ Beta(α, α) (e.g. 0.2). 0 (default): off.
+        cutmix_alpha: CutMix: paste a box of a shuffled copy, of area 1-λ, targets mixed by area (e.g. 1.0); with
+            mixup_alpha too, each batch takes one of the two at random. 0 (default): off.
         early_stopping_patience: Epochs without val_loss improvement before stopping; 0 (default) disables.
         checkpoint_dir: Where to save the training state every epoch and on SIGTERM, so that a retry resumes
             mid-epoch; "" uses $AIP_CHECKPOINT_DIR when set. A preempted attempt exits with status 75.

@@ -45,6 +45,11 @@ def _lr_ratio(v: Any) -> bool:
     return _ratio(v) and v > 0
 
 
+def _non_negative(v: Any) -> bool:
+    """A number ≥ 0 (and finite)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < float("inf")
+
+
 def _epochs(default: int, pipeline: str, help: str) -> Param:
     # epochs=0: train_head writes the untrained classifier; fine_tune passes the model through (head-only recipes).
     return Param("epochs", int, default, help, _int_at_least(0), "an integer ≥ 0", pipeline=pipeline)
@@ -129,6 +134,13 @@ FINE_TUNE: tuple[Param, ...] = (
           "top layer and the head at the full rate, the layers between geometrically by position (fastai's "
           "slice(lr/100, lr) is 0.01); 1: one rate for every layer", _lr_ratio, "in (0, 1]",
           pipeline="layer_lr_ratio"),
+    Param("mixup_alpha", float, 0.0,
+          "MixUp: mix each training batch with a shuffled copy of itself, pixels and targets, by λ ~ Beta(α, α) "
+          "(e.g. 0.2; 0: off; components/train/mixing.py)", _non_negative, "a number ≥ 0", pipeline="mixup_alpha"),
+    Param("cutmix_alpha", float, 0.0,
+          "CutMix: paste a box of a shuffled copy of each training batch, of area 1-λ, λ ~ Beta(α, α), the targets "
+          "mixed by area (e.g. 1.0; 0: off); with mixup_alpha too, each batch takes one of the two at random",
+          _non_negative, "a number ≥ 0", pipeline="cutmix_alpha"),
     Param("early_stopping_patience", int, 0,
           "stop after this many epochs without val_loss gain and keep the best; 0: off, the cosine schedule runs "
           "to its end", _int_at_least(0), "an integer ≥ 0, 0 to disable", pipeline="early_stopping_patience"),

@@ -645,3 +645,26 @@ def test_the_same_seed_gives_the_same_model(augmented_heads: list, tuned_from_ze
     assert sum(not np.array_equal(x, y) for x, y in zip(start, tuned, strict=True)) > len(start) // 2
     with pytest.raises(UserError, match="--determinism must be one of"):
         FineTuneConfig(dataset="d", model="m", output="o", determinism="always")
+
+
+def test_fine_tune_with_mixup_and_cutmix_trains_on_mixed_batches(artifacts: dict, tuned_from_zero: dict,
+                                                                  tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """mixup_alpha + cutmix_alpha: the fine-tune trains on soft targets with the class weights as sample weights,
+    validates on the sparse labels, and records both settings (the mixing itself: tests/unit/test_mixing.py)."""
+    out = tmp_path / "mixed"
+    with caplog.at_level("INFO", logger="kfp_finetune.train"):
+        result = fine_tune(FineTuneConfig(**{**TUNED_FROM_ZERO, "epochs": 1}, mixup_alpha=0.2, cutmix_alpha=1.0,
+                                          dataset=str(artifacts["dataset"]), model=str(tuned_from_zero["h0"]),
+                                          output=str(out)))
+    assert "batches mixed (MixUp α=0.2 or CutMix α=1 (1/2 each))" in caplog.text
+    _, meta = _load(out)
+    recorded = meta["training"]["fine_tune"]
+    assert recorded["mixup_alpha"] == 0.2 and recorded["cutmix_alpha"] == 1.0
+    assert recorded["class_weight"]  # handed to the mixing as sample weights, not to fit
+    history = meta["history"]["fine_tune"]
+    assert result.epochs_run == 1 and np.isfinite(history["loss"][0])
+    assert 0.0 <= history["accuracy"][0] <= 1.0 and 0.0 <= history["val_accuracy"][0] <= 1.0
+    assert recorded["guard"]["kept"] in ("final", "start", "best_epoch")
+    with pytest.raises(UserError, match="--cutmix-alpha must be a number ≥ 0"):
+        FineTuneConfig(dataset="d", model="m", output="o", cutmix_alpha=-1.0)
