@@ -144,6 +144,7 @@ def main() -> int:
     class_names = sorted(p.name for p in args.source.iterdir() if p.is_dir())
     step = max(1, len(all_files) // args.images)
     files = all_files[::step][:args.images]
+    load_before = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
         work = Path(tmp)
         model_dir, export_dir = build_models(work, class_names)
@@ -175,6 +176,7 @@ def main() -> int:
             "best_images_per_second": best,
             "best_ratio_vs_bare": {k: round(best[k] / best["bare"], 3) for k in ("predict_model", "predict_export")},
             "goal_ratio": 0.9,
+            "load_average_before_after": [load_before, [round(x, 2) for x in os.getloadavg()]],
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                         "note": "2 cores shared with other jobs: numbers are noisy"},
         }
@@ -199,7 +201,8 @@ def main() -> int:
         f"{result['ratio_vs_bare']['predict_export']} | {best['predict_export']} | "
         f"{result['best_ratio_vs_bare']['predict_export']} |", "",
         f"Seconds per run: {result['seconds']}.", "",
-        "Goal: >= 0.9x the bare forward pass.",
+        "Goal: >= 0.9x the bare forward pass.", "",
+        f"Load average (1, 5, 15 min) before / after the throughput runs: {result['load_average_before_after']}.",
     ]
     if "rss" in result:
         rss = result["rss"]
