@@ -201,8 +201,14 @@ def write_saved_model(model: "keras.Model", class_names: list[str], directory: s
     def predict_pixels(pixels: tf.Tensor) -> tf.Tensor:
         return tf.cond(tf.shape(pixels)[0] > 0, lambda: calibrated(pixels)[0], lambda: empty_outputs()[0])
 
+    # Not archive.track(model): the endpoints capture every variable they use (add_endpoint tracks those), and
+    # track() only adds lookup tables (none in an image model) at the cost of walking every layer's tf.functions,
+    # and saves the Keras variable wrappers beside the tf.Variables. The loaded SavedModel still lists the model's
+    # variables (`.variables`, `.trainable_variables`, `.non_trainable_variables`), as the raw tf.Variables.
+    # Measured on MobileNet v1 α=0.25 at 64 px: write_saved_model 11.5 s -> 5.6 s, the export step 18.8 s -> 12.3 s.
     archive = keras.export.ExportArchive()
-    archive.track(model)
+    for name in ("variables", "trainable_variables", "non_trainable_variables"):
+        archive.add_variable_collection(name, [v.value for v in getattr(model, name)])
     archive.add_endpoint(name=SIGNATURE, fn=serve)
     archive.add_endpoint(name=PIXEL_ENDPOINT, fn=predict_pixels)
     archive.write_out(str(directory), verbose=False)
