@@ -30,18 +30,15 @@ from __future__ import annotations
 
 import base64
 import functools
-import json
 import logging
 import os
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kfp_finetune.components.core.errors import UserError
+from kfp_finetune.components.export.server import CHECK_TIMEOUT_S, ServerProcess, run_server
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -53,7 +50,6 @@ WARMUP_FILE = "tf_serving_warmup_requests"
 SIGNATURE = "serving_default"
 INPUT_NAME = "image_bytes"
 TOLERANCE = 1e-4
-CHECK_TIMEOUT_S = 600.0
 
 
 # --- TF Serving protos -----------------------------------------------------------------------------------------
@@ -215,92 +211,6 @@ def decode_instances(body: dict[str, Any], input_name: str = INPUT_NAME) -> list
 
 # --- the check ---------------------------------------------------------------------------------------------------
 
-# The server side, run in a fresh interpreter: TensorFlow only. Argument: a JSON job file. Writes a JSON result.
-SERVER_SCRIPT = r'''
-import base64, json, sys
-
-# What a model server has: TensorFlow, not Keras nor this project (None in sys.modules = "not installed", also
-# for importlib.util.find_spec, which TensorFlow's own imports consult).
-for _name in ("keras", "tf_keras", "components", "pipelines"):
-    sys.modules[_name] = None
-job = json.load(open(sys.argv[1]))
-if sys.platform.startswith("linux"):  # die with the export that started us, even when it is SIGKILLed
-    import ctypes, os, signal
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != job["parent"]:
-        sys.exit("the export that started this serving check is gone")
-import tensorflow as tf
-from tensorflow.core.framework import tensor_pb2
-
-
-def fields(buf):
-    """(field number, wire type, value) of a serialized protobuf message."""
-    i, n = 0, len(buf)
-    def varint():
-        nonlocal i
-        shift = value = 0
-        while True:
-            b = buf[i]; i += 1
-            value |= (b & 0x7F) << shift; shift += 7
-            if not b & 0x80:
-                return value
-    while i < n:
-        key = varint(); number, wire = key >> 3, key & 7
-        if wire == 0:
-            yield number, wire, varint()
-        elif wire == 2:
-            size = varint(); yield number, wire, buf[i:i + size]; i += size
-        elif wire == 1:
-            yield number, wire, buf[i:i + 8]; i += 8
-        elif wire == 5:
-            yield number, wire, buf[i:i + 4]; i += 4
-        else:
-            raise ValueError(f"wire type {wire}")
-
-
-def warmup_request(record):
-    """PredictionLog.predict_log(6).request(1) -> (signature_name, {input: tensor})."""
-    logs = [v for f, w, v in fields(record) if f == 6 and w == 2]
-    if not logs:
-        raise ValueError("record is not a PredictionLog with a predict_log")
-    request = [v for f, w, v in fields(logs[0]) if f == 1 and w == 2][0]
-    signature, inputs = "serving_default", {}
-    for f, w, v in fields(request):
-        if f == 1 and w == 2:
-            for g, x, s in fields(v):
-                if g == 3 and x == 2 and s:
-                    signature = s.decode()
-        elif f == 2 and w == 2:
-            entry = dict((g, s) for g, x, s in fields(v))
-            inputs[entry[1].decode()] = tf.make_ndarray(tensor_pb2.TensorProto.FromString(entry[2]))
-    return signature, inputs
-
-
-def plain(outputs):
-    return {k: (v.numpy().astype(str).tolist() if v.dtype == tf.string else v.numpy().tolist())
-            for k, v in outputs.items()}
-
-
-result = {"tensorflow": tf.__version__}
-loaded = tf.saved_model.load(job["saved_model"], tags=["serve"])
-signature = loaded.signatures[job["signature"]]
-result["inputs"] = {k: [v.dtype.name, v.shape.as_list()] for k, v in signature.structured_input_signature[1].items()}
-body = json.load(open(job["request"]))
-batch = []
-for instance in body["instances"]:
-    value = instance[job["input"]] if isinstance(instance, dict) and "b64" not in instance else instance
-    batch.append(base64.b64decode(value["b64"]) if isinstance(value, dict) else value.encode())
-result["predict"] = plain(signature(**{job["input"]: tf.constant(batch, dtype=tf.string)}))
-result["warmup"] = []
-if job.get("warmup"):
-    for record in tf.data.TFRecordDataset(job["warmup"]):
-        name, inputs = warmup_request(record.numpy())
-        fn = loaded.signatures[name]
-        result["warmup"].append(plain(fn(**{k: tf.constant(v) for k, v in inputs.items()})))
-json.dump(result, open(job["output"], "w"))
-'''
-
-
 @dataclass
 class ServingCheck:
     """What the serving check found. `reason` says why it failed ('' when it passed)."""
@@ -317,37 +227,6 @@ class ServingCheck:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def run_server(saved_model_dir: str | os.PathLike, body: dict[str, Any], warmup: str | os.PathLike | None = None,
-               timeout: float = CHECK_TIMEOUT_S, python: str | None = None) -> dict[str, Any]:
-    """Run SERVER_SCRIPT on the SavedModel in a fresh interpreter; its JSON result. RuntimeError with the
-    subprocess's last stderr lines when it fails."""
-    from kfp_finetune.components.core import settings
-
-    python = python or settings.serving_python() or sys.executable
-    if os.sep in python:  # a path, not a name looked up on PATH: the subprocess runs in another directory
-        python = os.path.abspath(python)
-    # Absolute paths only: the server process runs in its own working directory (relative ones would miss).
-    with tempfile.TemporaryDirectory(prefix="serving-check-") as tmp:
-        tmp = os.path.abspath(tmp)
-        request = Path(tmp) / "request.json"
-        request.write_text(json.dumps(body))
-        job = {"saved_model": os.path.abspath(saved_model_dir), "signature": SIGNATURE, "input": INPUT_NAME,
-               "request": str(request), "warmup": os.path.abspath(warmup) if warmup else None,
-               "output": f"{tmp}/out.json", "parent": os.getpid()}
-        (Path(tmp) / "job.json").write_text(json.dumps(job))
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        try:
-            done = subprocess.run([python, "-c", SERVER_SCRIPT, str(Path(tmp) / "job.json")],
-                                  cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise RuntimeError(f"the server process did not answer within {timeout:g} s") from exc
-        if done.returncode != 0:
-            tail = [line for line in done.stderr.strip().splitlines() if line.strip()][-3:]
-            raise RuntimeError(f"the server process failed (exit {done.returncode}): {' | '.join(tail)[-600:]}")
-        return json.loads((Path(tmp) / "out.json").read_text())
 
 
 def keras_probabilities(model: keras.Model, images: list[bytes], temperature: float = 1.0) -> Any:
@@ -389,9 +268,11 @@ def _compare(outputs: dict[str, Any], expected: Any, class_names: list[str], wha
 
 def check_saved_model(saved_model_dir: str | os.PathLike, model: keras.Model, class_names: list[str],
                       samples: list[tuple[str, bytes]], write_warmup_file: bool = True,
-                      timeout: float = CHECK_TIMEOUT_S, temperature: float = 1.0) -> ServingCheck:
+                      timeout: float = CHECK_TIMEOUT_S, temperature: float = 1.0,
+                      server: ServerProcess | None = None) -> ServingCheck:
     """Write the warmup file (one request per sample), then serve the SavedModel in a fresh TensorFlow-only
-    process and compare what it answers with the Keras model. Never raises for a bad model: see `.reason`."""
+    process (`server`: one started ahead, components/export/server.py) and compare what it answers with the Keras
+    model. Never raises for a bad model: see `.reason`."""
     started = time.perf_counter()
     images = [b for _, b in samples]
     check = ServingCheck(passed=False, images=len(images), class_names_sent=[c for c, _ in samples])
@@ -401,7 +282,8 @@ def check_saved_model(saved_model_dir: str | os.PathLike, model: keras.Model, cl
     warmup = write_warmup(saved_model_dir, images) if write_warmup_file else None
     check.warmup_records = len(images) if warmup else 0
     try:
-        served = run_server(saved_model_dir, vertex_body(images), warmup, timeout=timeout)
+        served = run_server(saved_model_dir, vertex_body(images), warmup, timeout=timeout, server=server,
+                            signature=SIGNATURE, input_name=INPUT_NAME)
         expected = keras_probabilities(model, images, temperature)
         check.server_tensorflow = served.get("tensorflow", "")
         inputs = served.get("inputs", {})

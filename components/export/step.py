@@ -61,6 +61,7 @@ from kfp_finetune.components.evaluate.calibration import LOG_FLOOR
 from kfp_finetune.components.evaluate.release_params import EXPORT as PARAMS
 from kfp_finetune.components.evaluate.release_params import tflite_variants
 from kfp_finetune.components.export import tflite_export
+from kfp_finetune.components.export.server import ServerProcess
 from kfp_finetune.components.export.vertex_model import (  # noqa: F401 (re-exported: callers of export use these names)
     DEFAULT_SERVING_IMAGE,
     VERTEX_REGION_PATTERN,
@@ -215,7 +216,8 @@ def write_saved_model(model: "keras.Model", class_names: list[str], directory: s
 
 
 def _serving_check(saved_model_dir: Path, model: "keras.Model", class_names: list[str], config: ExportConfig,
-                   evaluation: dict[str, Any] | None, temperature: float) -> "serving.ServingCheck":
+                   evaluation: dict[str, Any] | None, temperature: float,
+                   server: "ServerProcess") -> "serving.ServingCheck":
     """serving.py's check with one test image per class (synthetic images when no dataset is at hand)."""
     from kfp_finetune.components.export import serving
 
@@ -226,7 +228,8 @@ def _serving_check(saved_model_dir: Path, model: "keras.Model", class_names: lis
         log.warning("serving check: no dataset at hand (--dataset, or the evaluation's dataset %r): sending "
                     "synthetic images instead of real ones", dataset)
         samples = serving.synthetic_images(len(class_names))
-    return serving.check_saved_model(saved_model_dir, model, class_names, samples, temperature=temperature)
+    return serving.check_saved_model(saved_model_dir, model, class_names, samples, temperature=temperature,
+                                     server=server)
 
 
 def _serving_requirements(saved_model_dir: Path) -> dict[str, Any]:
@@ -359,9 +362,10 @@ def _write_export(config: ExportConfig, model: "keras.Model", meta: dict[str, An
     from kfp_finetune.components.core import modelio
 
     tflite: dict[str, Any] = {}
-    with atomic_directory(config.output) as tmp:
+    with atomic_directory(config.output) as tmp, ServerProcess() as server:
+        # The check's TensorFlow-only process imports TensorFlow while this one writes the SavedModel.
         write_saved_model(model, class_names, tmp, temperature)
-        check = _serving_check(tmp, model, class_names, config, evaluation, temperature)
+        check = _serving_check(tmp, model, class_names, config, evaluation, temperature, server)
         if tflite_variants(config.tflite):
             tflite = tflite_export.export_tflite(
                 model, class_names, tmp, tflite_variants(config.tflite),

@@ -80,3 +80,30 @@ def test_serving_check_with_relative_paths(model, tmp_path, monkeypatch):
     assert check.passed, check.reason
     assert check.warmup_records == len(CLASSES)
     assert (tmp_path / "out" / "export" / serving.WARMUP_DIR / serving.WARMUP_FILE).is_file()
+
+
+def test_a_server_started_ahead_and_never_used_is_stopped_and_leaves_nothing(tmp_path: Path) -> None:
+    """export starts the check's server before writing the SavedModel (components/export/server.py); when the
+    export fails before the check, closing it stops the interpreter and removes its job folder."""
+    from kfp_finetune.components.core.errors import UserError
+    from kfp_finetune.components.export.server import ServerProcess
+
+    server = ServerProcess()
+    process, folder = server._process, server.tmp
+    assert process is not None and process.poll() is None and folder.is_dir()
+    server.close()
+    assert process.returncode is not None and not folder.exists()
+    with pytest.raises(RuntimeError, match="already run its job"):
+        server.run(tmp_path, {"instances": []})
+    with pytest.raises(UserError, match="cannot start the server interpreter"):
+        ServerProcess(python=str(tmp_path / "no-such-python"))
+
+
+def test_a_server_given_no_job_exits_cleanly() -> None:
+    """The server reads its job's path from stdin after importing TensorFlow; an empty line (stdin closed by an
+    export that ended) makes it exit 0 without touching anything."""
+    from kfp_finetune.components.export.server import SERVER_SCRIPT
+
+    done = subprocess.run([sys.executable, "-c", SERVER_SCRIPT, str(os.getpid())], input="", capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert done.returncode == 0, done.stderr[-600:]
