@@ -107,6 +107,11 @@ def positive(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
+def non_negative(v: Any) -> bool:
+    """A finite number ≥ 0."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
 def boolean(v: Any) -> bool:
     return isinstance(v, bool)
 

@@ -112,8 +112,6 @@ json.dump(result, open(job["output"], "w"))
 '''
 
 
-
-
 class ServerProcess:
     """A serving-check interpreter, started now, importing TensorFlow until `run` hands it a job (once).
 

@@ -32,6 +32,7 @@ from kfp_finetune.components.core.params import (  # noqa: F401 (re-exported: th
 )
 from kfp_finetune.components.core.params import fraction as _fraction
 from kfp_finetune.components.core.params import int_at_least as _int_at_least
+from kfp_finetune.components.core.params import non_negative as _non_negative
 from kfp_finetune.components.core.params import positive as _positive
 from kfp_finetune.components.core.params import ratio as _ratio
 
@@ -43,11 +44,6 @@ CACHE_FEATURE_MODES = ("auto", "on", "off")
 def _lr_ratio(v: Any) -> bool:
     """In (0, 1]."""
     return _ratio(v) and v > 0
-
-
-def _non_negative(v: Any) -> bool:
-    """A number ≥ 0 (and finite)."""
-    return isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < float("inf")
 
 
 def _epochs(default: int, pipeline: str, help: str) -> Param:
