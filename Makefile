@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Processes for the default suite (pytest-xdist): most tests keep one core busy at a time, so one per core ("auto").
-# --dist loadfile keeps each test module on one worker, so its module-scoped fixtures (trained models) are built once.
+# --dist loadfile keeps each test module on one worker, so its module-scoped fixtures (trained models) are built once;
+# --no-loadscope-reorder hands the modules out in collection order, heaviest first (tests/conftest.py HEAVY_MODULES).
 TEST_WORKERS ?= auto
 # Slow tests train real models and run whole pipelines (2-3 GB each): two at a time, whatever the core count.
 SLOW_WORKERS ?= 2
@@ -12,6 +13,9 @@ SLOW_WORKERS ?= 2
 SLOW_MARK ?= slow
 # Components run as subprocesses that call `python3`: put the venv first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
+# pytest keeps its assertion-rewritten test modules as .pyc files; PYTHONDONTWRITEBYTECODE=1 (set on some machines)
+# turns that off, and then every xdist worker parses and rewrites all test modules again at every run (~4 s each).
+export PYTHONDONTWRITEBYTECODE :=
 export KFP_FINETUNE_WEIGHTS_MIRROR ?= $(if $(wildcard ../shared/data/weights),$(abspath ../shared/data/weights),)
 
 REGISTRY ?= ghcr.io/kfp-finetune
@@ -38,7 +42,7 @@ demo: setup ## run the whole pipeline locally on the embedded sample (the README
 
 test: setup ## lint, then the default test suite, over TEST_WORKERS processes (goal ≤5 minutes on an idle 2-core machine; no slow tests)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile --durations=10
+	$(BIN)/python -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=10
 
 test-slow: setup ## the tests marked slow (run in CI too), over SLOW_WORKERS processes (2: 1085 s instead of 1504 s on an idle 2-core machine)
 	$(BIN)/python -m pytest -m "$(SLOW_MARK)" -q -n $(SLOW_WORKERS) --maxschedchunk 1 --durations=15 || [ $$? -eq 5 ]  # 5: none collected

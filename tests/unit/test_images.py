@@ -4,6 +4,7 @@ and the Dockerfile's contract (targets, non-root user, labels, pinned install, n
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -32,16 +33,13 @@ def _hadolint() -> str:
 
 
 def _dockerfiles() -> list[Path]:
+    """Every Dockerfile in the repository. The walk prunes SKIP_DIRS instead of filtering a full rglob, which read
+    all of .venv (~6 s at every collection, in every xdist worker)."""
     found = []
-    for path in REPO.rglob("*"):
-        if any(part in SKIP_DIRS for part in path.relative_to(REPO).parts):
-            continue
-        if (
-            path.is_file()
-            and (path.name == "Dockerfile" or path.name.startswith("Dockerfile."))
-            and (not path.name.endswith(".dockerignore"))
-        ):
-            found.append(path)
+    for folder, dirs, files in os.walk(REPO):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+        found += [Path(folder) / name for name in files
+                  if (name == "Dockerfile" or name.startswith("Dockerfile.")) and not name.endswith(".dockerignore")]
     return sorted(found)
 
 

@@ -99,9 +99,26 @@ def assert_one_chain(start: str, results: list[dict], final: str | None) -> None
     assert not following and current == final, (swaps, final)
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
+def cli_process(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kfp_finetune.pipelines", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=180)
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """The CLI's main() in this process (the entry point's own process is tested in test_commands and the README
+    test); returns what a subprocess run would: the exit code, stdout and stderr."""
+    from kfp_finetune.pipelines.cli import main
+
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))  # main() sets it
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["kfp-finetune", *args], code, out, err)
+
+    return run
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
@@ -143,7 +160,7 @@ def test_proxy_applies_gcs_generation_preconditions(proxied_gcs):
 # --- two challengers evaluated against the same champion -------------------------------------------------------
 
 
-def test_second_challenger_against_a_moved_champion_is_kept_not_promoted(dest, tmp_path):
+def test_second_challenger_against_a_moved_champion_is_kept_not_promoted(dest, cli, tmp_path):
     """evaluate A and B against v1, push A, push B: A is promoted, B is kept but not promoted (it was not compared
     with A), and `versions` says so."""
     seed(tmp_path, dest, "v1")
@@ -182,7 +199,7 @@ def test_concurrent_challengers_promote_exactly_one(dest, tmp_path):
 # --- rollback racing in-flight pushes --------------------------------------------------------------------------
 
 
-def test_rollback_then_push_evaluated_before_it(dest, tmp_path):
+def test_rollback_then_push_evaluated_before_it(dest, cli, tmp_path):
     """The push was evaluated against v2; the operator rolls back to v1 before its swap: the rollback stands."""
     seed(tmp_path, dest, "v1", "v2")
     rolled = cli("rollback", "--push-to", dest)
@@ -217,7 +234,7 @@ def test_rollback_during_a_held_gcs_push(proxied_gcs, tmp_path):
         pushed=registry.push(make_version_dir(tmp_path, "bad"), dest, expect="v2")))
     thread.start()
     assert held.reached.wait(60), "the push never reached its version.json"
-    rolled = cli("rollback", "--push-to", dest)
+    rolled = cli_process("rollback", "--push-to", dest)
     held.release()
     thread.join(60)
     assert rolled.returncode == 0 and "LATEST: v2 -> v1" in rolled.stdout, rolled.stderr[-2000:]
@@ -320,7 +337,7 @@ BROKEN = {"not JSON": "{'version': 'v2',", "not an object": "[1, 2]"}
 
 
 @pytest.mark.parametrize("damage", ["not JSON", "not an object", "403"])
-def test_an_unreadable_version_json_is_one_line(dest, damage, tmp_path, request):
+def test_an_unreadable_version_json_is_one_line(dest, cli, damage, tmp_path, request):
     from tests.imagegen import write_class_folder
 
     seed(tmp_path, dest, "v1", "v2")
