@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Processes for the default suite (pytest-xdist): most tests keep one core busy at a time, so one per core ("auto").
 # --dist loadfile keeps each test module on one worker, so its module-scoped fixtures (trained models) are built once;
 # --no-loadscope-reorder hands the modules out in collection order, heaviest first (tests/conftest.py HEAVY_MODULES).
-# One TensorFlow thread pool thread per worker: with one worker per core, TensorFlow's default pools (one thread per
+# One TensorFlow thread per worker (unless TEST_WORKERS=0: one process): with one worker per core, TensorFlow's default pools (one thread per
 # core in each worker) make the workers contend. Idle 2-core machine: 291 s instead of 303-321 s for the suite.
 TEST_WORKERS ?= auto
 # Slow tests train real models and run whole pipelines (2-3 GB each): two at a time, whatever the core count.
@@ -44,8 +44,8 @@ demo: setup ## run the whole pipeline locally on the embedded sample (the README
 
 test: setup ## lint, then the default test suite, over TEST_WORKERS processes (goal ≤5 minutes on an idle 2-core machine; no slow tests)
 	$(BIN)/ruff check .
-	TF_NUM_INTRAOP_THREADS=$${TF_NUM_INTRAOP_THREADS:-1} TF_NUM_INTEROP_THREADS=$${TF_NUM_INTEROP_THREADS:-1} \
-	$(BIN)/python -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=10
+	$(if $(filter 0,$(TEST_WORKERS)),,TF_NUM_INTRAOP_THREADS=$${TF_NUM_INTRAOP_THREADS:-1} \
+	TF_NUM_INTEROP_THREADS=$${TF_NUM_INTEROP_THREADS:-1}) $(BIN)/python -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=10
 
 test-slow: setup ## the tests marked slow (run in CI too), over SLOW_WORKERS processes (2: 1085 s instead of 1504 s on an idle 2-core machine)
 	$(BIN)/python -m pytest -m "$(SLOW_MARK)" -q -n $(SLOW_WORKERS) --maxschedchunk 1 --durations=15 || [ $$? -eq 5 ]  # 5: none collected
