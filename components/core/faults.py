@@ -170,10 +170,54 @@ def forwards_sigterm(what: str, grace: float = 25.0) -> contextlib.AbstractConte
             if alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+        _keep_stopping_new_children(grace)
         raise Terminated(f"terminated (SIGTERM) during {what}: the running step(s) stopped and cleaned up "
                          f"({len(stopped)} process(es)); exiting with status {EXIT_TERMINATED}")
 
     return on_sigterm(stop)
+
+
+def _keep_stopping_new_children(grace: float) -> None:
+    """After a stop, a step that starts anyway (kfp.local launches steps from its own worker threads, which go on
+    while the main thread unwinds) gets SIGTERM, then SIGKILL after `grace` seconds. A daemon thread sweeps for
+    `grace` + 60 s (the interpreter joins those threads before it exits); a last sweep runs at exit. Only kfp step
+    processes (`executor_main` in the command line) are touched: a caller from Python keeps its other children."""
+    import atexit
+
+    termed: dict[int, float] = {}
+
+    def is_step(pid: int) -> bool:
+        try:
+            return b"executor_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+
+    def sweep() -> None:
+        now = time.monotonic()
+        for pid in child_pids():
+            if not alive(pid) or not is_step(pid):
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                if pid not in termed:
+                    termed[pid] = now
+                    os.kill(pid, signal.SIGTERM)
+                elif now - termed[pid] >= grace:
+                    os.kill(pid, signal.SIGKILL)
+
+    def for_a_while() -> None:
+        until = time.monotonic() + grace + 60.0
+        while time.monotonic() < until:
+            sweep()
+            time.sleep(0.05)
+
+    def at_exit() -> None:
+        for pid in child_pids():  # the last ones get no grace: this process is leaving
+            if alive(pid) and is_step(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    threading.Thread(target=for_a_while, name="stop-new-steps", daemon=True).start()
+    atexit.register(at_exit)
 
 
 def default_sigterm() -> None:

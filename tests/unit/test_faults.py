@@ -211,6 +211,32 @@ print(marker)
     assert "terminated (SIGTERM) during demo" in done.stderr
 
 
+def test_a_step_started_after_a_stop_is_stopped_too():
+    """kfp.local launches steps from worker threads, which go on while the stopped run unwinds: a step process
+    (`executor_main` in its command line) that starts after the stop gets SIGTERM too; other children are left."""
+    script = r"""
+import os, signal, subprocess, sys, time
+from kfp_finetune.components.core import faults
+SLEEP = [sys.executable, "-c", "import time; time.sleep(20)"]
+first = subprocess.Popen(SLEEP + ["executor_main"])
+try:
+    with faults.forwards_sigterm("demo", grace=2.0):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+except faults.Terminated:
+    print("terminated", first.wait(timeout=10))
+late = subprocess.Popen(SLEEP + ["executor_main"])  # as a kfp.local worker thread would, after the stop
+other = subprocess.Popen(SLEEP)  # not a step: a Python caller's own child
+print("late", late.wait(timeout=10))
+time.sleep(0.5)
+print("other", other.poll())
+other.kill()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+    lines = done.stdout.split("\n")
+    assert lines[:3] == [f"terminated {-signal.SIGTERM}", f"late {-signal.SIGTERM}", "other None"], done.stderr
+
+
 def test_a_sigterm_during_a_fork_is_delivered_after_it_not_lost():
     """A SIGTERM whose handler would run inside a fork's at-fork hooks (where Python drops what it raises: "Exception
     ignored in: <function _releaseLock>", and the step ran on) is sent again once the fork is done. Part 1 holds the
