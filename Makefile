@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 # Processes for the default suite (pytest-xdist): most tests keep one core busy at a time, so one per core ("auto").
 # --dist loadfile keeps each test module on one worker, so its module-scoped fixtures (trained models) are built once;
 # --no-loadscope-reorder hands the modules out in collection order, heaviest first (tests/conftest.py HEAVY_MODULES).
-# One TensorFlow thread per worker (unless TEST_WORKERS=0: one process): with one worker per core, TensorFlow's default pools (one thread per
-# core in each worker) make the workers contend. Idle 2-core machine: 291 s instead of 303-321 s for the suite.
+# One TensorFlow thread per worker (unless TEST_WORKERS=0: one process): with one worker per core, TensorFlow's
+# default pools (one thread per core in each worker) make the workers contend. Idle 2-core machine: 291 s instead of
+# 303-321 s for the suite.
 TEST_WORKERS ?= auto
 # Slow tests train real models and run whole pipelines (2-3 GB each): two at a time, whatever the core count.
 SLOW_WORKERS ?= 2

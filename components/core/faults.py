@@ -166,10 +166,7 @@ def forwards_sigterm(what: str, grace: float = 25.0) -> contextlib.AbstractConte
             if not running or time.monotonic() >= deadline:
                 break
             time.sleep(0.1)
-        for pid in child_pids():
-            if alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        _kill_children()
         _keep_stopping_new_children(grace)
         raise Terminated(f"terminated (SIGTERM) during {what}: the running step(s) stopped and cleaned up "
                          f"({len(stopped)} process(es)); exiting with status {EXIT_TERMINATED}")
@@ -210,14 +207,16 @@ def _keep_stopping_new_children(grace: float) -> None:
             sweep()
             time.sleep(0.05)
 
-    def at_exit() -> None:
-        for pid in child_pids():  # the last ones get no grace: this process is leaving
-            if alive(pid) and is_step(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-
     threading.Thread(target=for_a_while, name="stop-new-steps", daemon=True).start()
-    atexit.register(at_exit)
+    atexit.register(_kill_children, is_step)  # the last ones get no grace: this process is leaving
+
+
+def _kill_children(which: Callable[[int], bool] = lambda pid: True) -> None:
+    """SIGKILL this process's live children that `which` selects."""
+    for pid in child_pids():
+        if alive(pid) and which(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def default_sigterm() -> None:
