@@ -211,12 +211,19 @@ def _keep_stopping_new_children(grace: float) -> None:
     atexit.register(_kill_children, is_step)  # the last ones get no grace: this process is leaving
 
 
-def _kill_children(which: Callable[[int], bool] = lambda pid: True) -> None:
-    """SIGKILL this process's live children that `which` selects."""
+def _kill_children(which: Callable[[int], bool] = lambda pid: True, wait: float = 5.0) -> None:
+    """SIGKILL this process's live children that `which` selects, and wait (up to `wait` seconds) until they are
+    dead: a killed process runs on for a moment (it is still listed, not yet a zombie), and this is also the last
+    thing the run does before it exits, so an exit that did not wait could leave it briefly running."""
+    killed = []
     for pid in child_pids():
         if alive(pid) and which(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    deadline = time.monotonic() + wait
+    while any(alive(pid) for pid in killed) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def default_sigterm() -> None:

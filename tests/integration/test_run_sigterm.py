@@ -49,5 +49,19 @@ def test_sigterm_to_a_local_run_stops_its_running_step(tmp_path):
             proc.kill()
     assert proc.returncode == faults.EXIT_TERMINATED, output[-3000:]
     assert "terminated (SIGTERM) during the local run" in output
-    assert not any(faults.alive(pid) for pid in steps), "the running step outlived the run"
-    assert _step_processes(str(out)) == []
+    assert not any(faults.alive(pid) for pid in steps), f"the running step outlived the run: {_describe(steps)}"
+    left = _step_processes(str(out))
+    assert left == [], f"step processes left after the run exited: {_describe(left)}\n{output[-3000:]}"
+
+
+def _describe(pids: list[int]) -> str:
+    """Each pid's state and command line, for a failure message."""
+    described = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            state, cmdline = "gone", ""
+        described.append(f"{pid} [{state}] {cmdline[:300]}")
+    return "; ".join(described)

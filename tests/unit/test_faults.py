@@ -237,6 +237,34 @@ other.kill()
     assert lines[:3] == [f"terminated {-signal.SIGTERM}", f"late {-signal.SIGTERM}", "other None"], done.stderr
 
 
+def test_a_step_that_ignores_the_stop_is_dead_when_the_run_has_exited():
+    """The exit's last sweep SIGKILLs a step that ignored its SIGTERM (and waits until it is dead): once the run's
+    process has exited, that step is not running, and the exit did not wait out the 30 s grace first."""
+    script = r"""
+import os, signal, subprocess, sys, time
+from kfp_finetune.components.core import faults
+# "executor" "_main": the step marker, kept out of this script's own command line (which its forks inherit)
+STUBBORN = [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(60)", "executor" "_main"]
+try:
+    with faults.forwards_sigterm("demo", grace=30.0):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+except faults.Terminated:
+    pass
+# SIGTERM ignored from its first instruction on (inherited across exec), so the sweeps' SIGTERM never ends it
+late = subprocess.Popen(STUBBORN, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                        preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))
+assert late.stdout.readline() == "ready\n"
+print(late.pid, flush=True)
+"""
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    pid = int(done.stdout.split()[0])
+    assert not faults.alive(pid), "the step that ignored SIGTERM outlived the run"
+    assert time.monotonic() - started < 30, "the exit waited for the grace instead of killing"
+
+
 def test_a_sigterm_during_a_fork_is_delivered_after_it_not_lost():
     """A SIGTERM whose handler would run inside a fork's at-fork hooks (where Python drops what it raises: "Exception
     ignored in: <function _releaseLock>", and the step ran on) is sent again once the fork is done. Part 1 holds the
