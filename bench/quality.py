@@ -151,6 +151,11 @@ EXPLORE: dict[str, Recipe] = {r.name: r for r in (
             description="the default with MixUp (α 0.2) in the fine-tune"),
     replace(RECIPES[DEFAULT_RECIPE], name="x_cutmix_1", fine_tune={"cutmix_alpha": 1.0},
             description="the default with CutMix (α 1.0) in the fine-tune"),
+    # Augmentation strength (0.1, chosen on MobileNet v1 α=0.25): the rotation, zoom and contrast factor of the
+    # model's augment layers, used by both phases (the layers are built by train_head and kept by fine_tune).
+    *(replace(RECIPES[DEFAULT_RECIPE], name=f"x_augment_{s}", head={"augment_strength": s},
+              description=f"the default with augmentation strength {s} (instead of 0.1: rotation ±{360 * s:.0f}°, "
+                          f"zoom and contrast ±{100 * s:.0f} %)") for s in (0.05, 0.2)),
 )}
 ALL = {**RECIPES, **EXPLORE}
 
@@ -167,6 +172,7 @@ def effective_settings(recipe: Recipe, backbone: str) -> dict[str, Any]:
 # Settings added after runs were stored, with the value that trains as before they existed: a recipe that leaves
 # them there keeps its key (and its runs).
 ADDED_LATER: dict[str, dict[str, Any]] = {
+    "head": {"augment_strength": 0.1},
     "fine_tune": {"ema_momentum": 0.0, "layer_lr_ratio": 1.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}}
 
 
@@ -258,7 +264,8 @@ def train_head_cached(recipe: Recipe, seed: int, dataset: Path, backbone_dir: Pa
     from kfp_finetune.components.train import HeadConfig, train_head
 
     head_kwargs = recipe.head_kwargs()
-    digest = hashlib.sha256(json.dumps({"head": head_kwargs, "backbone": backbone_dir.name, "order": DATA_ORDER},
+    keyed = {k: v for k, v in head_kwargs.items() if k not in ADDED_LATER["head"] or v != ADDED_LATER["head"][k]}
+    digest = hashlib.sha256(json.dumps({"head": keyed, "backbone": backbone_dir.name, "order": DATA_ORDER},
                                        sort_keys=True, default=str).encode()).hexdigest()[:10]
     out = work / "heads" / f"{digest}-split{split_seed}-seed{seed}"
     done = out / "bench_head.json"

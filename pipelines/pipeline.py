@@ -183,13 +183,8 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
 
         def wrap(op: Any, display_name: str) -> Any:
             return create_custom_training_job_from_component(
-                op,
-                display_name=display_name,
-                machine_type=job.machine_type,
-                accelerator_type=job.accelerator_type,
-                accelerator_count=job.accelerator_count if job.accelerator_type else 0,
-                replica_count=job.replica_count,
-            )
+                op, display_name=display_name, machine_type=job.machine_type, accelerator_type=job.accelerator_type,
+                accelerator_count=job.accelerator_count if job.accelerator_type else 0, replica_count=job.replica_count)
 
         head_c = wrap(head_c, "kfp-finetune-train-head")
         tune_c = wrap(tune_c, "kfp-finetune-fine-tune")
@@ -328,6 +323,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
         early_stopping_patience: int = 0,
         batch_size: int = 32,
         augment: bool = True,
+        augment_strength: float = 0.1,
         label_smoothing: float = 0.1,
         class_weights: str = "auto",
         batch_norm: str = "auto",
@@ -397,6 +393,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Any:
                 and keeps the best epoch; 0 (default) runs the cosine schedule to its end.
             batch_size: training batch size of both phases.
             augment: random flips/rotations/zoom during training (Keras preprocessing layers, training only).
+            augment_strength: the augmentation's rotation (fraction of a turn), zoom and contrast factor, in (0, 0.5].
             label_smoothing: label smoothing of both training phases (0 = off).
             class_weights: "auto" (balanced weights from the training counts) or "none".
             batch_norm: BatchNormalization policy while fine-tuning: "train" (statistics adapt to the new data),

@@ -338,7 +338,8 @@ def recipe_op(
     "RecipeOutputs",
     # BranchSettings' fields in order (KFP reads this list from the source; the parity test holds it to them).
     [("weights", str), ("image_size", int), ("head_epochs", int), ("head_learning_rate", float),
-     ("dropout", float), ("augment", bool), ("class_weights", str), ("head_label_smoothing", float),
+     ("dropout", float), ("augment", bool), ("augment_strength", float), ("class_weights", str),
+     ("head_label_smoothing", float),
      ("unfreeze_top", int), ("unfreeze_from", str), ("fine_tune_epochs", int), ("fine_tune_learning_rate", float),
      ("warmup_epochs", int), ("batch_norm", str), ("ema_momentum", float), ("layer_lr_ratio", float),
      ("mixup_alpha", float), ("cutmix_alpha", float), ("early_stopping_patience", int),

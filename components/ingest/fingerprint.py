@@ -114,7 +114,8 @@ class Decision:
 
 # Training settings added after champions were recorded, with the value (canonical) that trains as before they
 # existed: an upgrade alone does not retrain on unchanged data.
-ADDED_LATER = {"ema_momentum": "0", "layer_lr_ratio": "1", "mixup_alpha": "0", "cutmix_alpha": "0"}
+ADDED_LATER = {"ema_momentum": "0", "layer_lr_ratio": "1", "mixup_alpha": "0", "cutmix_alpha": "0",
+               "augment_strength": "0.1"}
 
 
 def decide(fp: Fingerprint, push_to: str | None, training_settings: dict[str, Any] | None = None,

@@ -106,7 +106,8 @@ def _train_head(config: HeadConfig, info: "DatasetInfo", n_train: int, cluster: 
         size = input_size(extractor)
         if mixed:
             extractor = to_mixed_precision(extractor)
-        model = build_classifier(extractor, info.num_classes, config.dropout, config.augment, config.seed)
+        model = build_classifier(extractor, info.num_classes, config.dropout, config.augment, config.seed,
+                                 config.augment_strength)
 
     use_cache = config.use_feature_cache and cluster.num_workers == 1 and config.epochs > 0
     if not use_cache and config.epochs > 0:

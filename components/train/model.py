@@ -131,16 +131,17 @@ def _feature_extractor(model: "keras.Model", what: str) -> "keras.Model":
         raise UserError(f"{what}: the model has no `feature_extractor` layer; pass the output of train-head") from exc
 
 
-def _augmentation(seed: int) -> "keras.Sequential":
-    """Flip, rotation, zoom, contrast: Keras preprocessing layers that act only when training=True."""
+def _augmentation(seed: int, strength: float = 0.1) -> "keras.Sequential":
+    """Flip, then rotation, zoom and contrast by up to `strength`: Keras preprocessing layers that act only when
+    training=True."""
     import keras
 
     return keras.Sequential(
         [
             keras.layers.RandomFlip("horizontal", seed=seed),
-            keras.layers.RandomRotation(0.1, seed=seed + 1),
-            keras.layers.RandomZoom(0.1, seed=seed + 2),
-            keras.layers.RandomContrast(0.1, value_range=(0, 255), seed=seed + 3),
+            keras.layers.RandomRotation(strength, seed=seed + 1),
+            keras.layers.RandomZoom(strength, seed=seed + 2),
+            keras.layers.RandomContrast(strength, value_range=(0, 255), seed=seed + 3),
         ],
         name="augment",
     )
@@ -148,6 +149,7 @@ def _augmentation(seed: int) -> "keras.Sequential":
 
 def build_classifier(
     extractor: "keras.Model", num_classes: int, dropout: float, augment: bool, seed: int = 0,
+    augment_strength: float = 0.1,
 ) -> "keras.Model":
     """pixels -> [augment] -> feature_extractor (frozen) -> Dropout `dropout` -> Dense softmax `head`.
 
@@ -163,7 +165,7 @@ def build_classifier(
     extractor.trainable = False
     size = input_size(extractor)
     inputs = keras.Input(shape=(size, size, 3), name="pixels")
-    x = _augmentation(seed)(inputs) if augment else inputs
+    x = _augmentation(seed, augment_strength)(inputs) if augment else inputs
     x = extractor(x, training=False)
     x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", kernel_initializer="zeros",

@@ -21,6 +21,7 @@ def train_head_op(
     batch_size: int = 32,
     dropout: float = 0.2,
     augment: bool = True,
+    augment_strength: float = 0.1,
     class_weights: str = "auto",
     cache_features: str = "auto",
     label_smoothing: float = 0.1,
@@ -40,6 +41,7 @@ def train_head_op(
         batch_size: Global batch size.
         dropout: Dropout rate before the dense head.
         augment: Random flip/rotation/zoom/contrast inside the model, active in training only.
+        augment_strength: Rotation (fraction of a turn), zoom and contrast factor of the augmentation, in (0, 0.5].
         class_weights: "auto" (balanced, from the train counts) or "none".
         cache_features: "auto" (on when augment is off), "on" or "off": run the backbone once and train on features.
         label_smoothing: Mix the one-hot targets with the uniform distribution by this much (0 = off).

@@ -46,6 +46,11 @@ def _lr_ratio(v: Any) -> bool:
     return _ratio(v) and v > 0
 
 
+def _strength(v: Any) -> bool:
+    """In (0, 0.5]: RandomZoom's factor must stay above -1, and past 0.5 the photos stop looking like photos."""
+    return _ratio(v) and 0 < v <= 0.5
+
+
 def _epochs(default: int, pipeline: str, help: str) -> Param:
     # epochs=0: train_head writes the untrained classifier; fine_tune passes the model through (head-only recipes).
     return Param("epochs", int, default, help, _int_at_least(0), "an integer ≥ 0", pipeline=pipeline)
@@ -93,6 +98,10 @@ HEAD: tuple[Param, ...] = (
     Param("dropout", float, 0.2, "dropout rate before the dense head", _fraction, "in [0, 1)", pipeline="dropout"),
     Param("augment", bool, True, "random flip/rotation/zoom/contrast inside the model, active in training only",
           pipeline="augment"),
+    Param("augment_strength", float, 0.1,
+          "the augmentation's rotation (fraction of a full turn either way), zoom and contrast factor; the flip is "
+          "always on (0.1: up to ±36°, ±10 % zoom and contrast)", _strength, "in (0, 0.5]",
+          pipeline="augment_strength"),
     Param("class_weights", str, "auto", "auto: balanced weights from the train split's counts; none: unweighted",
           choices=CLASS_WEIGHT_MODES, pipeline="class_weights"),
     Param("cache_features", str, "auto",

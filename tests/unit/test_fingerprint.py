@@ -111,6 +111,9 @@ def test_decide_against_the_champion(folder, tmp_path):
     assert decide(fp, str(dest), {**settings, "ema_momentum": 0.0}).status == STATUS_NO_NEW_DATA
     averaged = decide(fp, str(dest), {**settings, "ema_momentum": 0.99})
     assert averaged.status == STATUS_SETTINGS_CHANGED and "ema_momentum" in averaged.reason
+    assert decide(fp, str(dest), {**settings, "augment_strength": 0.1}).status == STATUS_NO_NEW_DATA
+    stronger = decide(fp, str(dest), {**settings, "augment_strength": 0.2})
+    assert stronger.status == STATUS_SETTINGS_CHANGED and "augment_strength" in stronger.reason
     assert decide(fp, str(dest), {**settings, "layer_lr_ratio": 1.0}).status == STATUS_NO_NEW_DATA
     discriminative = decide(fp, str(dest), {**settings, "layer_lr_ratio": 0.01})
     assert discriminative.status == STATUS_SETTINGS_CHANGED and "layer_lr_ratio" in discriminative.reason

@@ -219,6 +219,28 @@ def test_fine_tune_errors_leave_nothing(artifacts: dict, tmp_path: Path) -> None
         HeadConfig(dataset="d", backbone="b", output="o", cache_features="on", augment=True)
 
 
+def test_augment_strength_scales_the_models_augmentation(artifacts: dict, tmp_path: Path) -> None:
+    """augment_strength is the rotation, zoom and contrast factor of the augment layers train_head builds into the
+    model (fine_tune keeps them): a stronger setting moves the same photos further under the same seed."""
+    x, _ = _pixels(artifacts["dataset"], "validation")
+    x = (x[:8] + x[:8, :, ::-1, :]) / 2  # mirror-symmetric photos: the flip (always on) moves nothing
+    moved = {}
+    for strength in (0.05, 0.3):
+        out = tmp_path / f"s{strength}"
+        train_head(HeadConfig(dataset=str(artifacts["dataset"]), backbone=str(artifacts["backbone"]), output=str(out),
+                              epochs=0, augment=True, augment_strength=strength, seed=3))
+        model, meta = _load(out)
+        assert meta["training"]["train_head"]["augment_strength"] == strength
+        layers = {type(layer).__name__: layer.get_config() for layer in model.get_layer("augment").layers}
+        assert layers["RandomRotation"]["factor"] in (strength, [-strength, strength], (-strength, strength))
+        assert layers["RandomZoom"]["height_factor"] in (strength, [-strength, strength], (-strength, strength))
+        moved[strength] = float(np.mean(np.abs(np.asarray(model.get_layer("augment")(x, training=True)) - x)))
+    assert moved[0.3] > 1.5 * moved[0.05], moved
+    for bad in (0.0, 0.6):
+        with pytest.raises(UserError, match="augment-strength"):
+            HeadConfig(dataset="d", backbone="b", output="o", augment_strength=bad)
+
+
 def test_empty_split_is_an_error(artifacts: dict, tmp_path: Path) -> None:
     report = json.loads((artifacts["dataset"] / "ingest_report.json").read_text())
     empty = _copy_dataset(artifacts, tmp_path, num_examples={**report["num_examples"], "validation": 0})
