@@ -371,10 +371,11 @@ def test_components_match_the_interface() -> None:
 
     head_inputs = train_head_op.component_spec.inputs
     assert set(head_inputs) == {"dataset", "backbone", "epochs", "learning_rate", "batch_size", "dropout", "augment",
-                                "class_weights", "cache_features", "label_smoothing", "seed", "determinism",
-                                "checkpoint_dir", "checkpoint_every_steps"}
+                                "augment_strength", "class_weights", "cache_features", "label_smoothing", "seed",
+                                "determinism", "checkpoint_dir", "checkpoint_every_steps"}
     assert set(train_head_op.component_spec.outputs) == {"model"}
     assert set(fine_tune_op.component_spec.outputs) == {"tuned_model"}
+    assert head_inputs["augment_strength"].default == 0.1
     assert fine_tune_op.component_spec.inputs["unfreeze_top"].default == 0
     assert fine_tune_op.component_spec.inputs["checkpoint_dir"].default == ""
     assert fine_tune_op.component_spec.inputs["label_smoothing"].default == 0.1
