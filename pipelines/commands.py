@@ -126,10 +126,28 @@ def compile_command(args: argparse.Namespace) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     """Compile (as `compile --image IMAGE --retries 0` does), or take --package, and run that YAML locally."""
-    import dataclasses
+    import shutil
 
     output = Path(args.output)
     demo = not args.source
+    compiled = Path(tempfile.mkdtemp(prefix="kfp-finetune-compile-"))
+    try:
+        package, params = _checked_run(args, output, demo, compiled)
+    finally:
+        shutil.rmtree(compiled, ignore_errors=True)
+    summary = run_package(package, params, output / "pipeline_root", enable_caching=args.cache, runner=args.runner,
+                          logs_dir=output / "logs", verbose=args.stream_logs)
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
+def _checked_run(args: argparse.Namespace, output: Path, demo: bool, compiled: Path) -> tuple[Path, dict[str, Any]]:
+    """`run`'s package and parameters, checked before the output folder gets anything (the compiled pipeline is
+    written to `compiled` first, and moved into `output` once the parameters pass)."""
+    import dataclasses
+    import shutil
+
     if args.package:
         if args.compare_recipes or args.image:
             raise UserError("--compare-recipes and --image are compiled into the package: "
@@ -141,27 +159,23 @@ def run_command(args: argparse.Namespace) -> int:
         # backbone may fall back to random weights when no ImageNet weights can be had.
         options = dataclasses.replace(local_options(demo_fallback=demo, compare_recipes=args.compare_recipes or ()),
                                       image=args.image or settings.component_image())
-        output.mkdir(parents=True, exist_ok=True)
-        package = compile_pipeline(output / "pipeline.yaml", options)
+        package = compile_pipeline(compiled / "pipeline.yaml", options)
         inputs = pipeline_inputs(package)
-        log.info("compiled %s (image %s)", package, options.image)
     defaults = {k: v for k, v in (DEMO_DEFAULTS if demo else LOCAL_DEFAULTS).items() if k in inputs}
     overrides = parse_params(args.param or [], inputs)
+    source = output / "sample_digits"
+    defaults["source"] = str(source.resolve()) if demo else _local_or_uri(args.source)
+    params = check_values({**defaults, **overrides}, inputs)
+    if not args.package:
+        output.mkdir(parents=True, exist_ok=True)
+        package = Path(shutil.move(str(package), output / "pipeline.yaml"))
+        log.info("compiled %s (image %s)", package, options.image)
     if demo:
-        source = output / "sample_digits"
         if not source.is_dir():
             write_demo_dataset(source)
         log.info("no --source: running the demo on the embedded handwritten digits (%s)", source)
-        defaults["source"] = str(source.resolve())
-    else:
-        defaults["source"] = _local_or_uri(args.source)
-    params = check_values({**defaults, **overrides}, inputs)
     log.info("parameters: %s", ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
-    summary = run_package(package, params, output / "pipeline_root", enable_caching=args.cache, runner=args.runner,
-                          logs_dir=output / "logs", verbose=args.stream_logs)
-    for line in summary.lines():
-        print(line)
-    return 0
+    return package, params
 
 
 def submit_command(args: argparse.Namespace) -> int:

@@ -120,7 +120,30 @@ def check_values(values: dict[str, Any], inputs: dict[str, PipelineInput]) -> di
     missing = sorted(n for n, i in inputs.items() if not i.optional and n not in values)
     if missing:
         raise UserError(f"missing required parameter(s) {', '.join(missing)}; add --param NAME=VALUE for each")
+    check_step_values(values)
     return values
+
+
+def check_step_values(values: dict[str, Any]) -> None:
+    """Each value against the step parameters it feeds (their ranges and choices), so that a value a step would
+    refuse (dropout=2, batch_norm=sometimes) is refused before anything runs or is sent, not when its step starts."""
+    for params in step_parameters().values():
+        for p in params:
+            if p.pipeline not in values:
+                continue
+            value = values[p.pipeline]
+            if p.optional and value == p.unset:
+                continue  # 0 / "": "not set", as the KFP signatures spell None
+            if p.type is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            elif p.type is int and isinstance(value, float) and value.is_integer():
+                value = int(value)  # a compiled YAML spells integer defaults as 5.0
+            try:
+                p.validate(value)
+            except UserError as exc:
+                expected = f"one of {', '.join(p.choices)}" if p.choices else p.expect
+                raise UserError(f"--param {p.pipeline}={value!r}: must be {expected}" if expected else
+                                f"--param {p.pipeline}: {exc}") from None
 
 
 def step_parameters() -> dict[str, tuple[Any, ...]]:

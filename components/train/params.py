@@ -100,7 +100,7 @@ HEAD: tuple[Param, ...] = (
           pipeline="augment"),
     Param("augment_strength", float, 0.1,
           "the augmentation's rotation (fraction of a full turn either way), zoom and contrast factor; the flip is "
-          "always on (0.1: up to ±36°, ±10 % zoom and contrast)", _strength, "in (0, 0.5]",
+          "always on (0.1: rotation up to ±36°, zoom and contrast factors in [0.9, 1.1])", _strength, "in (0, 0.5]",
           pipeline="augment_strength"),
     Param("class_weights", str, "auto", "auto: balanced weights from the train split's counts; none: unweighted",
           choices=CLASS_WEIGHT_MODES, pipeline="class_weights"),

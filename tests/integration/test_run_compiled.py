@@ -77,7 +77,9 @@ def test_run_without_package_executes_what_it_compiled(tmp_path, synthetic_folde
     monkeypatch.setattr(commands, "compile_pipeline", compile_then_edit)
     output = tmp_path / "out"
     code, out, err = _run(["run", "--source", str(synthetic_folder), "--output", str(output), *SMALL], capsys)
-    assert compiled == [output / "pipeline.yaml"]  # kept beside the artifacts, ready for `submit --package`
+    # Compiled aside, then moved beside the artifacts once the parameters passed, ready for `submit --package`.
+    assert len(compiled) == 1 and not compiled[0].exists()
+    assert "head_epochs" in (output / "pipeline.yaml").read_text()
     _assert_failed_in_yaml_edit(code, out, err, output)
 
 

@@ -51,12 +51,47 @@ def test_params_are_typed_from_the_compiled_pipeline(package):
         (["source=x", "augment=maybe"], "augment takes a bool"),
         (["source"], "expected NAME=VALUE"),
         (["head_epochs=3"], "missing required parameter(s) source"),
+        # Ranges and choices of the steps the parameters feed, checked before anything is sent.
+        (["source=x", "dropout=2"], "--param dropout=2.0: must be in [0, 1)"),
+        (["source=x", "augment_strength=0.9"], "--param augment_strength=0.9: must be in (0, 0.5]"),
+        (["source=x", "batch_norm=sometimes"], "--param batch_norm='sometimes': must be one of auto, frozen, train"),
+        (["source=x", "head_epochs=-1"], "--param head_epochs=-1: must be an integer ≥ 0"),
     ],
 )
 def test_bad_params_are_refused_before_any_network_call(package, pairs, message):
     with pytest.raises(UserError) as caught:
         build_request(Target(host="http://127.0.0.1:9"), package, pairs, "minio://mlpipeline/root")
     assert message in str(caught.value)
+
+
+def test_every_default_of_the_compiled_pipeline_passes_the_step_checks(package):
+    """The step checks see the pipeline's own defaults as valid (0 / "" are "not set" where the step allows it)."""
+    from kfp_finetune.pipelines.params import check_step_values
+
+    inputs = pipeline_inputs(package)
+    check_step_values({name: i.default for name, i in inputs.items() if i.default is not None})
+
+
+def test_every_subcommands_help_renders():
+    """argparse %-formats help strings: a bare % in a parameter's help (say "±10 %") crashed `--help`."""
+    import argparse
+
+    from kfp_finetune.pipelines.cli import build_parser
+
+    parser = build_parser()
+    parser.format_help()
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    subcommands = {name: sub for a in actions for name, sub in a.choices.items()}
+    assert {"run", "train-head", "fine-tune", "ingest"} <= set(subcommands)
+    for name, sub in subcommands.items():
+        assert sub.format_help().startswith("usage:"), name
+
+
+def test_a_refused_local_run_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", "--source", str(tmp_path), "--output", str(out), "--param", "dropout=2"]) == 2
+    assert "--param dropout=2.0: must be in [0, 1)" in capsys.readouterr().err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("cron", ["0 3 * * 1", "*/15 * * * *", "TZ=Europe/Paris 0 3 * * MON-FRI", "0 0 1,15 * *"])
