@@ -15,6 +15,7 @@ summary and the demo data) and pipelines/remote.py (submission and schedules); t
 
 import argparse
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -126,8 +127,6 @@ def compile_command(args: argparse.Namespace) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     """Compile (as `compile --image IMAGE --retries 0` does), or take --package, and run that YAML locally."""
-    import shutil
-
     output = Path(args.output)
     demo = not args.source
     compiled = Path(tempfile.mkdtemp(prefix="kfp-finetune-compile-"))
@@ -146,7 +145,6 @@ def _checked_run(args: argparse.Namespace, output: Path, demo: bool, compiled: P
     """`run`'s package and parameters, checked before the output folder gets anything (the compiled pipeline is
     written to `compiled` first, and moved into `output` once the parameters pass)."""
     import dataclasses
-    import shutil
 
     if args.package:
         if args.compare_recipes or args.image:
