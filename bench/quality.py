@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kfp_finetune.components.compare.recipes import DEFAULT_RECIPE, PLAIN_FINE_TUNE, PLAIN_HEAD, RECIPES, Recipe  # noqa: E402
-from kfp_finetune.components.train import family  # noqa: E402
+from kfp_finetune.components.train import family, params  # noqa: E402
 
 SHARED = Path(os.environ.get("KFP_FINETUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
 RESULTS = REPO / "bench" / "results"
@@ -335,7 +335,8 @@ def run_one(recipe: Recipe, seed: int, size: int, dataset: Path, work: Path, spl
     tune = None
     if recipe.fine_tune is not None:
         tune = fine_tune(FineTuneConfig(dataset=str(dataset), model=str(model_dir), output=str(run_dir / "tuned"),
-                                        seed=seed, batch_size=FINE_TUNE_BATCH.get(recipe.name, 32),
+                                        seed=seed,
+                                        batch_size=FINE_TUNE_BATCH.get(recipe.name, params.BATCH_SIZE.default),
                                         **recipe.fine_tune_kwargs()))
         model_dir = run_dir / "tuned"
     # The head's seconds count in full, shared or not: the cost is what one user's run costs.
